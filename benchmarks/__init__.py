@@ -1,0 +1,1 @@
+"""Benchmarks: one script per op (``python benchmarks/bench_<op>.py [--quick] [--json PATH]``)."""

@@ -1,0 +1,77 @@
+"""Plain-PyTorch versions of every op: the CPU path and the yardstick for the kernels.
+
+Written for clarity, not speed. Each function assumes its arguments were validated by
+``unsc_fast.ops`` (shapes, dtypes, devices).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def covariance_(C: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``C += x^T x`` with the product formed in ``C``'s precision (never in fp16/bf16)."""
+    rows = x.to(C.dtype)
+    return C.addmm_(rows.mT, rows)
+
+
+def unfold_rows(x, kernel_size, stride, padding, dilation, dtype) -> torch.Tensor:
+    """Every kernel-sized patch of ``x`` as one row, in ``F.unfold``'s column order."""
+    cols = F.unfold(x.to(dtype), kernel_size, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def conv_covariance_(C, x, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """``C += P^T P`` where the rows of ``P`` are the conv patches of ``x`` (explicit im2col)."""
+    return covariance_(C, unfold_rows(x, kernel_size, stride, padding, dilation, C.dtype))
+
+
+def project_(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """``G <- G - (G U) U^T``: remove from every row of G its component in span(U)."""
+    work = G.to(U.dtype)
+    return G.copy_(work - (work @ U) @ U.mT)
+
+
+def restrict_(G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``G <- (G Q) Q^T``: keep only the component of every row of G in span(Q)."""
+    work = G.to(Q.dtype)
+    return G.copy_((work @ Q) @ Q.mT)
+
+
+def energy_rank(eigenvalues: torch.Tensor, threshold: float, eps: float) -> int:
+    """Smallest k with ``sum(top-k eigenvalues) >= threshold * total``.
+
+    ``eigenvalues`` are sorted in descending order. Values below ``d * eps * max`` are
+    numerical noise (the rule ``numpy.linalg.matrix_rank`` uses) and count as zero, so
+    the result is scale invariant and ``threshold=1`` keeps the numerical rank.
+    """
+    d = eigenvalues.numel()
+    if d == 0:
+        return 0
+    largest = float(eigenvalues[0])
+    if not largest > 0.0:
+        return 0
+    energy = torch.where(eigenvalues > d * eps * largest, eigenvalues, 0.0)
+    cumulative = energy.cumsum(0)
+    target = threshold * float(cumulative[-1])
+    k = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=cumulative.dtype)))
+    return min(k + 1, int((energy > 0).sum()))
+
+
+def symmetric_eigh(C: torch.Tensor):
+    """Eigenpairs of the symmetrised matrix in float64, eigenvalues descending and >= 0.
+
+    float64 because fp32 ``eigh`` returns negative eigenvalues and non-orthogonal vectors
+    on ill-conditioned covariances (pytorch#144384).
+    """
+    A = C.to(torch.float64)
+    A = (A + A.mT) / 2
+    eigenvalues, eigenvectors = torch.linalg.eigh(A)
+    return eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
+
+
+def energy_basis_eigh(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis (d, k) of the top eigenvectors holding ``threshold`` of the energy."""
+    eigenvalues, eigenvectors = symmetric_eigh(C)
+    k = energy_rank(eigenvalues, threshold, torch.finfo(C.dtype).eps)
+    return eigenvectors[:, :k].to(C.dtype).contiguous()

@@ -1,0 +1,150 @@
+"""The UNSC unlearning procedure: pseudo-label calibration + null-space-confined fine-tuning.
+
+1. Calibrate: relabel each forget sample with the original model's most likely class among
+   the classes that remain (its own label and every forgotten class are ruled out). This
+   is the "second best" rule of the UNSC code, generalised to several forgotten classes.
+2. Project: fine-tune on the relabelled forget samples with every Linear/Conv2d weight
+   update confined to the null space of the remaining data's layer inputs, biases frozen
+   and BatchNorm statistics fixed, so the remaining data's outputs do not move.
+
+Each step can be switched off for ablations (``calibrate=False`` draws random labels;
+``project=False`` fine-tunes freely).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unsc_fast.data import make_loader
+from unsc_fast.optimizer import NullSpaceOptimizer
+from unsc_fast.projector import NullSpaceProjector
+from unsc_fast.training import Progress, frozen_batchnorm, predict_logits
+
+
+@dataclass
+class UnlearnResult:
+    """What ``unlearn`` did: the (in-place) unlearned model, the projector, the labels used."""
+
+    model: nn.Module
+    projector: NullSpaceProjector | None
+    labels: torch.Tensor
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def _excluded_mask(num_classes: int, y: torch.Tensor, excluded: Iterable[int]) -> torch.Tensor:
+    """(N, num_classes) True where a class is not allowed as a new label for that sample."""
+    mask = torch.zeros(len(y), num_classes, dtype=torch.bool)
+    mask[torch.arange(len(y)), y] = True
+    excluded = list(excluded)
+    if excluded:
+        mask[:, excluded] = True
+    if bool(mask.all(1).any()):
+        raise ValueError("no class is left to relabel with: every class is excluded")
+    return mask
+
+
+def calibrated_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
+    """Each sample's most likely class under ``model`` among those not excluded (nor its own)."""
+    logits = predict_logits(model, x).float().cpu()
+    mask = _excluded_mask(logits.shape[1], y.cpu(), excluded_classes)
+    return logits.masked_fill(mask, float("-inf")).argmax(1)
+
+
+def random_labels(y: torch.Tensor, num_classes: int, excluded_classes=(), generator=None) -> torch.Tensor:
+    """A uniformly random allowed class per sample (never its own label or an excluded class)."""
+    mask = _excluded_mask(num_classes, y.cpu(), excluded_classes)
+    weights = (~mask).float()
+    return torch.multinomial(weights, 1, generator=generator).flatten()
+
+
+def unlearn(
+    model: nn.Module,
+    forget: tuple[torch.Tensor, torch.Tensor],
+    remain: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    forget_classes: Iterable[int] | None = None,
+    num_classes: int | None = None,
+    projector: NullSpaceProjector | None = None,
+    threshold: float = 0.99,
+    epochs: int = 10,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    batch_size: int = 32,
+    calibrate: bool = True,
+    project: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> UnlearnResult:
+    """Unlearn ``forget = (x, y)`` from ``model`` in place with UNSC; returns an ``UnlearnResult``.
+
+    ``forget_classes`` makes it a class-wise request (those classes are never used as new
+    labels and their covariances are left out of the basis); without it the request is
+    sample-wise. ``remain = (x, y)`` is observed to build the projector unless a
+    ``projector`` (already observed, or built) is given: a second request then needs no
+    pass over the remaining data.
+    """
+    start = time.perf_counter()
+    x_forget, y_forget = forget
+    if len(x_forget) != len(y_forget):
+        raise ValueError(f"forget inputs ({len(x_forget)}) and labels ({len(y_forget)}) differ in length")
+    if len(x_forget) == 0:
+        raise ValueError("the forget set is empty")
+    forget_classes = sorted({int(c) for c in (forget_classes or ())})
+    if num_classes is None:
+        num_classes = int(predict_logits(model, x_forget[:1]).shape[1])
+    generator = torch.Generator().manual_seed(seed)
+    if calibrate:
+        labels = calibrated_labels(model, x_forget, y_forget, forget_classes)
+    else:
+        labels = random_labels(y_forget, num_classes, forget_classes, generator)
+
+    if project:
+        projector = _ready_projector(model, projector, remain, forget_classes, threshold, progress)
+        inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        optimizer: torch.optim.Optimizer = NullSpaceOptimizer(inner, projector)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    device = next(model.parameters()).device
+    loader = make_loader(x_forget, labels, batch_size, shuffle=True, seed=seed)
+    losses = []
+    with frozen_batchnorm(model):
+        for epoch in range(epochs):
+            total = 0.0
+            for inputs, targets in loader:
+                inputs, targets = inputs.to(device), targets.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(inputs), targets)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(inputs)
+            losses.append(total / len(x_forget))
+            if progress is not None:
+                progress(f"unlearn: epoch {epoch + 1}/{epochs}, loss {losses[-1]:.4f}")
+    return UnlearnResult(model, projector if project else None, labels, time.perf_counter() - start, losses)
+
+
+def _ready_projector(model, projector, remain, forget_classes, threshold, progress) -> NullSpaceProjector:
+    """Observe ``remain`` if given, then (re)build for this request's forgotten classes.
+
+    A built projector with no new data and no class to exclude is used as it is.
+    """
+    if projector is None:
+        if remain is None:
+            raise ValueError("project=True needs remain=(x, y) to observe, or an observed projector")
+        projector = NullSpaceProjector(model, threshold=threshold)
+    if remain is not None:
+        if progress is not None:
+            progress(f"observing {len(remain[0])} remaining samples")
+        projector.collect(make_loader(remain[0], remain[1], batch_size=256), device=next(model.parameters()).device)
+    elif projector.built and not forget_classes:
+        return projector
+    observed = set(projector.groups)
+    projector.build(exclude=[c for c in forget_classes if c in observed])
+    return projector
