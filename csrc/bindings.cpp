@@ -1,0 +1,52 @@
+// The door of the extension unsc_fast._C: Python bindings (pybind11) for csrc/.
+#include <torch/extension.h>
+
+#include "energy_basis.h"
+
+namespace {
+
+unsc_fast::RandomizedOptions make_options(int64_t power_iterations, int64_t oversampling,
+                                          int64_t block_size, std::string orthonormalization) {
+  TORCH_CHECK(power_iterations >= 0, "power_iterations must be >= 0, got ", power_iterations);
+  TORCH_CHECK(oversampling >= 0, "oversampling must be >= 0, got ", oversampling);
+  TORCH_CHECK(block_size >= 1, "block_size must be >= 1, got ", block_size);
+  return {power_iterations, oversampling, block_size, std::move(orthonormalization)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "unsc_fast C++/CUDA extension: adaptive randomized energy-threshold basis";
+  module.def(
+      "energy_basis",
+      [](const at::Tensor& C, double threshold, const at::Tensor& sketch,
+         int64_t power_iterations, int64_t oversampling, int64_t block_size,
+         std::string orthonormalization) {
+        return unsc_fast::energy_basis_randomized(
+            C, threshold, sketch,
+            make_options(power_iterations, oversampling, block_size,
+                         std::move(orthonormalization)));
+      },
+      "Randomized (d, k) energy basis of one PSD matrix, or None when the sketch ran out.",
+      pybind11::arg("C"), pybind11::arg("threshold"), pybind11::arg("sketch"),
+      pybind11::arg("power_iterations") = 2, pybind11::arg("oversampling") = 10,
+      pybind11::arg("block_size") = 32, pybind11::arg("orthonormalization") = "auto",
+      pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def(
+      "energy_bases",
+      [](const std::vector<at::Tensor>& covariances, double threshold,
+         const std::vector<at::Tensor>& sketches, int64_t power_iterations,
+         int64_t oversampling, int64_t block_size, std::string orthonormalization) {
+        return unsc_fast::energy_bases_randomized(
+            covariances, threshold, sketches,
+            make_options(power_iterations, oversampling, block_size,
+                         std::move(orthonormalization)));
+      },
+      "energy_basis for many layers in one call (list in, list of tensors or None out).",
+      pybind11::arg("covariances"), pybind11::arg("threshold"), pybind11::arg("sketches"),
+      pybind11::arg("power_iterations") = 2, pybind11::arg("oversampling") = 10,
+      pybind11::arg("block_size") = 32, pybind11::arg("orthonormalization") = "auto",
+      pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("has_cuda_kernels", &unsc_fast::has_cuda_kernels,
+             "True when the CUDA kernels were compiled into this build.");
+}

@@ -1,0 +1,218 @@
+"""Adaptive randomized eigenbasis at an energy threshold: the PyTorch reference.
+
+The basis UNSC keeps for a layer is the smallest k top eigenvectors of the PSD covariance C
+whose eigenvalues hold ``threshold * trace(C)``. A dense ``eigh`` costs O(d^3) whatever k is;
+here the cost is O(d^2 m) for a sketch of m ~ k + oversampling columns.
+
+Algorithm (Halko, Martinsson, Tropp 2011, "Finding structure with randomness", Alg. 4.2
+made blockwise, with the subspace iteration of their Alg. 4.4 and Rayleigh-Ritz of Alg. 5.3):
+
+1. The total energy is known exactly, ``trace(C)``, so the sketch can grow block by block
+   until the energy it captures, ``trace(Q^T C Q)``, reaches the target. Each block is a
+   Gaussian slice of the sketch, multiplied by C, refined by a few power (subspace)
+   iterations, and orthogonalised against the basis so far (twice: "twice is enough").
+2. Rayleigh-Ritz: the eigenpairs of ``Q^T C Q`` give Ritz values (never above the true
+   eigenvalues) and Ritz vectors ``Q V``. The top-k Ritz vectors capture exactly the sum of
+   the top-k Ritz values, so the cut below never claims energy the basis does not hold.
+3. The cut follows ``reference.energy_rank``: values under the noise floor ``d * eps * max``
+   count as zero; k is the smallest count reaching ``threshold`` of the total. The cut must
+   lie ``oversampling`` columns inside the sketch (the last columns' Ritz values are the
+   least accurate), unless the sketch already holds all of C's energy.
+
+If the sketch runs out (its width is the budget) before that happens, the function returns
+None and the caller falls back to the dense eigensolver.
+
+The C++ extension (``csrc/energy_basis.cpp``) runs the same ATen operations in the same
+order, so on CPU the two are bitwise identical for the same sketch. Keep them in step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+POWER_ITERATIONS = 2
+OVERSAMPLING = 10
+BLOCK_SIZE = 32
+# Auto mode: above this fraction of d the sketch stops and eigh takes over (benchmarks/
+# bench_energy_basis.py --crossover measures it; see docs/extension.md).
+MAX_RANK_FRACTION = 0.25
+# Auto mode: below this width a dense eigh is as fast as anything (measured, same script).
+MIN_RANDOMIZED_DIM = 512
+ORTHONORMALIZATIONS = ("householder", "cholesky")
+
+
+def default_orthonormalization(device: torch.device) -> str:
+    """Householder QR on CPU (LAPACK geqrf is fast there); CholeskyQR on GPU, where one
+    Gram matmul plus a small Cholesky beats the latency-bound Householder panels."""
+    return "cholesky" if device.type == "cuda" else "householder"
+
+
+def sketch_width(d: int, max_rank_fraction: float | None, block_size: int = BLOCK_SIZE,
+                 oversampling: int = OVERSAMPLING) -> int:
+    """Columns of Gaussian sketch to draw: the whole budget, drawn once (``None``: up to d)."""
+    if max_rank_fraction is None:
+        return d
+    wanted = max(math.ceil(max_rank_fraction * d), block_size + oversampling)
+    return min(d, wanted)
+
+
+def draw_sketch(C: torch.Tensor, width: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The Gaussian test matrix, drawn in one place for both backends (bitwise equality)."""
+    return torch.randn(C.shape[0], width, generator=generator, dtype=C.dtype, device=C.device)
+
+
+def next_block(filled: int, block_size: int, width: int) -> int:
+    """Width of the next sketch block: grows with the basis (about x1.5 a round) so a large
+    rank takes O(log k) rounds, yet never runs past the sketch."""
+    return min(max(block_size, filled // 2), width - filled)
+
+
+def householder_orthonormalize(Y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(Y).Q
+
+
+def _cholesky_pass(Y: torch.Tensor, shift: float) -> torch.Tensor | None:
+    gram = Y.mT @ Y
+    if shift > 0.0:
+        gram.diagonal().add_(shift)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return None
+    return torch.linalg.solve_triangular(factor.mT, Y, upper=True, left=False)
+
+
+def cholesky_orthonormalize(Y: torch.Tensor) -> torch.Tensor:
+    """Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa et al. 2020): one shifted pass makes
+    any full-rank Y well conditioned, two plain passes (CholeskyQR2) make it orthonormal to
+    working precision. Falls back to Householder QR when a Cholesky factorisation fails
+    (a zero or numerically rank-deficient block)."""
+    rows, cols = Y.shape
+    eps = torch.finfo(Y.dtype).eps
+    norm_squared = float(Y.square().sum(dtype=torch.float64))
+    shift = 11.0 * (rows * cols + cols * (cols + 1)) * eps * norm_squared
+    Q = _cholesky_pass(Y, shift) if shift > 0.0 else None
+    if Q is not None:
+        Q = _cholesky_pass(Q, 0.0)
+    if Q is not None:
+        Q = _cholesky_pass(Q, 0.0)
+    if Q is None:
+        return householder_orthonormalize(Y)
+    return Q
+
+
+def orthonormalize(Y: torch.Tensor, method: str) -> torch.Tensor:
+    if method == "cholesky":
+        return cholesky_orthonormalize(Y)
+    return householder_orthonormalize(Y)
+
+
+def deflate(Y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``Y - Q (Q^T Y)``: remove the span of the basis found so far."""
+    if Q.shape[1] == 0:
+        return Y
+    return Y - Q @ (Q.mT @ Y)
+
+
+def energy_count(cumulative: torch.Tensor, target: float) -> int:
+    """Smallest k whose cumulative energy reaches ``target`` (``cumulative`` ascending)."""
+    return int(torch.searchsorted(cumulative, target)) + 1
+
+
+def ritz_cut(theta, trace, threshold, eps, d, filled, oversampling, complete):
+    """The rank rule of ``reference.energy_rank`` applied to descending Ritz values, or None
+    when the sketch cannot decide it yet.
+
+    The reference counts eigenvalues under the noise floor ``f = d * eps * max`` as zero, so
+    its total is ``trace`` less the energy under the floor. The Ritz values under the floor
+    are known; the energy outside the sketch is not. Once the sketch holds a Ritz value
+    under the floor (it has passed the floor) or all of C's energy (``complete``), the rest
+    is noise and the total is the Ritz energy above the floor, exactly as the reference.
+    Before that, the total lies in ``[trace - seen_below - (d - filled) f, trace - seen_below]``
+    and the cut is taken only when both ends give the same k (in fp64 the interval is
+    ~d^2 eps max wide and almost always does; in fp32 at large d the floor is coarse and the
+    sketch may have to reach it).
+    """
+    largest = float(theta[0])
+    if not largest > 0.0:
+        return 0
+    floor = d * eps * largest
+    above = theta > floor
+    energy = torch.where(above, theta, 0.0)
+    cumulative = energy.cumsum(0)
+    numerical_rank = int(above.sum())
+    above_total = float(cumulative[-1])
+    if complete or numerical_rank < filled:
+        k = min(energy_count(cumulative, threshold * above_total), numerical_rank)
+        return k if complete or k + oversampling <= filled else None
+    total = trace - (float(theta.sum()) - above_total)
+    if threshold * total > above_total:
+        return None
+    k = energy_count(cumulative, threshold * total)
+    lowest_total = total - (d - filled) * floor
+    if k + oversampling > filled or energy_count(cumulative, threshold * lowest_total) != k:
+        return None
+    return k
+
+
+def energy_basis_randomized(
+    C: torch.Tensor,
+    threshold: float,
+    sketch: torch.Tensor,
+    power_iterations: int = POWER_ITERATIONS,
+    oversampling: int = OVERSAMPLING,
+    block_size: int = BLOCK_SIZE,
+    orthonormalization: str = "householder",
+) -> torch.Tensor | None:
+    """(d, k) orthonormal basis in C's dtype, or None when ``sketch`` ran out first.
+
+    ``C``: symmetric PSD (d, d) float32/float64, already checked finite; ``sketch``: (d, w)
+    Gaussian in C's dtype, consumed left to right. ``threshold`` in (0, 1].
+    """
+    d = C.shape[0]
+    width = sketch.shape[1]
+    eps = torch.finfo(C.dtype).eps
+    A = (C + C.mT) / 2
+    trace = float(A.diagonal().sum(dtype=torch.float64))
+    if not trace > 0.0:
+        return None  # zero is caught earlier; an indefinite input goes to the dense path
+    target = threshold * trace
+    exhausted_below = d * eps * trace  # uncaptured energy at roundoff level: nothing left
+    Q = A.new_empty((d, 0))
+    AQ = A.new_empty((d, 0))
+    captured = 0.0
+    largest_quotient = 0.0
+    filled = 0
+    while filled < width:
+        block = next_block(filled, block_size, width)
+        Y = A @ sketch[:, filled:filled + block]
+        for _ in range(power_iterations):
+            Y = A @ orthonormalize(deflate(Y, Q), orthonormalization)
+        Y = orthonormalize(deflate(Y, Q), orthonormalization)
+        Y = orthonormalize(deflate(Y, Q), orthonormalization)
+        AY = A @ Y
+        # Rayleigh quotients of the new columns: their sum is the energy they add; the
+        # smallest Ritz value is at most the smallest of them (Courant-Fischer), so one under
+        # the noise floor tells that the sketch has passed it (see ``ritz_cut``).
+        quotients = (Y * AY).sum(0, dtype=torch.float64)
+        captured += float(quotients.sum())
+        largest_quotient = max(largest_quotient, float(quotients.max()))
+        passed_floor = float(quotients.min()) < d * eps * largest_quotient
+        Q = torch.cat([Q, Y], 1)
+        AQ = torch.cat([AQ, AY], 1)
+        filled += block
+        exhausted = trace - captured <= exhausted_below
+        if captured < target and not (exhausted or passed_floor or filled >= d):
+            continue
+        # Rayleigh-Ritz in float64: the small m x m problem is cheap, and fp32 eigh on it
+        # would give negative Ritz values on ill-conditioned spectra (pytorch#144384).
+        H = (Q.mT @ AQ).to(torch.float64)
+        H = (H + H.mT) / 2
+        theta, V = torch.linalg.eigh(H)
+        theta = theta.flip(0).clamp_min(0.0)
+        V = V.flip(1)
+        k = ritz_cut(theta, trace, threshold, eps, d, filled, oversampling, exhausted or filled >= d)
+        if k is None:
+            continue
+        return (Q @ V[:, :k].to(C.dtype)).contiguous()
+    return None
