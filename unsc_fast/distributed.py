@@ -1,0 +1,350 @@
+"""UNSC across processes with ``torch.distributed``: pooled covariances, spread basis solves,
+sharded weights.
+
+Each rank observes its own shard of the remaining data. ``NullSpaceProjector.build`` then
+
+1. checks, with one ``all_gather_object``, that every rank tracks the same layers (names,
+   kinds, widths) and asks for the same build (threshold, dtype, exclude/include/subtract,
+   ``keep_covariances``); a mismatch raises the same ``ValueError`` on every rank before any
+   tensor collective could wait on a rank that went another way. The same exchange unions
+   the observed labels, so a label seen on one rank only still takes part everywhere;
+2. all-reduces the kept row counts (one int64 vector) and reduces each layer's kept
+   covariance sum onto the rank that will solve it, layer by layer in the projector's fixed
+   order (a rank without data for a layer sends zeros), so the sum over ranks equals the
+   single-process covariance up to float summation order. The reduction happens once per
+   build, never per batch, and costs one d x d matrix per layer whatever the number of labels;
+3. solves each layer's basis on one rank (largest layers first, each to the least loaded
+   rank, cost ~ d^3) and broadcasts it, so build time falls with more ranks and every rank
+   ends with bitwise the same bases (and null-space complements).
+
+The invariant behind repeated requests: the covariance of a label over the whole data is
+the sum over ranks of what each rank stores. ``keep_covariances="rank0"`` keeps it by
+moving every stored covariance onto rank 0 (the other ranks keep only bases);
+``"none"`` drops them everywhere (a new request then needs a new pass over the data).
+
+Sharded weights (FSDP2 ``fully_shard``): parameters and gradients are ``DTensor`` s sharded
+along dim 0, the output rows. Projection acts on rows (``G - G U U^T``), so each rank
+projects its own rows with the full basis and no communication.
+"""
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Hashable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from unsc_fast import ops
+
+if TYPE_CHECKING:  # pragma: no cover
+    from unsc_fast.projector import NullSpaceProjector
+
+KEEP_COVARIANCES = ("all", "rank0", "none")
+LOCAL = "local"
+WRAPPER_PREFIX = "module."
+
+
+# ------------------------------------------------------------------ process group
+def resolve_group(process_group):
+    """The group ``build`` pools over, or ``None`` for a build on this process's data alone.
+
+    ``None`` follows ``torch.distributed``'s convention (the default group), but only when
+    torch.distributed is initialised with more than one process: unchanged single-process
+    code keeps working, and the same code under ``torchrun`` pools over all ranks.
+    ``"local"`` never communicates. A ``ProcessGroup`` is used as given.
+    """
+    if isinstance(process_group, str):
+        if process_group != LOCAL:
+            raise ValueError(f"process_group must be a ProcessGroup, None or {LOCAL!r}, got {process_group!r}")
+        return None
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized:
+        if process_group is None:
+            return None
+        raise RuntimeError("build(process_group=...) was given a group but torch.distributed is not initialized")
+    group = dist.group.WORLD if process_group is None else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def check_keep(keep_covariances: str) -> str:
+    if keep_covariances not in KEEP_COVARIANCES:
+        raise ValueError(f"keep_covariances must be one of {KEEP_COVARIANCES}, got {keep_covariances!r}")
+    return keep_covariances
+
+
+# ------------------------------------------------------------------ wrapped / sharded models
+def _loaded(module_name: str):
+    """A torch.distributed submodule if something already imported it, else None: a model
+    cannot hold its objects otherwise, and importing it would cost every user seconds."""
+    return sys.modules.get(module_name)
+
+
+def check_model(model) -> None:
+    """Refuse wrappers whose parameters are flattened: their weights are not (out, d) matrices."""
+    fsdp = _loaded("torch.distributed.fsdp")  # never imported here: it costs seconds
+    flat = [] if fsdp is None else [
+        type(m).__name__ for m in model.modules() if isinstance(m, fsdp.FullyShardedDataParallel)
+    ]
+    if type(model).__name__ == "DeepSpeedEngine":
+        flat.append("DeepSpeedEngine")
+    if flat:
+        raise NotImplementedError(
+            f"{flat[0]} flattens parameters into 1-D buffers, which cannot be projected row by row. "
+            "Shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead, or build the projector "
+            "on the unwrapped model"
+        )
+
+
+def unprefixed_names(names, inner_names: Iterable[str]):
+    """Module names as the user knows them: a DDP/DataParallel ``module.`` prefix is dropped
+    (unless the prefixed name itself exists inside the wrapped model)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    inner = set(inner_names)
+    return [n if n in inner or not n.startswith(WRAPPER_PREFIX) else n[len(WRAPPER_PREFIX):] for n in names]
+
+
+def reshard(model) -> None:
+    """Put every FSDP2 module of ``model`` back into its sharded state (local, no communication).
+
+    After a forward without backward (as in ``observe()``) FSDP2 leaves the root module's
+    weights gathered and registered as plain unsharded parameters; an optimizer created then
+    would hold those instead of the sharded ones, and the wrapper would not find them.
+    """
+    fsdp = _loaded("torch.distributed.fsdp")
+    if fsdp is None:  # nothing can be sharded by a module nobody imported
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
+
+
+def local_rows(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """The rows of a weight-shaped tensor this process holds: itself, or a DTensor's local
+    shard (a view sharing its storage) when it is sharded along dim 0 or replicated."""
+    dtensor = _loaded("torch.distributed.tensor")
+    if dtensor is None or not isinstance(tensor, dtensor.DTensor):
+        return tensor
+    for placement in tensor.placements:
+        if isinstance(placement, dtensor.Replicate) or (isinstance(placement, dtensor.Shard) and placement.dim == 0):
+            continue
+        raise NotImplementedError(
+            f"layer {name!r}: DTensor placement {placement!r} is not supported; the null-space "
+            "projection acts on output rows, so weights must be sharded along dim 0 (FSDP2's "
+            "default Shard(0)) or replicated, and gradients reduced (no Partial)"
+        )
+    return tensor.to_local()
+
+
+# ------------------------------------------------------------------ build
+def _global_rank(group, group_rank: int) -> int:
+    return group_rank if group is dist.group.WORLD else dist.get_global_rank(group, group_rank)
+
+
+def _request(projector: "NullSpaceProjector", threshold, exclude, include, subtract, keep) -> dict:
+    """What must be identical on every rank for the collectives below to line up."""
+    keys = lambda values: None if values is None else sorted(repr(v) for v in values)  # noqa: E731
+    return {
+        "layers": [(name, layer.kind, layer.dim) for name, layer in projector.layers.items()],
+        "threshold": threshold,
+        "dtype": str(projector.dtype),
+        "exclude": keys(exclude),
+        "include": keys(include),
+        "subtract": keys(subtract),
+        "keep_covariances": keep,
+    }
+
+
+def _check_same_request(requests: list[dict]) -> None:
+    first = requests[0]
+    for rank, request in enumerate(requests[1:], start=1):
+        for field, value in request.items():
+            if value == first[field]:
+                continue
+            if field == "layers":
+                ours, theirs = {n: (k, d) for n, k, d in first[field]}, {n: (k, d) for n, k, d in value}
+                detail = (
+                    f"only on rank 0: {sorted(set(ours) - set(theirs))}, only on rank {rank}: "
+                    f"{sorted(set(theirs) - set(ours))}, different width: "
+                    f"{sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])}"
+                    if ours != theirs
+                    else "same layers in a different order"
+                )
+            else:
+                detail = f"rank 0 has {first[field]!r}, rank {rank} has {value!r}"
+            raise ValueError(
+                f"build(): ranks disagree on {field} ({detail}). Every rank must track the same "
+                "layers and call build() with the same arguments; nothing was communicated beyond "
+                "this check"
+            )
+
+
+def _owners(dims: list[int], world: int) -> list[int]:
+    """Layer -> solving rank: largest first, each to the least loaded rank (eigh ~ d^3)."""
+    load, owners = [0] * world, [0] * len(dims)
+    for index in sorted(range(len(dims)), key=lambda i: (-dims[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[index] = rank
+        load[rank] += dims[index] ** 3
+    return owners
+
+
+def _local_kept_covariance(projector, name: str, kept: list, subtract: set, device) -> torch.Tensor:
+    """This rank's share of the kept covariance of ``name`` (zeros when it saw none)."""
+    dim = projector.layers[name].dim
+    total = torch.zeros(dim, dim, dtype=projector.dtype, device=device)
+    for key in kept:
+        part = projector._covariances.get(key, {}).get(name)
+        if part is not None:
+            total += part.to(device)
+    for key in subtract:
+        part = projector._covariances.get(key, {}).get(name)
+        if part is not None:
+            total -= part.to(device)
+    return total
+
+
+def build(
+    projector: "NullSpaceProjector",
+    group,
+    *,
+    exclude: set,
+    include,
+    subtract: set,
+    threshold: float,
+    generator: torch.Generator | None,
+    keep_covariances: str,
+) -> tuple[dict, dict, list]:
+    """Pooled bases over ``group``: returns ``(bases, complements, kept)`` for the projector.
+
+    Every rank must call it (through ``NullSpaceProjector.build``) with the same arguments.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    include = None if include is None else list(include)
+    mine = {"request": _request(projector, threshold, exclude, include, subtract, keep_covariances),
+            "groups": projector.groups}
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    _check_same_request([entry["request"] for entry in gathered])
+    union = list(dict.fromkeys(key for entry in gathered for key in entry["groups"]))
+    if not union:
+        raise RuntimeError("build() needs observed data: no rank ran the model inside observe()")
+    kept = projector._kept_groups(union, exclude, include, subtract, stacklevel=4)
+
+    names = list(projector.layers)
+    layers = [projector.layers[name] for name in names]
+    devices = [layer.weight.device for layer in layers]
+    counts = torch.tensor([sum(projector.count(k, n) for k in kept) for n in names], dtype=torch.int64)
+    counts = counts.to(devices[0])
+    dist.all_reduce(counts, group=group)
+    empty = [n for n, c in zip(names, counts.tolist()) if c == 0]
+    if empty:
+        raise RuntimeError(
+            f"layers {empty} saw no input on any rank in groups {kept}: did their forward run inside "
+            "observe()? Leave them out with modules=[...] if the model never calls them"
+        )
+
+    owners = _owners([layer.dim for layer in layers], world)
+    owned: dict[int, torch.Tensor] = {}
+    for index, name in enumerate(names):
+        local = _local_kept_covariance(projector, name, kept, subtract, devices[index])
+        dist.reduce(local, dst=_global_rank(group, owners[index]), group=group)
+        if owners[index] == rank:
+            owned[index] = local
+
+    # Solve this rank's layers; a failure is shared so that no rank waits on a broadcast.
+    solved: dict[int, torch.Tensor] = {}
+    error = None
+    try:
+        order = sorted(owned)
+        for index, basis in zip(order, ops.energy_bases([owned[i] for i in order], threshold, generator)):
+            solved[index] = basis
+    except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+        error = exc
+    owned.clear()
+    status = torch.zeros(len(names) + 1, dtype=torch.int64, device=devices[0])
+    for index, basis in solved.items():
+        status[index] = basis.shape[1]
+    status[-1] = int(error is not None)
+    dist.all_reduce(status, group=group)
+    if int(status[-1]):
+        messages: list = [None] * world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        failed = {r: m for r, m in enumerate(messages) if m is not None}
+        if error is not None:
+            raise error
+        raise RuntimeError(f"build(): the basis solve failed on rank(s) {sorted(failed)}: {failed}")
+
+    bases, complements = {}, {}
+    for index, (name, layer) in enumerate(zip(names, layers)):
+        k, source = int(status[index]), _global_rank(group, owners[index])
+        if owners[index] == rank:
+            basis = solved[index].to(devices[index]).contiguous()
+        else:
+            basis = torch.empty(layer.dim, k, dtype=projector.dtype, device=devices[index])
+        if k:
+            dist.broadcast(basis, src=source, group=group)
+        bases[name] = basis
+        if 2 * k > layer.dim:  # the projector then keeps the (cheaper) null-space basis
+            if owners[index] == rank:
+                complement = ops.complement_basis(basis).contiguous()
+            else:
+                complement = torch.empty(layer.dim, layer.dim - k, dtype=projector.dtype, device=devices[index])
+            if complement.shape[1]:
+                dist.broadcast(complement, src=source, group=group)
+            complements[name] = complement
+
+    if keep_covariances == "rank0":
+        _gather_covariances_on_rank0(projector, group, union, names, devices)
+    return bases, complements, kept
+
+
+def _gather_covariances_on_rank0(projector, group, keys: list, names: list, devices: list) -> None:
+    """Move every stored covariance onto group rank 0, summed; the other ranks drop theirs.
+
+    The pooled store is the sum over ranks either way, so later builds stay exact.
+    """
+    rank, root = dist.get_rank(group), _global_rank(group, 0)
+    covariances, counts = {}, {}
+    for key in keys:
+        local_counts = projector._counts.get(key, {})
+        count = torch.tensor([local_counts.get(n, 0) for n in names], dtype=torch.int64, device=devices[0])
+        dist.all_reduce(count, group=group)  # everyone learns which layers have data for this key
+        per_layer = projector._covariances.get(key, {})
+        for index, name in enumerate(names):
+            if not int(count[index]):
+                continue
+            dim = projector.layers[name].dim
+            local = per_layer.pop(name, None)
+            local = (
+                torch.zeros(dim, dim, dtype=projector.dtype, device=devices[index])
+                if local is None
+                else local.to(devices[index])
+            )
+            dist.reduce(local, dst=root, group=group)
+            if rank == 0:
+                covariances.setdefault(key, {})[name] = local
+                counts.setdefault(key, {})[name] = int(count[index])
+    projector._covariances, projector._counts = covariances, counts
+
+
+def pooled_covariance(
+    projector: "NullSpaceProjector", name: str, keys: Iterable[Hashable] | None = None, process_group=None
+) -> torch.Tensor:
+    """Covariance of layer ``name`` over ``keys`` summed over all ranks, bitwise the same on
+    every rank (one all-reduce). Every rank must call it with the same arguments."""
+    group = resolve_group(process_group)
+    layer = projector._layer(name)
+    request = (name, None if keys is None else sorted(repr(k) for k in keys))
+    keys = projector.groups if keys is None else list(keys)  # absent keys add zeros on this rank
+    if group is not None:
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, request, group=group)
+        if any(entry != request for entry in gathered):
+            raise ValueError(f"pooled_covariance(): ranks asked for different (layer, keys): {gathered}")
+    total = _local_kept_covariance(projector, name, keys, set(), layer.weight.device)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return total
