@@ -1,0 +1,185 @@
+"""Turn a comparison's raw results into what people read: markdown tables, two PNGs, a JSON.
+
+* the metrics table (mean +- std over seeds), the retrained model's row as the reference;
+* the gap table: |metric - retrained metric| per seed, then mean +- std;
+* per-class test accuracy;
+* ``classwise.png``: per-class test accuracy of original / retrained / UNSC as grouped bars
+  (the UNSC paper's class-wise figure); ``tradeoff.png``: Acc_r against Acc_f per method;
+* ``comparison.json``: every raw figure, so runs can be compared later.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+REFERENCE = "retrain"
+
+
+def _cell(stats: dict, digits: int = 1) -> str:
+    mean, std = stats["mean"], stats["std"]
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _row_order(results: dict) -> list[str]:
+    names = list(results["runs"])
+    first = [name for name in ("original", REFERENCE) if name in names]
+    return first + [name for name in names if name not in first]
+
+
+def _label(results: dict, name: str) -> str:
+    title = results["titles"][name]
+    return f"**{title}** (reference)" if name == REFERENCE else title
+
+
+def metrics_table(results: dict) -> str:
+    titles = results["metric_titles"]
+    header = ["method", *titles.values(), "avg gap", "time s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name in _row_order(results):
+        summary = results["summary"][name]
+        cells = [_cell(summary["metrics"][key]) for key in titles]
+        gap = "0 (reference)" if name == REFERENCE else _cell(summary["gap"]["avg_gap"])
+        lines.append("| " + " | ".join([_label(results, name), *cells, gap, _cell(summary["seconds"], 2)]) + " |")
+    return "\n".join(lines)
+
+
+def gap_table(results: dict) -> str:
+    titles = results["metric_titles"]
+    header = ["method", *(f"Δ {title}" for title in titles.values()), "avg gap"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name in _row_order(results):
+        if name == REFERENCE:
+            continue
+        gaps = results["summary"][name]["gap"]
+        lines.append("| " + " | ".join([_label(results, name), *(_cell(gaps[key]) for key in titles),
+                                        _cell(gaps["avg_gap"])]) + " |")
+    return "\n".join(lines)
+
+
+def per_class_table(results: dict) -> str:
+    classes = results["dataset"]["class_names"]
+    header = ["method", *classes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name in _row_order(results):
+        means = [stats["mean"] for stats in results["summary"][name]["per_class_test"]]
+        lines.append("| " + " | ".join([_label(results, name), *("n/a" if math.isnan(m) else f"{m:.1f}" for m in means)]) + " |")
+    return "\n".join(lines)
+
+
+def format_report(results: dict) -> str:
+    """The whole markdown report: what was run, then the three tables."""
+    seeds = results["config"]["seeds"]
+    lines = [
+        f"## Unlearning comparison: {results['scenario']['description']}",
+        "",
+        f"Original model: {results['original']['source']}. Mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}). "
+        "Accuracies and membership-inference rates in %, lower gap is better; the retrained model is the reference. "
+        f"torch {results['environment']['torch']}, {results['environment']['threads']} thread(s).",
+        "",
+        metrics_table(results),
+        "",
+        "### Gap to the retrained model (|metric - retrained|, per seed)",
+        "",
+        gap_table(results),
+        "",
+        "### Per-class test accuracy (%)",
+        "",
+        per_class_table(results),
+    ]
+    if results["skipped"]:
+        lines += ["", "### Not run", ""] + [f"- {reason}" for reason in results["skipped"].values()]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_classwise(results: dict, path) -> None:
+    """Grouped bars of per-class test accuracy for original, retrained and UNSC (where run)."""
+    import numpy as np
+
+    plt = _pyplot()
+    shown = [name for name in ("original", REFERENCE, "unsc") if name in results["runs"]]
+    classes = results["dataset"]["class_names"]
+    positions = np.arange(len(classes))
+    width = 0.8 / len(shown)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.7 * len(classes) + 2), 3.6))
+    for offset, name in enumerate(shown):
+        stats = results["summary"][name]["per_class_test"]
+        means = [s["mean"] for s in stats]
+        errors = [s["std"] for s in stats]
+        axes.bar(positions + (offset - (len(shown) - 1) / 2) * width, means, width, yerr=errors, capsize=2,
+                 label=results["titles"][name])
+    for forgotten in results["scenario"]["forget_classes"]:
+        axes.axvspan(forgotten - 0.45, forgotten + 0.45, color="grey", alpha=0.15, lw=0)
+    axes.set_xticks(positions, classes)
+    axes.set_ylim(0, 105)
+    axes.set_xlabel("class (shaded: forgotten)" if results["scenario"]["forget_classes"] else "class")
+    axes.set_ylabel("test accuracy %")
+    axes.set_title(results["scenario"]["description"], fontsize=9)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_tradeoff(results: dict, path) -> None:
+    """Acc_r (test) against Acc_f for every method; the retrained model marks the target.
+
+    Acc_f is on the forget classes' test samples for full-class forgetting and on the
+    forget set itself for random-sample forgetting (there is no forget test set then).
+    """
+    plt = _pyplot()
+    forget_key = "acc_forget_test" if results["scenario"]["kind"] == "full_class" else "acc_forget_train"
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    for name in _row_order(results):
+        metrics = results["summary"][name]["metrics"]
+        x, y = metrics[forget_key], metrics["acc_remain_test"]
+        marker = "*" if name == REFERENCE else ("s" if name == "unsc" else "o")
+        axes.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=marker, markersize=10 if marker == "*" else 6,
+                      capsize=2, label=results["titles"][name])
+    axes.set_xlabel(("Acc_f test" if forget_key == "acc_forget_test" else "Acc_f train (forget set)") + " %  (lower forgets more)")
+    axes.set_ylabel("Acc_r test %  (higher keeps more)")
+    axes.set_title(results["scenario"]["description"], fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _nan_to_none(value):
+    """Strict JSON has no NaN: undefined figures (e.g. Acc_f test without a forget test set) become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(item) for item in value]
+    return value
+
+
+def write_outputs(results: dict, directory) -> dict[str, Path]:
+    """Write comparison.md, comparison.json, classwise.png and tradeoff.png; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "table": directory / "comparison.md",
+        "json": directory / "comparison.json",
+        "classwise": directory / "classwise.png",
+        "tradeoff": directory / "tradeoff.png",
+    }
+    paths["table"].write_text(format_report(results) + "\n")
+    paths["json"].write_text(json.dumps(_nan_to_none(results), indent=1) + "\n")
+    plot_classwise(results, paths["classwise"])
+    plot_tradeoff(results, paths["tradeoff"])
+    return paths
