@@ -161,7 +161,7 @@ def test_zero_matrix_gives_empty_basis(method, backend, dtype):  # item 38
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=needs_extension)])
 @pytest.mark.parametrize("orthonormalization", ["householder", "cholesky"])
-@pytest.mark.parametrize("threshold", [0.8, 0.99, 1.0])
+@pytest.mark.parametrize("threshold", [0.7, 0.99, 1.0])  # not 0.8: 12/15 is a tie on 5,4,3,2,1
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rank_deficient_sketch_wider_than_rank(backend, orthonormalization, threshold, dtype):  # 39, 45
     C = with_spectrum(spectrum("rank5", 200), dtype)
@@ -183,9 +183,10 @@ def test_rank_deficient_sketch_wider_than_rank(backend, orthonormalization, thre
 def test_repeated_eigenvalues_compared_by_projector(method):  # item 40
     eigenvalues = torch.cat([torch.full((10,), 4.0), torch.full((10,), 2.0), torch.full((280,), 1e-3)])
     C = with_spectrum(eigenvalues)
-    # 0.93 of the energy needs both clusters exactly: the cut is at the cluster boundary.
-    U = ops.energy_basis(C, 0.93, seeded(), method=method)
-    expected = reference.energy_basis_eigh(C, 0.93)
+    # total 60.28: 19 vectors hold 58 (0.962), 20 hold 60 (0.995), so 0.98 needs both
+    # clusters exactly and the cut falls at the cluster boundary.
+    U = ops.energy_basis(C, 0.98, seeded(), method=method)
+    expected = reference.energy_basis_eigh(C, 0.98)
     assert U.shape[1] == expected.shape[1] == 20
     assert torch.allclose(projector(U), projector(expected), atol=1e-8)
     # The cut falls inside the first cluster: k is deterministic, the basis a subspace of it.
