@@ -113,8 +113,8 @@ def original_model(config: CompareConfig, split: DatasetSplit, progress: Progres
     start = time.perf_counter()
     if config.checkpoint:
         return load_checkpoint(config.checkpoint, config.model, split), time.perf_counter() - start, config.checkpoint
+    torch.manual_seed(config.base_seed)  # before building: the initial weights are part of the run
     model = build_model(config.model, split)
-    torch.manual_seed(config.base_seed)
     train(model, split.x_train, split.y_train, epochs=config.train_epochs, seed=config.base_seed,
           progress=progress, label="original")
     seconds = time.perf_counter() - start
