@@ -126,10 +126,24 @@ def plot_classwise(results: dict, path) -> None:
     axes.set_xlabel("class (shaded: forgotten)" if results["scenario"]["forget_classes"] else "class")
     axes.set_ylabel("test accuracy %")
     axes.set_title(results["scenario"]["description"], fontsize=9)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+MARKERS = "osD^v<>PXhp8"
+
+
+def _zoom_window(results: dict, forget_key: str):
+    """Axis limits around the retrained model's point, or None when it has no finite point."""
+    reference = results["summary"].get(REFERENCE)
+    if reference is None:
+        return None
+    x, y = reference["metrics"][forget_key]["mean"], reference["metrics"]["acc_remain_test"]["mean"]
+    if x is None or y is None or math.isnan(x) or math.isnan(y):
+        return None
+    return (max(-1.0, x - 6.0), min(101.0, x + 6.0)), (max(0.0, y - 8.0), min(100.0, y) + 1.0)
 
 
 def plot_tradeoff(results: dict, path) -> None:
@@ -137,22 +151,37 @@ def plot_tradeoff(results: dict, path) -> None:
 
     Acc_f is on the forget classes' test samples for full-class forgetting and on the
     forget set itself for random-sample forgetting (there is no forget test set then).
+    Every method has its own colour and marker (tab20 colours, so no two of up to 20
+    methods share one); a second panel zooms in on the retrained model's neighbourhood,
+    where the good methods crowd together.
     """
     plt = _pyplot()
     forget_key = "acc_forget_test" if results["scenario"]["kind"] == "full_class" else "acc_forget_train"
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    for name in _row_order(results):
+    window = _zoom_window(results, forget_key)
+    panels = 2 if window else 1
+    figure, axes_list = plt.subplots(1, panels, figsize=(5.2 * panels + 2.4, 4.4), squeeze=False)
+    axes_list = list(axes_list[0])
+    colours = plt.get_cmap("tab20").colors
+    for index, name in enumerate(_row_order(results)):
         metrics = results["summary"][name]["metrics"]
         x, y = metrics[forget_key], metrics["acc_remain_test"]
-        marker = "*" if name == REFERENCE else ("s" if name == "unsc" else "o")
-        axes.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=marker, markersize=10 if marker == "*" else 6,
-                      capsize=2, label=results["titles"][name])
-    axes.set_xlabel(("Acc_f test" if forget_key == "acc_forget_test" else "Acc_f train (forget set)") + " %  (lower forgets more)")
-    axes.set_ylabel("Acc_r test %  (higher keeps more)")
-    axes.set_title(results["scenario"]["description"], fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
+        marker = "*" if name == REFERENCE else MARKERS[index % len(MARKERS)]
+        for axes in axes_list:
+            axes.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=marker,
+                          markersize=12 if marker == "*" else 6, capsize=2, color=colours[(2 * index) % 20 + (index // 10) % 2],
+                          label=results["titles"][name] if axes is axes_list[0] else None)
+    x_title = ("Acc_f test" if forget_key == "acc_forget_test" else "Acc_f train (forget set)") + " %  (lower forgets more)"
+    for axes in axes_list:
+        axes.set_xlabel(x_title)
+        axes.set_ylabel("Acc_r test %  (higher keeps more)")
+        axes.grid(alpha=0.3)
+    axes_list[0].set_title(results["scenario"]["description"], fontsize=9)
+    if window:
+        axes_list[1].set_xlim(*window[0])
+        axes_list[1].set_ylim(*window[1])
+        axes_list[1].set_title("zoom: around the retrained model (star)", fontsize=9)
+    figure.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0 - 2.3 / figure.get_figwidth(), 0.5))
+    figure.tight_layout(rect=(0, 0, 1.0 - 2.4 / figure.get_figwidth(), 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
