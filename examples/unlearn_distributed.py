@@ -117,6 +117,7 @@ def main() -> None:
     report("after")
     identical = ranks_identical(model)
     say(f"ranks identical: {identical}")
+    dist.barrier()  # no rank tears gloo down while a peer may still be talking to it
     dist.destroy_process_group()
 
 
