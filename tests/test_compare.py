@@ -110,6 +110,10 @@ def test_compare_markdown_has_mean_and_std_for_every_method(digits_run):
         assert len(cells) == len(METRIC_TITLES) + 2, name
         assert all(re.fullmatch(r"\d+\.\d ± \d+\.\d", cell) for cell in cells[:len(METRIC_TITLES)]), row
         assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cells[-1]), row
+        if name == "retrain":
+            assert cells[-2] == "0 (reference)"
+        else:  # the average gap has two decimals
+            assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cells[-2]), row
     assert "### Gap to the retrained model" in text and "### Per-class test accuracy (%)" in text
 
 

@@ -1,6 +1,7 @@
 """Turn a comparison's raw results into what people read: markdown tables, two PNGs, a JSON.
 
 * the metrics table (mean +- std over seeds), the retrained model's row as the reference;
+  the average gap has two decimals, since the good methods differ from each other by less than 0.1;
 * the gap table: |metric - retrained metric| per seed, then mean +- std;
 * per-class test accuracy;
 * ``classwise.png``: per-class test accuracy of original / retrained / UNSC as grouped bars
@@ -41,7 +42,7 @@ def metrics_table(results: dict) -> str:
     for name in _row_order(results):
         summary = results["summary"][name]
         cells = [_cell(summary["metrics"][key]) for key in titles]
-        gap = "0 (reference)" if name == REFERENCE else _cell(summary["gap"]["avg_gap"])
+        gap = "0 (reference)" if name == REFERENCE else _cell(summary["gap"]["avg_gap"], 2)
         lines.append("| " + " | ".join([_label(results, name), *cells, gap, _cell(summary["seconds"], 2)]) + " |")
     return "\n".join(lines)
 
@@ -55,7 +56,7 @@ def gap_table(results: dict) -> str:
             continue
         gaps = results["summary"][name]["gap"]
         lines.append("| " + " | ".join([_label(results, name), *(_cell(gaps[key]) for key in titles),
-                                        _cell(gaps["avg_gap"])]) + " |")
+                                        _cell(gaps["avg_gap"], 2)]) + " |")
     return "\n".join(lines)
 
 
