@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from unsc_fast.cli import main
 from unsc_fast.demo import DemoRow, format_table, run_demo
@@ -33,14 +34,19 @@ def test_table_has_a_row_per_method(demo_rows):
 
 
 def test_cli_prints_the_table(capsys):
-    assert main(["demo", "--forget-class", "1", "--train-epochs", "2", "--epochs", "1", "--quiet"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--forget-class", "1", "--train-epochs", "2", "--epochs", "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1  # the demo's default
+    finally:
+        torch.set_num_threads(threads)  # the rest of the suite runs as before
     out = capsys.readouterr().out
     assert "Forgetting digit 1" in out and "| UNSC |" in out
 
 
 def test_cli_rejects_a_class_that_is_not_a_digit():
     with pytest.raises(ValueError, match="forget_class must be a digit"):
-        main(["demo", "--forget-class", "12", "--quiet"])
+        main(["demo", "--forget-class", "12", "--quiet", "--threads", str(torch.get_num_threads())])
 
 
 def test_module_entry_point_lists_the_commands():
