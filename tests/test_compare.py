@@ -21,9 +21,12 @@ ROWS = {"original": "original", "retrain": "**retrain (gold standard)** (referen
 
 
 @pytest.fixture(autouse=True)
-def keep_thread_count():
-    """``unsc-fast compare`` on the digits sets torch to one thread; give the rest of the session its own back."""
+def one_thread():
+    """One torch thread, as ``unsc-fast compare`` uses on the digits: these tiny convolutions are
+    fastest single-threaded, and two threads on a busy 2-core machine can be many times slower.
+    The rest of the session gets its own thread count back."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
@@ -35,7 +38,7 @@ def digits_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("compare") / "out"
     code = cli.main(["compare", "--methods", "unsc,finetune", "--seeds", "0", "1", "--train-epochs", "4",
                      "--set", "unsc.epochs=2", "--set", "finetune.epochs=1", "--output", str(output), "--quiet"])
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # the CLI set one thread for the whole process
     assert code == 0
     return output, json.loads((output / "comparison.json").read_text())
 
