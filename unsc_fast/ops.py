@@ -7,6 +7,13 @@ Each public function validates its arguments once, resolves ``backend`` once (se
 - ``"triton"``: ``unsc_fast.kernels.<op>`` (CUDA tensors, or CPU with ``TRITON_INTERPRET=1``),
 - ``"ext"``: the C++/CUDA extension ``unsc_fast._C``.
 
+The in-place ops (``covariance_``, ``conv_covariance_``, ``project_``, ``restrict_``) run
+through PyTorch custom operators (``torch.ops.unsc_fast.*``, registered in
+``unsc_fast.library``) that receive the resolved backend as a string: they pass
+``torch.library.opcheck`` and trace under ``torch.compile(fullgraph=True)`` without a graph
+break. ``energy_basis`` stays a plain function (data-dependent output shape, a
+``torch.Generator`` argument; see docs/kernels.md).
+
 The projector, the optimizer wrapper and the methods only ever call this module.
 """
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from unsc_fast import randomized, reference
+from unsc_fast import library, randomized, reference
 from unsc_fast.backend import check_devices, load_extension, resolve
 
 __all__ = [
@@ -56,6 +63,17 @@ def _check_activation(op: str, x: torch.Tensor, dim: int) -> None:
         raise ValueError(f"{op}: x must be {dim}-D, got shape {tuple(x.shape)}")
 
 
+def _check_not_differentiated(op: str, name: str, tensor: torch.Tensor) -> None:
+    """The in-place ops have no autograd formula (they accumulate statistics and edit
+    gradients; nothing differentiates through them). Updating a tensor that autograd
+    tracks would silently give wrong gradients, so it is refused."""
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: {name} requires grad and would be modified in place, but {op} has no autograd "
+            f"formula (it is not differentiable): pass {name}.detach() or call it under torch.no_grad()"
+        )
+
+
 def covariance_(C: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``C += x^T x`` in place, accumulated in ``C``'s precision (fp32 or fp64).
 
@@ -64,12 +82,12 @@ def covariance_(C: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> t
     _check_activation("covariance_", x, 2)
     _check_accumulator("covariance_", C, x.shape[1])
     device = check_devices("covariance_", C, x)
+    _check_not_differentiated("covariance_", "C", C)
     chosen = resolve("covariance_", backend, device, ("triton", "torch"))
-    if chosen == "triton" and C.dtype == torch.float32 and x.dtype != torch.float64:
-        from unsc_fast.kernels import covariance
-
-        return covariance.covariance_(C, x)  # fp64 C or x: the reference below
-    return reference.covariance_(C, x)
+    if C.dtype != torch.float32 or x.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    library.covariance_(C, x, chosen)
+    return C
 
 
 def conv_covariance_(
@@ -100,12 +118,12 @@ def conv_covariance_(
     _check_activation("conv_covariance_", x, 4)
     _check_accumulator("conv_covariance_", C, x.shape[1] * kernel_size[0] * kernel_size[1])
     device = check_devices("conv_covariance_", C, x)
+    _check_not_differentiated("conv_covariance_", "C", C)
     chosen = resolve("conv_covariance_", backend, device, ("triton", "torch"))
-    if chosen == "triton" and C.dtype == torch.float32 and x.dtype != torch.float64:
-        from unsc_fast.kernels import conv_covariance
-
-        return conv_covariance.conv_covariance_(C, x, kernel_size, stride, padding, dilation)
-    return reference.conv_covariance_(C, x, kernel_size, stride, padding, dilation)
+    if C.dtype != torch.float32 or x.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    library.conv_covariance_(C, x, kernel_size, stride, padding, dilation, chosen)
+    return C
 
 
 def _check_projection(op: str, G: torch.Tensor, U: torch.Tensor) -> torch.device:
@@ -117,7 +135,9 @@ def _check_projection(op: str, G: torch.Tensor, U: torch.Tensor) -> torch.device
         raise TypeError(f"{op}: G must be fp16/bf16/fp32/fp64, got {G.dtype}")
     if U.dtype not in ACCUMULATOR_DTYPES:
         raise TypeError(f"{op}: U must be float32 or float64, got {U.dtype}")
-    return check_devices(op, G, U)
+    device = check_devices(op, G, U)
+    _check_not_differentiated(op, "G", G)
+    return device
 
 
 def project_(G: torch.Tensor, U: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -129,11 +149,10 @@ def project_(G: torch.Tensor, U: torch.Tensor, *, backend: str = "auto") -> torc
     if U.shape[1] == 0 or G.numel() == 0:
         return G
     chosen = resolve("project_", backend, device, ("triton", "torch"))
-    if chosen == "triton" and U.dtype == torch.float32 and G.dtype != torch.float64:
-        from unsc_fast.kernels import projection
-
-        return projection.project_(G, U)  # fp64 G or U: the reference below
-    return reference.project_(G, U)
+    if U.dtype != torch.float32 or G.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 G or U take the reference
+    library.project_(G, U, chosen)
+    return G
 
 
 def restrict_(G: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -148,11 +167,10 @@ def restrict_(G: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") -> tor
     if Q.shape[1] == 0:
         return G.zero_()
     chosen = resolve("restrict_", backend, device, ("triton", "torch"))
-    if chosen == "triton" and Q.dtype == torch.float32 and G.dtype != torch.float64:
-        from unsc_fast.kernels import projection
-
-        return projection.restrict_(G, Q)
-    return reference.restrict_(G, Q)
+    if Q.dtype != torch.float32 or G.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 G or Q take the reference
+    library.restrict_(G, Q, chosen)
+    return G
 
 
 def _check_covariance_matrix(C: torch.Tensor, name: str = "C") -> None:
