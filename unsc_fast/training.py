@@ -17,6 +17,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without any)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -35,9 +41,11 @@ def train(
     loader = make_loader(x, y, batch_size, shuffle=True, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+    device = model_device(model)
     model.train()
     for epoch in range(epochs):
         for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(inputs), targets).backward()
             optimizer.step()
@@ -50,16 +58,23 @@ def train(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits in eval mode (the model's modes are restored afterwards)."""
+    """Logits on the model's device, in eval mode (the model's modes are restored afterwards).
+
+    ``x`` may live anywhere: each chunk is moved to the model's device.
+    """
+    if len(x) == 0:
+        return torch.empty(0)
+    device = model_device(model)
     with eval_mode(model):
-        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0)
+        return torch.cat([model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy in percent (NaN for an empty set)."""
     if len(x) == 0:
         return float("nan")
-    return 100.0 * (predict_logits(model, x).argmax(1) == y).float().mean().item()
+    predictions = predict_logits(model, x).argmax(1)
+    return 100.0 * (predictions == y.to(predictions.device)).float().mean().item()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from torch import nn
 
 from unsc_fast.methods.base import UnlearningMethod
 from unsc_fast.methods.training_loop import excluded_classes, fine_tune
-from unsc_fast.training import eval_mode, predict_logits
+from unsc_fast.training import eval_mode, model_device, predict_logits
 from unsc_fast.unlearn import _excluded_mask
 
 DEFAULTS = dict(epsilon=0.5, epochs=5, lr=2e-3, momentum=0.9, batch_size=32)
@@ -23,7 +23,7 @@ DEFAULTS = dict(epsilon=0.5, epochs=5, lr=2e-3, momentum=0.9, batch_size=32)
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float) -> torch.Tensor:
     """x + epsilon * sign(grad_x CE(model(x), y)), computed in eval mode (Goodfellow et al. 2015)."""
-    x = x.clone().requires_grad_(True)
+    x = x.to(model_device(model)).clone().requires_grad_(True)
     with eval_mode(model):
         loss = F.cross_entropy(model(x), y.to(x.device))
     (gradient,) = torch.autograd.grad(loss, x)

@@ -93,15 +93,15 @@ def patched_samples(model: nn.Module, forget, remain, *, top_k: int = 4, delta: 
     present = {int(c) for c in y_remain.unique()}
     unavailable = set(excluded) | (set(range(int(predict_logits(model, x_forget[:1]).shape[1]))) - present)
     classes = candidate_classes(model, x_forget, y_forget, top_k, unavailable)
-    masks = natmu_masks(*x_forget.shape[1:], delta=delta)
+    masks = natmu_masks(*x_forget.shape[1:], delta=delta).to(x_forget.device, x_forget.dtype)
     sampler = _ClassSampler(y_remain.cpu(), torch.Generator().manual_seed(seed))
     indices = torch.tensor([[sampler.draw(int(c)) for c in row] for row in classes], dtype=torch.long)
     k = classes.shape[1]
     mask = masks[torch.arange(k) % len(masks)].unsqueeze(0)            # (1, k, C, H, W)
     forget_part = x_forget.unsqueeze(1) * mask                          # (N, k, C, H, W)
-    remain_part = x_remain[indices] * (1.0 - mask)
+    remain_part = x_remain[indices.to(x_remain.device)] * (1.0 - mask)
     patches = (forget_part + remain_part).flatten(0, 1)
-    return patches, y_remain[indices].flatten(), indices.flatten()
+    return patches, y_remain[indices.to(y_remain.device)].flatten(), indices.flatten()
 
 
 def _reset_last_linear(model: nn.Module) -> None:
