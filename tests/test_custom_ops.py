@@ -4,6 +4,9 @@
 dynamic shapes) on CPU samples, contiguous and not, fp32 and bf16, with both the "torch"
 and the (interpreted) "triton" implementation; ``torch.compile(fullgraph=True)`` around
 the public ``unsc_fast.ops`` functions gives no graph break and eager's result.
+
+The "triton" cases use CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py when
+there is no CUDA) and CUDA tensors on a GPU machine; the "torch" cases always use CPU.
 """
 import os
 
@@ -13,17 +16,35 @@ from torch import nn
 
 from unsc_fast import NullSpaceProjector, ops
 from unsc_fast import library  # noqa: F401  (registers torch.ops.unsc_fast.*)
+from unsc_fast.backend import triton_available, triton_interpreting
 
 BACKENDS = ["torch", "triton"]
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_for(backend: str) -> str:
+    """Where a test of ``backend`` runs; skips "triton" where the kernels cannot run."""
+    if backend != "triton":
+        return "cpu"
+    if not triton_available() or (TRITON_DEVICE == "cpu" and not triton_interpreting()):
+        pytest.skip("needs triton, and CUDA or TRITON_INTERPRET=1")
+    return TRITON_DEVICE
 
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def orthonormal(d: int, k: int, seed: int = 0) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(d, k, generator=generator(seed), dtype=torch.float64))[0].float()
+def randn(*shape, seed: int, device="cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=generator(seed)).to(device)
+
+
+def orthonormal(d: int, k: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    basis = torch.linalg.qr(torch.randn(d, k, generator=generator(seed), dtype=torch.float64))[0]
+    return basis.float().to(device)
 
 
 def opcheck(op, args):
@@ -31,53 +52,55 @@ def opcheck(op, args):
 
 
 # ----------------------------------------------------------------------------- opcheck
-def covariance_samples():
-    base = torch.randn(24, 20, generator=generator(1))
+def covariance_samples(device="cpu"):
+    base = randn(24, 20, seed=1, device=device)
+    zeros = lambda d: torch.zeros(d, d, device=device)  # noqa: E731
     return {
-        "contiguous": (torch.zeros(20, 20), base.clone()),
-        "x_transposed": (torch.zeros(20, 20), torch.randn(20, 24, generator=generator(2)).T),
-        "x_sliced": (torch.zeros(10, 10), base[::2, ::2]),
-        "C_transposed": (torch.randn(20, 20, generator=generator(3)).T, base.clone()),
-        "x_bf16": (torch.zeros(20, 20), base.bfloat16()),
-        "x_requires_grad": (torch.zeros(20, 20), base.clone().requires_grad_()),
+        "contiguous": (zeros(20), base.clone()),
+        "x_transposed": (zeros(20), randn(20, 24, seed=2, device=device).T),
+        "x_sliced": (zeros(10), base[::2, ::2]),
+        "C_transposed": (randn(20, 20, seed=3, device=device).T, base.clone()),
+        "x_bf16": (zeros(20), base.bfloat16()),
+        "x_requires_grad": (zeros(20), base.clone().requires_grad_()),
     }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sample", list(covariance_samples()))
 def test_opcheck_covariance(sample, backend):
-    C, x = covariance_samples()[sample]
+    C, x = covariance_samples(device_for(backend))[sample]
     opcheck(torch.ops.unsc_fast.covariance_.default, (C, x, backend))
 
 
-def conv_covariance_samples():
-    x = torch.randn(2, 3, 7, 6, generator=generator(4))
+def conv_covariance_samples(device="cpu"):
+    x = randn(2, 3, 7, 6, seed=4, device=device)
+    zeros = lambda d: torch.zeros(d, d, device=device)  # noqa: E731
     return {
-        "contiguous": (torch.zeros(27, 27), x.clone(), [3, 3], [1, 1], [1, 1], [1, 1]),
+        "contiguous": (zeros(27), x.clone(), [3, 3], [1, 1], [1, 1], [1, 1]),
         "channels_last_strided": (
-            torch.zeros(12, 12), x.to(memory_format=torch.channels_last), [2, 2], [2, 1], [0, 1], [2, 1],
+            zeros(12), x.to(memory_format=torch.channels_last), [2, 2], [2, 1], [0, 1], [2, 1],
         ),
-        "x_sliced_bf16": (torch.zeros(27, 27), x[:, :, ::2, :].bfloat16(), [3, 3], [1, 2], [1, 0], [1, 1]),
-        "x_requires_grad": (torch.zeros(27, 27), x.clone().requires_grad_(), [3, 3], [2, 2], [1, 1], [1, 1]),
+        "x_sliced_bf16": (zeros(27), x[:, :, ::2, :].bfloat16(), [3, 3], [1, 2], [1, 0], [1, 1]),
+        "x_requires_grad": (zeros(27), x.clone().requires_grad_(), [3, 3], [2, 2], [1, 1], [1, 1]),
     }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sample", list(conv_covariance_samples()))
 def test_opcheck_conv_covariance(sample, backend):
-    args = conv_covariance_samples()[sample]
+    args = conv_covariance_samples(device_for(backend))[sample]
     opcheck(torch.ops.unsc_fast.conv_covariance_.default, (*args, backend))
 
 
-def projection_samples():
-    U = orthonormal(20, 6)
+def projection_samples(device="cpu"):
+    U = orthonormal(20, 6, device=device)
     return {
-        "contiguous": (torch.randn(12, 20, generator=generator(5)), U),
-        "G_transposed": (torch.randn(20, 12, generator=generator(6)).T, U),
-        "G_sliced": (torch.randn(12, 40, generator=generator(7))[:, ::2], U),
-        "G_bf16": (torch.randn(12, 20, generator=generator(8)).bfloat16(), U),
-        "U_transposed": (torch.randn(12, 20, generator=generator(9)), U.T.contiguous().T),
-        "U_requires_grad": (torch.randn(12, 20, generator=generator(10)), U.clone().requires_grad_()),
+        "contiguous": (randn(12, 20, seed=5, device=device), U),
+        "G_transposed": (randn(20, 12, seed=6, device=device).T, U),
+        "G_sliced": (randn(12, 40, seed=7, device=device)[:, ::2], U),
+        "G_bf16": (randn(12, 20, seed=8, device=device).bfloat16(), U),
+        "U_transposed": (randn(12, 20, seed=9, device=device), U.T.contiguous().T),
+        "U_requires_grad": (randn(12, 20, seed=10, device=device), U.clone().requires_grad_()),
     }
 
 
@@ -85,7 +108,7 @@ def projection_samples():
 @pytest.mark.parametrize("sample", list(projection_samples()))
 @pytest.mark.parametrize("name", ["project_", "restrict_"])
 def test_opcheck_projection(name, sample, backend):
-    G, U = projection_samples()[sample]
+    G, U = projection_samples(device_for(backend))[sample]
     opcheck(getattr(torch.ops.unsc_fast, name).default, (G, U, backend))
 
 
@@ -106,8 +129,9 @@ def test_operator_wants_a_resolved_backend():
 # ------------------------------------------------------- the public functions around them
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_G_is_updated_in_place(backend):
-    U = orthonormal(20, 6)
-    storage = torch.randn(20, 30, generator=generator(11))
+    device = device_for(backend)
+    U = orthonormal(20, 6, device=device)
+    storage = randn(20, 30, seed=11, device=device)
     expected = storage.clone()
     G = storage.T[::2]  # (15, 20), strides (2, 30): transposed and sliced
     assert ops.project_(G, U, backend=backend) is G
@@ -127,8 +151,9 @@ def test_mutated_tensor_that_requires_grad_is_refused():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_activations_that_require_grad_are_read_not_differentiated(backend):
-    x = torch.randn(9, 5, generator=generator(12), requires_grad=True)
-    C = ops.covariance_(torch.zeros(5, 5), x, backend=backend)
+    device = device_for(backend)
+    x = randn(9, 5, seed=12, device=device).requires_grad_()
+    C = ops.covariance_(torch.zeros(5, 5, device=device), x, backend=backend)
     assert C.grad_fn is None and not C.requires_grad
     torch.testing.assert_close(C, (x.T @ x).detach(), rtol=1e-5, atol=1e-5)
 
@@ -144,10 +169,11 @@ def covariance_then_projection(G, U, C, x, backend):
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_compile_fullgraph_matches_eager(compiler, backend):
     torch._dynamo.reset()
-    U = orthonormal(24, 5)
-    x = torch.randn(40, 24, generator=generator(13)).bfloat16()
-    G0 = torch.randn(24, 10, generator=generator(14)).T  # non-contiguous (10, 24)
-    C0 = torch.randn(24, 24, generator=generator(15))
+    device = device_for(backend)
+    U = orthonormal(24, 5, device=device)
+    x = randn(40, 24, seed=13, device=device).bfloat16()
+    G0 = randn(24, 10, seed=14, device=device).T  # non-contiguous (10, 24)
+    C0 = randn(24, 24, seed=15, device=device)
     G_eager, C_eager = G0.clone(), C0.clone()
     out_eager = covariance_then_projection(G_eager, U, C_eager, x, backend)
 
@@ -204,7 +230,8 @@ def test_compiled_code_runs_the_backend_chosen_when_traced(monkeypatch):
     for module, tag in ((reference, "torch"), (projection, "triton")):
         original = module.project_
         monkeypatch.setattr(module, "project_", lambda G, U, _f=original, _t=tag: calls.append(_t) or _f(G, U))
-    G0, U = torch.randn(4, 8, generator=generator(20)), orthonormal(8, 2)
+    device = device_for("triton")
+    G0, U = randn(4, 8, seed=20, device=device), orthonormal(8, 2, device=device)
     for backend in ("torch", "triton", "torch"):
         monkeypatch.setenv("UNSC_FAST_BACKEND", backend)
         torch.compiler.reset()
