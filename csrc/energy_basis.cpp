@@ -108,7 +108,7 @@ int64_t energy_count(const at::Tensor& cumulative, double target) {
 }
 
 // randomized.ritz_cut: the rank rule of reference.energy_rank on Ritz values, or nullopt
-// while the sketch cannot decide it yet.
+// while the sketch cannot decide it yet. The total is trace(C), known exactly.
 std::optional<int64_t> ritz_cut(const at::Tensor& theta, double trace, double threshold,
                                 double eps, int64_t d, int64_t filled, int64_t oversampling,
                                 bool complete) {
@@ -116,30 +116,24 @@ std::optional<int64_t> ritz_cut(const at::Tensor& theta, double trace, double th
   if (!(largest > 0.0)) {
     return 0;
   }
-  const double floor = static_cast<double>(d) * eps * largest;
-  const at::Tensor above = at::gt(theta, floor);
-  const at::Tensor energy = at::where(above, theta, at::Scalar(0.0));
-  const at::Tensor cumulative = energy.cumsum(0);
-  const int64_t numerical_rank = above.sum().item<int64_t>();
-  const double above_total = cumulative.select(0, -1).item<double>();
-  if (complete || numerical_rank < filled) {
-    const int64_t k =
-        std::min(energy_count(cumulative, threshold * above_total), numerical_rank);
-    if (complete || k + oversampling <= filled) {
-      return k;
+  const int64_t numerical_rank =
+      at::gt(theta, static_cast<double>(d) * eps * largest).sum().item<int64_t>();
+  const at::Tensor cumulative = theta.cumsum(0);
+  const double captured = cumulative.select(0, -1).item<double>();
+  int64_t k = 0;
+  if (complete) {
+    k = energy_count(cumulative, threshold * captured);
+  } else {
+    const double target = threshold * trace;
+    if (captured < target) {
+      return std::nullopt;
     }
-    return std::nullopt;
+    k = energy_count(cumulative, target);
+    if (k + oversampling > filled) {
+      return std::nullopt;
+    }
   }
-  const double total = trace - (theta.sum().item<double>() - above_total);
-  if (threshold * total > above_total) {
-    return std::nullopt;
-  }
-  const int64_t k = energy_count(cumulative, threshold * total);
-  const double lowest_total = total - static_cast<double>(d - filled) * floor;
-  if (k + oversampling > filled || energy_count(cumulative, threshold * lowest_total) != k) {
-    return std::nullopt;
-  }
-  return k;
+  return threshold >= 1.0 ? std::min(k, numerical_rank) : std::min(k, theta.numel());
 }
 
 bool use_cholesky(const std::string& method, const at::Tensor& C) {

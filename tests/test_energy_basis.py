@@ -50,10 +50,9 @@ def projector(U: torch.Tensor) -> torch.Tensor:
 
 
 def reference_energy(C: torch.Tensor, U: torch.Tensor) -> float:
-    """Energy of span(U) over the total that reference.energy_rank counts (above the floor)."""
+    """Energy of span(U) over the total that reference.energy_rank counts: trace(C)."""
     eigenvalues, _ = reference.symmetric_eigh(C)
-    floor = C.shape[0] * torch.finfo(C.dtype).eps * float(eigenvalues[0])
-    total = float(eigenvalues[eigenvalues > floor].sum())
+    total = float(eigenvalues.sum())
     U = U.to(torch.float64)
     return float(torch.trace(U.mT @ C.to(torch.float64) @ U)) / total
 

@@ -14,10 +14,10 @@ made blockwise, with the subspace iteration of their Alg. 4.4 and Rayleigh-Ritz 
 2. Rayleigh-Ritz: the eigenpairs of ``Q^T C Q`` give Ritz values (never above the true
    eigenvalues) and Ritz vectors ``Q V``. The top-k Ritz vectors capture exactly the sum of
    the top-k Ritz values, so the cut below never claims energy the basis does not hold.
-3. The cut follows ``reference.energy_rank``: values under the noise floor ``d * eps * max``
-   count as zero; k is the smallest count reaching ``threshold`` of the total. The cut must
-   lie ``oversampling`` columns inside the sketch (the last columns' Ritz values are the
-   least accurate), unless the sketch already holds all of C's energy.
+3. The cut follows ``reference.energy_rank``: k is the smallest count whose Ritz values
+   reach ``threshold * trace(C)`` (at ``threshold=1``: the numerical rank). The cut must lie
+   ``oversampling`` columns inside the sketch (the last columns' Ritz values are the least
+   accurate), unless the sketch already holds all of C's energy.
 
 If the sketch runs out (its width is the budget) before that happens, the function returns
 None and the caller falls back to the dense eigensolver.
@@ -123,36 +123,29 @@ def ritz_cut(theta, trace, threshold, eps, d, filled, oversampling, complete):
     """The rank rule of ``reference.energy_rank`` applied to descending Ritz values, or None
     when the sketch cannot decide it yet.
 
-    The reference counts eigenvalues under the noise floor ``f = d * eps * max`` as zero, so
-    its total is ``trace`` less the energy under the floor. The Ritz values under the floor
-    are known; the energy outside the sketch is not. Once the sketch holds a Ritz value
-    under the floor (it has passed the floor) or all of C's energy (``complete``), the rest
-    is noise and the total is the Ritz energy above the floor, exactly as the reference.
-    Before that, the total lies in ``[trace - seen_below - (d - filled) f, trace - seen_below]``
-    and the cut is taken only when both ends give the same k (in fp64 the interval is
-    ~d^2 eps max wide and almost always does; in fp32 at large d the floor is coarse and the
-    sketch may have to reach it).
+    The total is ``trace(C)``, known exactly, so the cut needs no estimate of what lies
+    outside the sketch: Ritz values never exceed the true eigenvalues, so the top-k Ritz
+    vectors hold at least ``threshold * trace`` once their Ritz values do, and k is at
+    least the minimal one (equal to it once the sketch has converged on the top-k
+    subspace). The cut must lie ``oversampling`` columns inside the sketch (the last
+    columns' Ritz values are the least accurate), unless the sketch holds all of C's
+    energy (``complete``). ``threshold=1`` keeps the numerical rank, as the reference.
     """
     largest = float(theta[0])
     if not largest > 0.0:
         return 0
-    floor = d * eps * largest
-    above = theta > floor
-    energy = torch.where(above, theta, 0.0)
-    cumulative = energy.cumsum(0)
-    numerical_rank = int(above.sum())
-    above_total = float(cumulative[-1])
-    if complete or numerical_rank < filled:
-        k = min(energy_count(cumulative, threshold * above_total), numerical_rank)
-        return k if complete or k + oversampling <= filled else None
-    total = trace - (float(theta.sum()) - above_total)
-    if threshold * total > above_total:
-        return None
-    k = energy_count(cumulative, threshold * total)
-    lowest_total = total - (d - filled) * floor
-    if k + oversampling > filled or energy_count(cumulative, threshold * lowest_total) != k:
-        return None
-    return k
+    numerical_rank = int((theta > d * eps * largest).sum())
+    cumulative = theta.cumsum(0)
+    if complete:
+        k = energy_count(cumulative, threshold * float(cumulative[-1]))
+    else:
+        target = threshold * trace
+        if float(cumulative[-1]) < target:
+            return None
+        k = energy_count(cumulative, target)
+        if k + oversampling > filled:
+            return None
+    return min(k, numerical_rank) if threshold >= 1.0 else min(k, theta.numel())
 
 
 def energy_basis_randomized(

@@ -39,11 +39,14 @@ def restrict_(G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 
 def energy_rank(eigenvalues: torch.Tensor, threshold: float, eps: float) -> int:
-    """Smallest k with ``sum(top-k eigenvalues) >= threshold * total``.
+    """Smallest k with ``sum(top-k eigenvalues) >= threshold * sum(all eigenvalues)``.
 
-    ``eigenvalues`` are sorted in descending order. Values below ``d * eps * max`` are
-    numerical noise (the rule ``numpy.linalg.matrix_rank`` uses) and count as zero, so
-    the result is scale invariant and ``threshold=1`` keeps the numerical rank.
+    ``eigenvalues`` are sorted in descending order and >= 0; their sum is ``trace(C)``, the
+    total of the UNSC/GPM code (the sum of squared singular values). ``threshold=1`` keeps
+    the numerical rank (eigenvalues above ``d * eps * max``, the rule of
+    ``numpy.linalg.matrix_rank``) rather than every noise direction. Below 1 no floor
+    applies: in fp32 that floor sits above real eigenvalues holding several percent of a
+    wide layer's energy (5 % for an All-CNN conv with d = 1728). Scale invariant.
     """
     d = eigenvalues.numel()
     if d == 0:
@@ -51,11 +54,11 @@ def energy_rank(eigenvalues: torch.Tensor, threshold: float, eps: float) -> int:
     largest = float(eigenvalues[0])
     if not largest > 0.0:
         return 0
-    energy = torch.where(eigenvalues > d * eps * largest, eigenvalues, 0.0)
-    cumulative = energy.cumsum(0)
+    numerical_rank = int((eigenvalues > d * eps * largest).sum())
+    cumulative = eigenvalues.cumsum(0)
     target = threshold * float(cumulative[-1])
-    k = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=cumulative.dtype)))
-    return min(k + 1, int((energy > 0).sum()))
+    k = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=cumulative.dtype))) + 1
+    return min(k, numerical_rank) if threshold >= 1.0 else min(k, d)
 
 
 def symmetric_eigh(C: torch.Tensor):
