@@ -513,3 +513,25 @@ def test_refit_accumulates_and_reset_forgets():
     assert projector.groups == [1]
     projector.reset()
     assert projector.groups == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 3, 2, 5),
+        lambda: torch.randn(4, 3, 2, 5).to(memory_format=torch.channels_last),
+        lambda: torch.randn(5, 2, 3, 4).permute(3, 2, 1, 0),
+        lambda: torch.randn(4, 6, 2, 5)[:, ::2],
+        lambda: torch.randn(4, 3, 1, 1).to(memory_format=torch.channels_last),
+        lambda: torch.randn(8, 3, 2, 5)[::2],
+        lambda: torch.randn(4, 7),
+    ],
+    ids=["contiguous", "channels_last", "permuted", "sliced_channels", "1x1_channels_last", "sliced_rows", "linear"],
+)
+def test_matrix_is_view_tells_when_reshape_copies(make):
+    from unsc_fast.layers import TrackedLayer
+
+    tensor = make()
+    matrix = tensor.reshape(tensor.shape[0], -1)
+    shares = matrix.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    assert TrackedLayer.matrix_is_view(tensor) == shares

@@ -89,6 +89,21 @@ class TrackedLayer:
         """The weight-shaped ``tensor`` as the (out, d) matrix the basis acts on."""
         return tensor.reshape(tensor.shape[0], self.dim)
 
+    @staticmethod
+    def matrix_is_view(tensor: torch.Tensor) -> bool:
+        """Whether ``matrix_view`` returns a view (writes reach ``tensor``) rather than a copy:
+        the trailing dims merge into one when each stride is the next one's stride times its
+        size (size-1 dims aside), e.g. not for a channels_last conv gradient. Read from sizes
+        and strides, not data pointers, so that torch.compile can trace it."""
+        inner = None
+        for size, stride in zip(reversed(tensor.shape[1:]), reversed(tensor.stride()[1:])):
+            if size == 1:
+                continue
+            if inner is not None and stride != inner:
+                return False
+            inner = stride * size
+        return True
+
 
 def _kernel_area(conv: nn.Conv2d) -> int:
     return conv.kernel_size[0] * conv.kernel_size[1]

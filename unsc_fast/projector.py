@@ -297,7 +297,7 @@ class NullSpaceProjector:
             ops.restrict_(matrix, self._on_device(self._complements, name, rows.device))
         else:
             ops.project_(matrix, self._on_device(self._bases, name, rows.device))
-        if matrix.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr():
+        if not layer.matrix_is_view(rows):
             rows.copy_(matrix.view(rows.shape))  # reshape had to copy (e.g. channels_last)
         return tensor
 
