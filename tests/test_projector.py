@@ -535,3 +535,46 @@ def test_matrix_is_view_tells_when_reshape_copies(make):
     matrix = tensor.reshape(tensor.shape[0], -1)
     shares = matrix.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
     assert TrackedLayer.matrix_is_view(tensor) == shares
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode", "eval"])
+def test_only_observe_blocks_record_whatever_the_grad_mode(mode):
+    """Hooks fire in eval, no_grad and inference_mode alike (opacus#176): recording must be
+    the explicit observe() block, never a side effect of any forward."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    projector = NullSpaceProjector(model)
+    x = torch.randn(5, 4)
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad,
+               "inference_mode": torch.inference_mode, "eval": torch.enable_grad}[mode]
+    if mode == "eval":
+        model.eval()
+    with context():
+        model(x)  # outside observe(): nothing is recorded
+        assert projector.groups == []
+        with projector.observe():
+            model(x)
+    assert projector.count("all", "0") == 5
+    torch.testing.assert_close(projector.covariance("0"), x.T @ x)
+
+
+def test_a_module_called_twice_per_forward_counts_both_calls():
+    """Documented behaviour (README, Limitations): a shared module contributes every call."""
+    shared = nn.Linear(4, 4)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = shared
+
+        def forward(self, x):
+            return self.shared(self.shared(x))
+
+    model = Twice()
+    projector = NullSpaceProjector(model)
+    x = torch.randn(6, 4)
+    with torch.no_grad(), projector.observe():
+        model(x)
+    assert projector.count("all", "shared") == 12
+    with torch.no_grad():
+        both = torch.cat([x, shared(x)])
+    torch.testing.assert_close(projector.covariance("shared"), both.T @ both)
