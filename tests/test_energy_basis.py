@@ -343,10 +343,17 @@ def setup_extension_modules(**env) -> subprocess.CompletedProcess:
 
 
 def test_setup_without_compiler_builds_pure_python():  # item 61
-    result = setup_extension_modules(CXX="/nonexistent/c++")
+    # CI exports UNSC_FAST_REQUIRE_EXT=1; a user's install does not.
+    result = setup_extension_modules(CXX="/nonexistent/c++", UNSC_FAST_REQUIRE_EXT="0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[] []"
     assert "no C++ compiler" in result.stderr
+
+
+def test_setup_without_compiler_fails_when_the_extension_is_required():
+    result = setup_extension_modules(CXX="/nonexistent/c++", UNSC_FAST_REQUIRE_EXT="1")
+    assert result.returncode != 0
+    assert "no C++ compiler ('/nonexistent/c++')" in result.stderr
 
 
 def test_setup_with_compiler_builds_extension():
