@@ -103,6 +103,19 @@ int64_t next_block(int64_t filled, int64_t block_size, int64_t width) {
   return std::min(std::max(block_size, filled / 2), width - filled);
 }
 
+// randomized.sketch_cannot_reach: after a block, the missing energy needs at least
+// (target - captured) / level more columns (level: the block's mean Rayleigh quotient); when
+// that overruns the sketch, stop and let the dense fallback run.
+bool sketch_cannot_reach(double captured, double target, double level, int64_t filled,
+                         int64_t width, int64_t oversampling) {
+  if (!(level > 0.0)) {
+    return false;
+  }
+  return static_cast<double>(filled) + (target - captured) / level +
+             static_cast<double>(oversampling) >
+         static_cast<double>(width);
+}
+
 int64_t energy_count(const at::Tensor& cumulative, double target) {
   return at::searchsorted(cumulative, at::Scalar(target)).item<int64_t>() + 1;
 }
@@ -196,7 +209,8 @@ std::optional<at::Tensor> energy_basis_randomized(const at::Tensor& C, double th
     Y = orthonormalize(deflate(Y, Q), cholesky);
     const at::Tensor AY = at::matmul(A, Y);
     const at::Tensor quotients = at::sum(Y * AY, {0}, false, at::kDouble);
-    captured += quotients.sum().item<double>();
+    const double added = quotients.sum().item<double>();
+    captured += added;
     largest_quotient = std::max(largest_quotient, quotients.max().item<double>());
     const bool passed_floor =
         quotients.min().item<double>() < static_cast<double>(d) * eps * largest_quotient;
@@ -205,6 +219,10 @@ std::optional<at::Tensor> energy_basis_randomized(const at::Tensor& C, double th
     filled += block;
     const bool exhausted = trace - captured <= exhausted_below;
     if (captured < target && !(exhausted || passed_floor || filled >= d)) {
+      if (width < d && sketch_cannot_reach(captured, target, added / static_cast<double>(block),
+                                           filled, width, options.oversampling)) {
+        return std::nullopt;
+      }
       continue;
     }
     at::Tensor H = at::matmul(Q.mT(), AQ).to(at::kDouble);

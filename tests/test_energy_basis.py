@@ -95,6 +95,25 @@ def test_extension_bitwise_equals_reference_every_option(orthonormalization, thr
 
 
 @needs_extension
+@pytest.mark.parametrize("kind", ["exp", "power", "flat", "rank5"])
+@pytest.mark.parametrize("width", [42, 80])
+def test_extension_bitwise_equals_reference_with_a_budget(kind, width):
+    """A budgeted sketch may stop early (``sketch_cannot_reach``): both backends stop, or
+    succeed, at the same block with the same basis."""
+    from unsc_fast.backend import load_extension
+
+    C = with_spectrum(spectrum(kind, 256), torch.float32)
+    sketch = randomized.draw_sketch(C, width, seeded(11))
+    for threshold in (0.5, 0.9, 0.99):
+        options = (randomized.POWER_ITERATIONS, randomized.OVERSAMPLING, randomized.BLOCK_SIZE, "householder")
+        ours = load_extension().energy_basis(C, threshold, sketch, *options)
+        theirs = randomized.energy_basis_randomized(C, threshold, sketch, *options)
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            assert torch.equal(ours, theirs)
+
+
+@needs_extension
 def test_batched_call_equals_one_by_one():
     covariances = [
         with_spectrum(spectrum("exp", 600), torch.float32, seed=1),
@@ -153,6 +172,46 @@ def test_auto_picks_eigh_for_small_and_falls_back_for_large_rank():
     # k is ~90% of d: past the sketch budget, so auto ends on the dense path, bitwise.
     wide = with_spectrum(spectrum("flat", randomized.MIN_RANDOMIZED_DIM))
     assert torch.equal(ops.energy_basis(wide, 0.99, seeded()), reference.energy_basis_eigh(wide, 0.99))
+
+
+def count_blocks(monkeypatch) -> list[int]:
+    widths = []
+    next_block = randomized.next_block
+
+    def counting(filled, block_size, width):
+        widths.append(next_block(filled, block_size, width))
+        return widths[-1]
+
+    monkeypatch.setattr(randomized, "next_block", counting)
+    return widths
+
+
+def test_hopeless_budget_stops_after_the_first_block(monkeypatch):
+    """k ~ 90 % of d cannot fit a quarter-width sketch: one block shows it, and the rest of
+    the sketch is not computed (auto then runs eigh)."""
+    C = with_spectrum(spectrum("flat", 512), torch.float32)
+    sketch = randomized.draw_sketch(C, randomized.sketch_width(512, randomized.MAX_RANK_FRACTION), seeded())
+    blocks = count_blocks(monkeypatch)
+    assert randomized.energy_basis_randomized(C, 0.99, sketch) is None
+    assert blocks == [randomized.BLOCK_SIZE]
+    blocks.clear()
+    monkeypatch.setattr(randomized, "sketch_cannot_reach", lambda *args: False)
+    assert randomized.energy_basis_randomized(C, 0.99, sketch) is None
+    assert sum(blocks) == sketch.shape[1]  # without the early stop the whole sketch runs
+
+
+@pytest.mark.parametrize("kind", ["exp", "power", "rank5"])
+@pytest.mark.parametrize("threshold", [0.9, 0.97, 0.99])
+def test_early_stop_never_gives_up_on_a_sketch_that_fits(monkeypatch, kind, threshold):
+    """The stop is a guess from one block's Rayleigh quotients; where the whole sketch would
+    have found the basis, the guess must not have stopped it."""
+    C = with_spectrum(spectrum(kind, 384), torch.float32)
+    sketch = randomized.draw_sketch(C, 192, seeded(2))
+    with_stop = randomized.energy_basis_randomized(C, threshold, sketch)
+    monkeypatch.setattr(randomized, "sketch_cannot_reach", lambda *args: False)
+    without_stop = randomized.energy_basis_randomized(C, threshold, sketch)
+    if without_stop is not None:
+        assert with_stop is not None and torch.equal(with_stop, without_stop)
 
 
 def test_randomized_method_never_falls_back():

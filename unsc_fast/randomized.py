@@ -19,8 +19,9 @@ made blockwise, with the subspace iteration of their Alg. 4.4 and Rayleigh-Ritz 
    ``oversampling`` columns inside the sketch (the last columns' Ritz values are the least
    accurate), unless the sketch already holds all of C's energy.
 
-If the sketch runs out (its width is the budget) before that happens, the function returns
-None and the caller falls back to the dense eigensolver.
+If the sketch runs out (its width is the budget) before that happens, or a block shows that
+it will (``sketch_cannot_reach``), the function returns None and the caller falls back to
+the dense eigensolver.
 
 The C++ extension (``csrc/energy_basis.cpp``) runs the same ATen operations in the same
 order, so on CPU the two are bitwise identical for the same sketch. Keep them in step.
@@ -119,6 +120,22 @@ def energy_count(cumulative: torch.Tensor, target: float) -> int:
     return int(torch.searchsorted(cumulative, target)) + 1
 
 
+def sketch_cannot_reach(captured: float, target: float, level: float, filled: int, width: int,
+                        oversampling: int) -> bool:
+    """Whether the rest of the target clearly cannot fit in the sketch, judged after a block.
+
+    Power iterations put each block on the next eigenvectors, so the eigenvalues still
+    outside the sketch are about ``level`` (the block's mean Rayleigh quotient) or below:
+    the missing energy needs at least ``(target - captured) / level`` more columns. When that
+    overruns the sketch, stopping now saves the rest of the sketch: the dense fallback runs
+    anyway. Only a budgeted sketch (``width < d``) stops early, and a wrong guess costs time only: the
+    fallback is exact.
+    """
+    if not level > 0.0:
+        return False
+    return filled + (target - captured) / level + oversampling > width
+
+
 def ritz_cut(theta, trace, threshold, eps, d, filled, oversampling, complete):
     """The rank rule of ``reference.energy_rank`` applied to descending Ritz values, or None
     when the sketch cannot decide it yet.
@@ -188,7 +205,8 @@ def energy_basis_randomized(
         # smallest Ritz value is at most the smallest of them (Courant-Fischer), so one under
         # the noise floor tells that the sketch has passed it (see ``ritz_cut``).
         quotients = (Y * AY).sum(0, dtype=torch.float64)
-        captured += float(quotients.sum())
+        added = float(quotients.sum())
+        captured += added
         largest_quotient = max(largest_quotient, float(quotients.max()))
         passed_floor = float(quotients.min()) < d * eps * largest_quotient
         Q = torch.cat([Q, Y], 1)
@@ -196,6 +214,9 @@ def energy_basis_randomized(
         filled += block
         exhausted = trace - captured <= exhausted_below
         if captured < target and not (exhausted or passed_floor or filled >= d):
+            if width < d and sketch_cannot_reach(captured, target, added / block, filled, width,
+                                                 oversampling):
+                return None
             continue
         # Rayleigh-Ritz in float64: the small m x m problem is cheap, and fp32 eigh on it
         # would give negative Ritz values on ill-conditioned spectra (pytorch#144384).
