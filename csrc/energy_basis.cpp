@@ -104,7 +104,7 @@ int64_t next_block(int64_t filled, int64_t block_size, int64_t width) {
 }
 
 // randomized.sketch_cannot_reach: after a block, the missing energy needs at least
-// (target - captured) / level more columns (level: the block's mean Rayleigh quotient); when
+// (target - captured) / level more columns (level: the block's smallest Rayleigh quotient); when
 // that overruns the sketch, stop and let the dense fallback run.
 bool sketch_cannot_reach(double captured, double target, double level, int64_t filled,
                          int64_t width, int64_t oversampling) {
@@ -209,18 +209,17 @@ std::optional<at::Tensor> energy_basis_randomized(const at::Tensor& C, double th
     Y = orthonormalize(deflate(Y, Q), cholesky);
     const at::Tensor AY = at::matmul(A, Y);
     const at::Tensor quotients = at::sum(Y * AY, {0}, false, at::kDouble);
-    const double added = quotients.sum().item<double>();
-    captured += added;
+    captured += quotients.sum().item<double>();
     largest_quotient = std::max(largest_quotient, quotients.max().item<double>());
-    const bool passed_floor =
-        quotients.min().item<double>() < static_cast<double>(d) * eps * largest_quotient;
+    const double smallest = quotients.min().item<double>();
+    const bool passed_floor = smallest < static_cast<double>(d) * eps * largest_quotient;
     Q = at::cat({Q, Y}, 1);
     AQ = at::cat({AQ, AY}, 1);
     filled += block;
     const bool exhausted = trace - captured <= exhausted_below;
     if (captured < target && !(exhausted || passed_floor || filled >= d)) {
-      if (width < d && sketch_cannot_reach(captured, target, added / static_cast<double>(block),
-                                           filled, width, options.oversampling)) {
+      if (width < d && sketch_cannot_reach(captured, target, smallest, filled, width,
+                                           options.oversampling)) {
         return std::nullopt;
       }
       continue;

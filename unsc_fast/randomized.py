@@ -125,7 +125,7 @@ def sketch_cannot_reach(captured: float, target: float, level: float, filled: in
     """Whether the rest of the target clearly cannot fit in the sketch, judged after a block.
 
     Power iterations put each block on the next eigenvectors, so the eigenvalues still
-    outside the sketch are about ``level`` (the block's mean Rayleigh quotient) or below:
+    outside the sketch are about ``level`` (the block's smallest Rayleigh quotient) or below:
     the missing energy needs at least ``(target - captured) / level`` more columns. When that
     overruns the sketch, stopping now saves the rest of the sketch: the dense fallback runs
     anyway. Only a budgeted sketch (``width < d``) stops early, and a wrong guess costs time only: the
@@ -205,16 +205,16 @@ def energy_basis_randomized(
         # smallest Ritz value is at most the smallest of them (Courant-Fischer), so one under
         # the noise floor tells that the sketch has passed it (see ``ritz_cut``).
         quotients = (Y * AY).sum(0, dtype=torch.float64)
-        added = float(quotients.sum())
-        captured += added
+        captured += float(quotients.sum())
         largest_quotient = max(largest_quotient, float(quotients.max()))
-        passed_floor = float(quotients.min()) < d * eps * largest_quotient
+        smallest = float(quotients.min())
+        passed_floor = smallest < d * eps * largest_quotient
         Q = torch.cat([Q, Y], 1)
         AQ = torch.cat([AQ, AY], 1)
         filled += block
         exhausted = trace - captured <= exhausted_below
         if captured < target and not (exhausted or passed_floor or filled >= d):
-            if width < d and sketch_cannot_reach(captured, target, added / block, filled, width,
+            if width < d and sketch_cannot_reach(captured, target, smallest, filled, width,
                                                  oversampling):
                 return None
             continue
