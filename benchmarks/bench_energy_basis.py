@@ -6,8 +6,10 @@ For every covariance: the smallest k top eigenvectors holding ``threshold`` of t
 - ``eigh``: ``torch.linalg.eigh`` in the input dtype, then the cut (the plain-PyTorch way);
 - ``ours ext`` / ``ours torch``: ``ops.energy_basis(method="randomized")`` through the C++
   extension and through its Python reference (same algorithm, bitwise equal on CPU);
-- ``ours auto``: ``ops.energy_basis()`` as the projector calls it (eigh below
-  ``MIN_RANDOMIZED_DIM``, the eigh fallback past ``MAX_RANK_FRACTION * d``);
+- ``eigh fp64``: ``reference.energy_basis_eigh``, the dense path the library takes (float64,
+  because fp32 eigh gives negative eigenvalues on ill-conditioned covariances);
+- ``ours auto``: ``ops.energy_basis()`` as the projector calls it (eigh fp64 below
+  ``MIN_RANDOMIZED_DIM``; past ``MAX_RANK_FRACTION * d`` the sketch stops and eigh fp64 runs);
 - ``svd_lowrank`` / ``sklearn``: ``torch.svd_lowrank`` and ``sklearn.utils.extmath.randomized_svd``
   with q = k_eigh + 10 and 2 power iterations. They need the rank in advance, so they are
   handed eigh's k (an oracle ours does not get); their basis is cut at the same k.
@@ -201,6 +203,8 @@ def compare(label: str, C: torch.Tensor, args) -> list[dict]:
     k_eigh = U_eigh.shape[1]
     q = min(d, k_eigh + 10)
     methods = {"eigh": U_eigh}
+    # What auto falls back to: eigh in float64 (fp32 eigh breaks on ill-conditioned inputs).
+    methods["eigh fp64"] = run("eigh fp64", lambda: reference.energy_basis_eigh(C, threshold))
     if extension_available():
         methods["ours ext"] = run("ours ext", lambda: ops.energy_basis(
             C, threshold, torch.Generator(C.device).manual_seed(0), backend="ext", method="randomized"))
