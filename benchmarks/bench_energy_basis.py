@@ -229,23 +229,28 @@ def compare(label: str, C: torch.Tensor, args) -> list[dict]:
 
 
 def crossover(args) -> tuple[list[dict], list[str]]:
-    """Time of the randomized path against eigh as the needed rank grows, at one width."""
+    """Time of the randomized path against eigh as the needed rank grows, at one width: against
+    fp32 eigh (the plain-PyTorch way) and fp64 eigh (what ``auto`` falls back to, so the one
+    that sets ``randomized.MAX_RANK_FRACTION``)."""
     d = args.crossover
     generator = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
     rows = []
-    for fraction in (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5):
+    for fraction in (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6):
         eigenvalues = decay_for_rank_fraction(d, fraction, args.threshold)
         C = ((Q * eigenvalues) @ Q.mT).to(dtype=args.dtype, device=args.device)
         backend = "ext" if extension_available() else "torch"
         t_eigh = time_ms(lambda: eigh_basis(C, args.threshold), args.device, args.warmup, args.repeat)
+        t_fp64 = time_ms(lambda: reference.energy_basis_eigh(C, args.threshold), args.device,
+                         args.warmup, args.repeat)
         t_ours = time_ms(lambda: ops.energy_basis(C, args.threshold, torch.Generator().manual_seed(0),
                                                   backend=backend, method="randomized"),
                          args.device, args.warmup, args.repeat)
         k = ops.energy_basis(C, args.threshold, torch.Generator().manual_seed(0), backend=backend,
                              method="randomized").shape[1]
         rows.append({"d": d, "k": k, "k/d": f"{k / d:.3f}", "eigh ms": f"{t_eigh:.1f}",
-                     "ours ms": f"{t_ours:.1f}", "speedup": f"{t_eigh / t_ours:.2f}x"})
+                     "eigh fp64 ms": f"{t_fp64:.1f}", "ours ms": f"{t_ours:.1f}",
+                     "speedup": f"{t_eigh / t_ours:.2f}x", "vs fp64": f"{t_fp64 / t_ours:.2f}x"})
         print(rows[-1], flush=True)
     return rows, [f"backend {backend}, method='randomized' (no fallback), threshold {args.threshold}"]
 
@@ -256,7 +261,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     if args.crossover:
         rows, notes = crossover(args)
-        columns = ("d", "k", "k/d", "eigh ms", "ours ms", "speedup")
+        columns = ("d", "k", "k/d", "eigh ms", "eigh fp64 ms", "ours ms", "speedup", "vs fp64")
         title = f"Energy basis crossover, {str(args.dtype).removeprefix('torch.')}"
     else:
         dims = args.dims or (QUICK_DIMS if args.quick else FULL_DIMS)

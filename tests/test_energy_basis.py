@@ -187,7 +187,7 @@ def count_blocks(monkeypatch) -> list[int]:
 
 
 def test_hopeless_budget_stops_after_the_first_block(monkeypatch):
-    """k ~ 90 % of d cannot fit a quarter-width sketch: one block shows it, and the rest of
+    """k ~ 90 % of d cannot fit the auto budget's sketch: one block shows it, and the rest of
     the sketch is not computed (auto then runs eigh)."""
     C = with_spectrum(spectrum("flat", 512), torch.float32)
     sketch = randomized.draw_sketch(C, randomized.sketch_width(512, randomized.MAX_RANK_FRACTION), seeded())
