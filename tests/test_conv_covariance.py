@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from unsc_fast import ops
 from unsc_fast.backend import triton_available, triton_interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE, LARGE_ELEMENTS, available_memory_bytes, gamma, small_integers
+
 pytestmark = pytest.mark.skipif(
     not triton_available() or (DEVICE == "cpu" and not triton_interpreting()),
     reason="needs triton, and CUDA or TRITON_INTERPRET=1",
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-UNIT_ROUNDOFF = 2.0**-24
 
 # name: (x shape, kernel_size, stride, padding, dilation)
 GEOMETRIES = {
@@ -34,11 +34,6 @@ GEOMETRIES = {
     "stride_past_kernel": ((1, 3, 9, 9), (2, 2), (3, 3), (1, 1), (1, 1)),
     "wide_channels": ((1, 7, 5, 5), (3, 3), (1, 1), (1, 1), (1, 1)),  # d = 63: several blocks
 }
-
-
-def small_integers(shape, dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(-3, 4, shape, generator=generator).to(dtype).to(DEVICE)
 
 
 def unfolded_rows(x, kernel_size, stride, padding, dilation):
@@ -70,7 +65,7 @@ def test_random_within_fp32_bound(geometry, dtype):
     rows = unfolded_rows(x, kernel_size, stride, padding, dilation)
     exact = C0.double() + rows.mT @ rows
     n = rows.shape[0] + 1
-    bound = n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF) * (rows.abs().mT @ rows.abs() + C0.double().abs())
+    bound = gamma(n) * (rows.abs().mT @ rows.abs() + C0.double().abs())
     assert ((C.double() - exact).abs() <= bound).all()
     increment = ops.conv_covariance_(torch.zeros_like(C0), x, kernel_size, stride, padding, dilation, backend="triton")
     assert torch.equal(increment, increment.mT)
@@ -145,24 +140,11 @@ def test_row_splits(splits):
 
 def test_offsets_beyond_int32():
     """Images more than 2**31 elements apart: the gather must form int64 offsets."""
-    elements = 2**31 + 2**20
-    available = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else _available_memory_bytes()
-    if available < 3 * elements:
+    if available_memory_bytes() < 3 * LARGE_ELEMENTS:
         pytest.skip("needs ~4.3 GB for a >2**31-element buffer")
-    buffer = torch.empty(elements, dtype=torch.bfloat16, device=DEVICE)
+    buffer = torch.empty(LARGE_ELEMENTS, dtype=torch.bfloat16, device=DEVICE)
     x = buffer.as_strided((3, 2, 4, 4), (2**30 + 7, 16, 4, 1))
     x.copy_(small_integers((3, 2, 4, 4), torch.bfloat16))
     C = ops.conv_covariance_(torch.zeros(18, 18, device=DEVICE), x, 3, 1, 1, 1, backend="triton")
     expected = ops.conv_covariance_(torch.zeros(18, 18, device=DEVICE), x.contiguous(), 3, 1, 1, 1, backend="torch")
     assert torch.equal(C, expected)
-
-
-def _available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

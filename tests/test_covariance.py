@@ -15,7 +15,8 @@ import torch
 from unsc_fast import ops
 from unsc_fast.backend import triton_available, triton_interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE, LARGE_ELEMENTS, available_memory_bytes, gamma, small_integers
+
 pytestmark = pytest.mark.skipif(
     not triton_available() or (DEVICE == "cpu" and not triton_interpreting()),
     reason="needs triton, and CUDA or TRITON_INTERPRET=1",
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ODD_SHAPES = [(1, 5), (37, 23), (129, 67), (16, 16), (5, 1), (1, 1), (200, 40)]
-UNIT_ROUNDOFF = 2.0**-24
-
-
-def gamma(n: int) -> float:
-    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
-
-
-def small_integers(shape, dtype, low=-3, high=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, shape, generator=generator).to(dtype).to(DEVICE)
 
 
 def covariance_bound(C0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -188,23 +179,7 @@ def test_fp64_goes_to_reference():
     assert torch.equal(C, x.mT @ x)
 
 
-def _available_memory_bytes() -> int:
-    if DEVICE == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-LARGE_ELEMENTS = 2**31 + 2**20
-
-
-@pytest.mark.skipif(_available_memory_bytes() < 3 * LARGE_ELEMENTS, reason="needs ~4.3 GB for a >2**31-element buffer")
+@pytest.mark.skipif(available_memory_bytes() < 3 * LARGE_ELEMENTS, reason="needs ~4.3 GB for a >2**31-element buffer")
 def test_offsets_beyond_int32():
     """Rows more than 2**31 elements apart (a >4 GB bf16 buffer; CPU touches only the
     rows used): every offset must be formed in int64, or the kernel reads wild memory."""

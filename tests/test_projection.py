@@ -13,7 +13,8 @@ import torch
 from unsc_fast import ops
 from unsc_fast.backend import triton_available, triton_interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE, LARGE_ELEMENTS, available_memory_bytes, gamma, small_integers
+
 pytestmark = pytest.mark.skipif(
     not triton_available() or (DEVICE == "cpu" and not triton_interpreting()),
     reason="needs triton, and CUDA or TRITON_INTERPRET=1",
@@ -24,16 +25,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ODD_SHAPES = [(1, 5, 2), (37, 23, 5), (129, 67, 20), (16, 16, 16), (5, 40, 37), (8, 1, 1), (1, 1, 1)]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 OPS = {"project_": ops.project_, "restrict_": ops.restrict_}
-
-
-def gamma(n: int) -> float:
-    u = UNIT_ROUNDOFF[torch.float32]
-    return n * u / (1 - n * u)
-
-
-def small_integers(shape, dtype, low=-3, high=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, shape, generator=generator).to(dtype).to(DEVICE)
 
 
 def orthonormal(d, k, seed=0):
@@ -224,23 +215,7 @@ def test_fp64_goes_to_reference():
     assert torch.equal(ops.project_(G, U, backend="triton"), expected)
 
 
-def _available_memory_bytes() -> int:
-    if DEVICE == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-LARGE_ELEMENTS = 2**31 + 2**20
-
-
-@pytest.mark.skipif(_available_memory_bytes() < 3 * LARGE_ELEMENTS, reason="needs ~4.3 GB for a >2**31-element buffer")
+@pytest.mark.skipif(available_memory_bytes() < 3 * LARGE_ELEMENTS, reason="needs ~4.3 GB for a >2**31-element buffer")
 def test_offsets_beyond_int32():
     """Rows of G more than 2**31 elements apart: reads and writes use int64 offsets."""
     buffer = torch.empty(LARGE_ELEMENTS, dtype=torch.bfloat16, device=DEVICE)
