@@ -5,7 +5,9 @@ and output positions, stacks them into a (d, patches) representation matrix, and
 ``numpy.linalg.svd`` of it; the basis keeps the top singular vectors holding ``threshold``
 of the squared singular values. Ours streams ``sum a a^T`` through the forward hooks
 (``unsc_fast.ops``) and takes the energy basis of the d x d covariance. Both see the same
-samples; the table compares time and the subspaces found (largest principal-angle sine).
+samples; the table compares time, the energy each basis keeps (over trace(C)) and the
+subspaces found (largest principal-angle sine, which is large wherever eigenvalues cluster at
+the cut: such directions are interchangeable, and the energy column is what UNSC relies on).
 
     python benchmarks/bench_projector_build.py [--quick] [--samples N] [--json PATH]
 """
@@ -74,21 +76,30 @@ def official_bases(model: nn.Module, x: torch.Tensor, threshold: float) -> dict[
     return bases
 
 
-def our_bases(model: nn.Module, x: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+def our_projector(model: nn.Module, x: torch.Tensor, threshold: float) -> NullSpaceProjector:
     projector = NullSpaceProjector(model, threshold=threshold)
     with torch.no_grad(), projector.observe():
         model(x)
-    projector.build()
-    return {name: projector.basis(name) for name in projector.layers}
+    return projector.build()
+
+
+def energy_kept(C: torch.Tensor, U) -> float:
+    """trace(U^T C U) / trace(C): the share of the layer's input energy the basis holds."""
+    C = C.double()
+    U = torch.as_tensor(U).double()
+    return float(torch.trace(U.mT @ C @ U) / torch.trace(C))
 
 
 def largest_angle_sine(U: np.ndarray, V: torch.Tensor) -> float:
-    """sin of the largest principal angle between span(U) and span(V) (equal ranks)."""
-    if U.shape[1] != V.shape[1]:
-        return float("nan")
+    """sin of the largest principal angle between the smaller span and the larger one: 0 when
+    the smaller basis lies inside the larger (ranks may differ by the randomized path's few
+    extra columns)."""
     V = V.double().numpy()
-    cosines = np.linalg.svd(U.T @ V, compute_uv=False)
-    return float(np.sqrt(max(0.0, 1.0 - cosines.min() ** 2))) if cosines.size else 0.0
+    small, large = (U, V) if U.shape[1] <= V.shape[1] else (V, U)
+    if small.shape[1] == 0:
+        return 0.0
+    cosines = np.linalg.svd(large.T @ small, compute_uv=False)
+    return float(np.sqrt(max(0.0, 1.0 - cosines.min() ** 2)))
 
 
 def main(argv=None) -> None:
@@ -104,8 +115,9 @@ def main(argv=None) -> None:
     x = torch.randn(samples, 3, 32, 32)
 
     start = time.perf_counter()
-    ours = our_bases(model, x, args.threshold)
+    projector = our_projector(model, x, args.threshold)
     ours_s = time.perf_counter() - start
+    ours = {name: projector.basis(name) for name in projector.layers}
     start = time.perf_counter()
     official = official_bases(model, x, args.threshold)
     official_s = time.perf_counter() - start
@@ -113,14 +125,18 @@ def main(argv=None) -> None:
     env = environment("cpu")
     print(f"# projector build, All-CNN (width {32 if args.quick else 96}), {samples} images 32x32, "
           f"threshold {args.threshold}; {env['device']}, torch {env['torch']}, {env['date']}")
-    print("| layer | d | rank official | rank ours | max sin(angle) |")
-    print("|---|---|---|---|---|")
+    print("| layer | d | rank official | rank ours | energy official | energy ours | max sin(angle) |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for name, U in official.items():
         angle = largest_angle_sine(U, ours[name])
+        C = projector.covariance(name)
+        kept_official, kept_ours = energy_kept(C, U), energy_kept(C, ours[name])
         rows.append({"layer": name, "d": U.shape[0], "rank_official": U.shape[1],
-                     "rank_ours": ours[name].shape[1], "max_sin_angle": angle})
-        print(f"| {name} | {U.shape[0]} | {U.shape[1]} | {ours[name].shape[1]} | {angle:.1e} |")
+                     "rank_ours": ours[name].shape[1], "energy_official": kept_official,
+                     "energy_ours": kept_ours, "max_sin_angle": angle})
+        print(f"| {name} | {U.shape[0]} | {U.shape[1]} | {ours[name].shape[1]} | {kept_official:.5f} "
+              f"| {kept_ours:.5f} | {angle:.1e} |")
     print(f"\n| pipeline | seconds |\n|---|---|\n| official (loop im2col + numpy SVD) | {official_s:.2f} |"
           f"\n| unsc_fast (streamed covariance + energy basis) | {ours_s:.2f} |\n| ratio (official / ours) | "
           f"{official_s / ours_s:.1f}x |")

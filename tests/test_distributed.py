@@ -326,6 +326,7 @@ def _mismatch_scenario(rank: int, world: int) -> dict:
         "threshold": lambda: (NullSpaceProjector(model, threshold=0.9 if rank == 0 else 0.99), {}),
         "layers": lambda: (NullSpaceProjector(model, modules=["conv", "hidden"] if rank == 0 else ["conv"]), {}),
         "exclude": lambda: (NullSpaceProjector(model), {"exclude": (1,) if rank == 0 else (2,)}),
+        "method": lambda: (NullSpaceProjector(model), {"method": "auto" if rank == 0 else "eigh"}),
     }
     for field, make in attempts.items():
         projector, arguments = make()

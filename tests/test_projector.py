@@ -363,6 +363,28 @@ def test_threshold_and_argument_errors():
         projector.build(threshold=2)
 
 
+def test_build_method_picks_the_eigensolver():
+    """``build(method=...)``: "eigh" gives the dense reference bases; "randomized" holds the
+    threshold; a bad name is refused and leaves the previous bases in place."""
+    from unsc_fast import ops, reference
+
+    torch.manual_seed(0)
+    model = nn.Linear(600, 2)
+    projector = NullSpaceProjector(model, threshold=0.9, dtype=torch.float64)
+    with projector.observe():
+        model(torch.randn(700, 600) @ torch.diag(torch.logspace(0, -3, 600)))
+    dense = projector.build(method="eigh").basis("")
+    assert torch.equal(dense, reference.energy_basis_eigh(projector.covariance(""), 0.9))
+    sketched = projector.build(method="randomized", generator=torch.Generator().manual_seed(0)).basis("")
+    C = projector.covariance("")
+    assert float(torch.trace(sketched.mT @ C @ sketched) / torch.trace(C)) >= 0.9
+    assert sketched.shape[1] >= dense.shape[1]
+    with pytest.raises(ValueError, match=r"method must be one of .*'svd'"):
+        projector.build(method="svd")
+    assert torch.equal(projector.basis(""), sketched)
+    assert ops.METHODS == ("auto", "eigh", "randomized")
+
+
 def test_build_before_observe_and_empty_selection():
     model = nn.Linear(3, 2)
     projector = NullSpaceProjector(model)

@@ -143,12 +143,13 @@ def _global_rank(group, group_rank: int) -> int:
     return group_rank if group is dist.group.WORLD else dist.get_global_rank(group, group_rank)
 
 
-def _request(projector: "NullSpaceProjector", threshold, exclude, include, subtract, keep) -> dict:
+def _request(projector: "NullSpaceProjector", threshold, method, exclude, include, subtract, keep) -> dict:
     """What must be identical on every rank for the collectives below to line up."""
     keys = lambda values: None if values is None else sorted(repr(v) for v in values)  # noqa: E731
     return {
         "layers": [(name, layer.kind, layer.dim) for name, layer in projector.layers.items()],
         "threshold": threshold,
+        "method": method,
         "dtype": str(projector.dtype),
         "exclude": keys(exclude),
         "include": keys(include),
@@ -215,6 +216,7 @@ def build(
     subtract: set,
     threshold: float,
     generator: torch.Generator | None,
+    method: str = "auto",
     keep_covariances: str,
 ) -> tuple[dict, dict, list]:
     """Pooled bases over ``group``: returns ``(bases, complements, kept)`` for the projector.
@@ -223,7 +225,7 @@ def build(
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     include = None if include is None else list(include)
-    mine = {"request": _request(projector, threshold, exclude, include, subtract, keep_covariances),
+    mine = {"request": _request(projector, threshold, method, exclude, include, subtract, keep_covariances),
             "groups": projector.groups}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine, group=group)
@@ -259,7 +261,8 @@ def build(
     error = None
     try:
         order = sorted(owned)
-        for index, basis in zip(order, ops.energy_bases([owned[i] for i in order], threshold, generator)):
+        bases = ops.energy_bases([owned[i] for i in order], threshold, generator, method=method)
+        for index, basis in zip(order, bases):
             solved[index] = basis
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
         error = exc

@@ -176,6 +176,7 @@ class NullSpaceProjector:
         subtract: Iterable[Hashable] = (),
         threshold: float | None = None,
         generator: torch.Generator | None = None,
+        method: str = "auto",
         process_group=None,
         keep_covariances: str = "all",
     ) -> "NullSpaceProjector":
@@ -186,6 +187,10 @@ class NullSpaceProjector:
         the smallest set of top eigenvectors holding ``threshold`` of the energy. On error
         the previous bases stay as they were. Returns ``self``.
 
+        ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
+        whose rank is a small part of the width, else dense), ``"eigh"`` (dense: exact
+        eigenvectors, also at the cut) or ``"randomized"``; ``generator`` seeds the sketch.
+
         Under ``torch.distributed`` (``process_group=None``: the default group when it is
         initialised with several processes; ``"local"``: this process alone) every rank must
         call ``build`` with the same arguments: covariances are summed over the ranks and
@@ -195,13 +200,15 @@ class NullSpaceProjector:
         drops them (a later request needs a new pass over the data).
         """
         threshold = self.threshold if threshold is None else ops.check_threshold(threshold)
+        if method not in ops.METHODS:
+            raise ValueError(f"build(): method must be one of {ops.METHODS}, got {method!r}")
         keep_covariances = distributed.check_keep(keep_covariances)
         exclude, subtract = _key_set(exclude, "exclude"), _key_set(subtract, "subtract")
         group = distributed.resolve_group(process_group)
         if group is not None:
             new_bases, new_complements, kept = distributed.build(
                 self, group, exclude=exclude, include=include, subtract=subtract, threshold=threshold,
-                generator=generator, keep_covariances=keep_covariances,
+                generator=generator, method=method, keep_covariances=keep_covariances,
             )
             self._bases, self._complements = new_bases, new_complements
             self.built_from, self.built_threshold = tuple(kept), threshold
@@ -210,7 +217,7 @@ class NullSpaceProjector:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
         kept = self._kept_groups(self.groups, exclude, include, subtract)
         covariances = [self._kept_covariance(name, kept, subtract) for name in self.layers]
-        bases = ops.energy_bases(covariances, threshold, generator)
+        bases = ops.energy_bases(covariances, threshold, generator, method=method)
         new_bases, new_complements = {}, {}
         for layer, basis in zip(self.layers.values(), bases):
             basis = basis.to(layer.weight.device)
