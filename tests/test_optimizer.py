@@ -393,3 +393,59 @@ def test_compiled_step_matches_eager_and_follows_a_refit(backend):  # RELIABILIT
     assert 0 < counts[2] - counts[1] <= layers  # first refit: at most one recompile per layer
     assert counts[3] == counts[2]  # same basis again: no new graph
     assert counts[5] == counts[3]  # second refit: nothing recompiled
+
+
+def test_gradient_accumulation_projects_once_per_step(monkeypatch):  # RELIABILITY 35
+    """Four micro-batches, then one step: one projection of each tracked gradient and one of
+    each change (none per backward), and the same result as one step on the summed batch."""
+    torch.manual_seed(0)
+    model = small_model()
+    twin = copy.deepcopy(model)
+    projector = built_projector(model)
+    model.eval(), twin.eval()  # no BatchNorm batch statistics: micro-batches sum exactly
+    calls = []
+    project = NullSpaceProjector.project_tensor_
+
+    def counting(self, name, tensor):
+        calls.append(name)
+        return project(self, name, tensor)
+
+    monkeypatch.setattr(NullSpaceProjector, "project_tensor_", counting)
+    optimizer = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), projector)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 3, 6, 6, dtype=torch.float64, generator=generator)
+    for chunk in x.chunk(4):
+        model(chunk).square().sum().backward()
+    assert calls == []
+    optimizer.step()
+    tracked = [name for name, layer in projector.layers.items() if projector.basis(name).shape[1] > 0]
+    assert sorted(calls) == sorted(tracked * 2)
+
+    twin_projector = NullSpaceProjector(twin, dtype=torch.float64).load_state_dict(projector.state_dict())
+    twin_optimizer = NullSpaceOptimizer(torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9), twin_projector)
+    twin(x).square().sum().backward()
+    twin_optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_loads_an_inner_optimizer_state_dict_and_a_float_step():  # RELIABILITY 60
+    """A checkpoint of the plain optimizer (no "null_space" entry, as before the wrapper) and
+    one with a Python-number step (older torch) both load into the wrapper and step."""
+    torch.manual_seed(0)
+    model = small_model()
+    plain = torch.optim.Adam(model.parameters(), lr=0.01)
+    run_steps(model, plain, 2, 0)
+    old = copy.deepcopy(plain.state_dict())
+    for entry in old["state"].values():
+        entry["step"] = float(entry["step"])
+    projector = built_projector(model)
+    for state in (plain.state_dict(), old):
+        optimizer = NullSpaceOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), projector)
+        optimizer.load_state_dict(copy.deepcopy(state))
+        assert optimizer.untracked == "freeze" and optimizer.project_gradients
+        before = [p.detach().clone() for p in model.parameters()]
+        run_steps(model, optimizer, 1, 10)
+        assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        weights = [layer.weight for layer in projector.layers.values()]
+        assert all(float(optimizer.state[w]["step"]) == 3.0 for w in weights)  # biases stay frozen
