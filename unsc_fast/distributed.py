@@ -216,7 +216,7 @@ def build(
     subtract: set,
     threshold: float,
     generator: torch.Generator | None,
-    method: str = "auto",
+    method: str,
     keep_covariances: str,
 ) -> tuple[dict, dict, list]:
     """Pooled bases over ``group``: returns ``(bases, complements, kept)`` for the projector.

@@ -78,9 +78,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
+def _modes_restored(model: nn.Module):
+    """Puts every module's train/eval flag back on exit, whatever the body set."""
     modes = {module: module.training for module in model.modules()}
-    model.eval()
     try:
         yield model
     finally:
@@ -89,15 +89,18 @@ def eval_mode(model: nn.Module):
 
 
 @contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    with _modes_restored(model):
+        model.eval()
+        yield model
+
+
+@contextlib.contextmanager
 def frozen_batchnorm(model: nn.Module):
     """Train mode with every BatchNorm in eval mode: running statistics stay as they are."""
-    modes = {module: module.training for module in model.modules()}
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-    try:
+    with _modes_restored(model):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
