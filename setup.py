@@ -6,7 +6,7 @@ reference path and says so once.
 """
 from setuptools import setup
 
-PACKAGES = ["unsc_fast", "unsc_fast.kernels"]
+PACKAGES = ["unsc_fast", "unsc_fast.ops", "unsc_fast.kernels", "unsc_fast.evaluation", "unsc_fast.evaluation.methods"]
 PACKAGE_DIR = {"unsc_fast": "unsc_fast", "unsc_fast.kernels": "kernels"}
 
 

@@ -40,8 +40,9 @@ try:
 except ImportError:  # run as a script from benchmarks/
     from harness import environment, print_table, time_ms
 
-from unsc_fast import ops, randomized, reference
-from unsc_fast.backend import extension_available
+from unsc_fast import ops
+from unsc_fast.ops import randomized, reference
+from unsc_fast.ops.dispatch import extension_available
 
 FULL_DIMS = (27, 576, 1152, 2304, 4608, 8192)
 QUICK_DIMS = (27, 288, 576, 1152)

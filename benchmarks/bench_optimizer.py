@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
-from unsc_fast.models import ResNet18
+from unsc_fast.evaluation.models import ResNet18
 
 try:
     from benchmarks.harness import environment, parse_args, time_ms

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.models import AllCNN
+from unsc_fast.evaluation.models import AllCNN
 
 try:
     from benchmarks.harness import environment

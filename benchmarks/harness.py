@@ -123,7 +123,7 @@ def environment(device: str) -> dict:
 
 def ours_label(op: str, device: str) -> str:
     """Which backend ``backend="auto"`` runs for ``op`` on ``device``, for the table."""
-    from unsc_fast.backend import resolve
+    from unsc_fast.ops.dispatch import resolve
 
     chosen = resolve(op, "auto", torch.device(device), ("triton", "torch"))
     if chosen == "torch":

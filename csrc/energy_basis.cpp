@@ -1,6 +1,6 @@
 // Adaptive randomized range finder + Rayleigh-Ritz for the energy-threshold basis
 // (Halko, Martinsson, Tropp 2011: Alg. 4.2 made blockwise, subspace iteration of Alg. 4.4,
-// Rayleigh-Ritz of Alg. 5.3). Every step mirrors unsc_fast/randomized.py: the same ATen
+// Rayleigh-Ritz of Alg. 5.3). Every step mirrors unsc_fast/ops/randomized.py: the same ATen
 // operations in the same order, so on CPU both give bitwise identical bases for the same
 // sketch. Change one, change the other.
 #include "energy_basis.h"

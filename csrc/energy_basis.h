@@ -1,4 +1,4 @@
-// Adaptive randomized eigenbasis at an energy threshold (see unsc_fast/randomized.py, the
+// Adaptive randomized eigenbasis at an energy threshold (see unsc_fast/ops/randomized.py, the
 // reference this code follows operation by operation).
 #pragma once
 

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.data import class_mask, load_digits_split, make_loader
-from unsc_fast.models import DigitsCNN
-from unsc_fast.training import accuracy
+from unsc_fast.evaluation.data import class_mask, load_digits_split
+from unsc_fast.training import make_loader
+from unsc_fast.evaluation.models import DigitsCNN
+from unsc_fast.evaluation.metrics import accuracy
 from unsc_fast.unlearn import unlearn
 
 

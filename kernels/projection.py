@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unsc_fast.backend import triton_interpreting
+from unsc_fast.ops.dispatch import triton_interpreting
 
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 # Largest k whose coefficients stay in registers (one k block).

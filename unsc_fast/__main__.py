@@ -1,5 +1,5 @@
 import sys
 
-from unsc_fast.cli import main
+from unsc_fast.evaluation.cli import main
 
 sys.exit(main())

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unsc_fast.data import make_loader
 from unsc_fast.optimizer import NullSpaceOptimizer
 from unsc_fast.projector import NullSpaceProjector
-from unsc_fast.training import Progress, frozen_batchnorm, predict_logits
+from unsc_fast.training import Progress, frozen_batchnorm, make_loader, predict_logits
 
 
 @dataclass

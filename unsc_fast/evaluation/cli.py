@@ -1,0 +1,82 @@
+"""Command line: ``unsc-fast demo`` and ``unsc-fast compare`` (also ``python -m unsc_fast ...``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unsc-fast", description="Machine unlearning by null-space calibration")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="forget one digit class on the bundled digits data")
+    demo.add_argument("--forget-class", type=int, default=3, help="digit to forget (default 3)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threshold", type=float, default=0.99, help="energy kept per layer, in (0, 1]")
+    demo.add_argument("--epochs", type=int, default=5, help="unlearning epochs over the forget set")
+    demo.add_argument("--lr", type=float, default=0.01, help="unlearning learning rate (SGD, momentum 0.9)")
+    demo.add_argument("--train-epochs", type=int, default=30, help="epochs for the original and retrained models")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (default 1: the digits' tiny convolutions run fastest, and do not "
+                           "stall on a busy machine, single-threaded)")
+    demo.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    add_compare_parser(commands)
+    return parser
+
+
+def add_compare_parser(commands) -> None:
+    compare = commands.add_parser(
+        "compare", help="compare unlearning methods (UNSC, NatMU, baselines) on one model and data",
+        description="Run unlearning methods over several seeds on one deletion request and write a markdown "
+                    "table, a class-wise plot, an Acc_r-vs-Acc_f plot and a JSON of every figure.",
+    )
+    compare.add_argument("--scenario", choices=("full-class", "random-sample"), default="full-class")
+    compare.add_argument("--forget-classes", type=int, nargs="+", default=[3], metavar="C",
+                         help="class indices to forget in full-class forgetting (default 3)")
+    compare.add_argument("--forget-fraction", type=float, default=0.1,
+                         help="fraction of the training set forgotten in random-sample forgetting (default 0.1)")
+    compare.add_argument("--methods", default=None,
+                         help="comma-separated methods (default: all; see --list-methods); retrain always runs")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S")
+    compare.add_argument("--data", default=None, metavar="DIR",
+                         help="image folder, one sub-folder per class (ImageFolder layout, optional train/ test/); "
+                              "default: the bundled sklearn digits")
+    compare.add_argument("--image-size", type=int, default=None, help="resize images from --data to this square size")
+    compare.add_argument("--checkpoint", default=None, metavar="PATH",
+                         help="original model: a state_dict for --model, or a whole pickled nn.Module (trusted files "
+                              "only); default: train one")
+    compare.add_argument("--model", default="digits_cnn", choices=("digits_cnn", "allcnn", "resnet18"),
+                         help="architecture to train or to load a state_dict into")
+    compare.add_argument("--train-epochs", type=int, default=30,
+                         help="epochs for the original model and (unless retrain.epochs is set) the retrained one")
+    compare.add_argument("--set", action="append", default=[], metavar="METHOD.SETTING=VALUE",
+                         help="override a method's setting, e.g. --set natmu.epochs=3 (repeatable)")
+    compare.add_argument("--output", default="compare_results", metavar="DIR",
+                         help="where comparison.md/.json, classwise.png, tradeoff.png and original.pt go")
+    compare.add_argument("--list-methods", action="store_true", help="list the methods and their default settings")
+    compare.add_argument("--threads", type=int, default=None,
+                         help="torch CPU threads (default: 1 on the bundled digits, whose tiny convolutions run "
+                              "fastest single-threaded; torch's default otherwise)")
+    compare.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command == "demo":
+        from unsc_fast.evaluation.demo import main as demo_main
+
+        return demo_main(args)
+    if args.command == "compare":
+        from unsc_fast.evaluation.compare import main as compare_main
+
+        return compare_main(args)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

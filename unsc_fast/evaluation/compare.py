@@ -1,0 +1,264 @@
+"""The comparison runner behind ``unsc-fast compare``: one original model, one deletion
+request, every chosen unlearning method over several seeds, every metric for each.
+
+The model retrained without the forget data is always run (it is the reference each
+metric's gap is measured against, per seed). Results are a plain JSON-ready dict; the
+``report`` module turns them into the markdown table, the plots and the JSON file.
+"""
+from __future__ import annotations
+
+import ast
+import platform
+import sys
+import time
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from unsc_fast.evaluation.data import DatasetSplit, load_digits_split
+from unsc_fast.evaluation.methods import METHODS, get_method
+from unsc_fast.evaluation.metrics import METRIC_TITLES, gap_to_reference, unlearning_metrics
+from unsc_fast.evaluation.models import AllCNN, DigitsCNN, ResNet18
+from unsc_fast.evaluation.scenario import make_scenario
+from unsc_fast.evaluation.recipes import train
+from unsc_fast.training import Progress
+
+MODELS = {"digits_cnn": DigitsCNN, "allcnn": AllCNN, "resnet18": ResNet18}
+REFERENCE = "retrain"
+
+
+@dataclass
+class CompareConfig:
+    """Everything a comparison run depends on (saved with its results)."""
+
+    scenario: str = "full_class"
+    forget_classes: tuple[int, ...] = (3,)
+    forget_fraction: float = 0.1
+    methods: tuple[str, ...] = tuple(METHODS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data: str | None = None          # an ImageFolder-style directory; None = bundled digits
+    image_size: int | None = None
+    checkpoint: str | None = None    # the original model; None = train one
+    model: str = "digits_cnn"        # architecture to train, or to load a state_dict into
+    train_epochs: int = 30
+    base_seed: int = 0               # data split, original model, random forget set
+    settings: dict[str, dict] = field(default_factory=dict)  # method -> {setting: value}
+    output: str = "compare_results"
+    save_original: str | None = None  # where a freshly trained original's state_dict is saved
+
+
+def parse_settings(assignments) -> dict[str, dict]:
+    """``["natmu.epochs=3", "unsc.lr=0.02"]`` -> ``{"natmu": {"epochs": 3}, "unsc": {"lr": 0.02}}``.
+
+    Values are Python literals where they parse as one (numbers, True/False), else strings;
+    an unknown method or setting is an error here, before any training starts.
+    """
+    settings: dict[str, dict] = {}
+    for assignment in assignments or ():
+        target, separator, text = assignment.partition("=")
+        method_name, dot, key = target.partition(".")
+        if not separator or not dot or not key:
+            raise ValueError(f"--set expects METHOD.SETTING=VALUE, got {assignment!r}")
+        method = get_method(method_name.strip())
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        settings.setdefault(method.name, {})[key.strip()] = value
+        method.settings(settings[method.name])  # raises KeyError on an unknown setting
+    return settings
+
+
+def method_settings(config: CompareConfig, name: str) -> dict:
+    """The user's settings for ``name``; retraining follows the original's epochs by default."""
+    chosen = dict(config.settings.get(name, {}))
+    if name == REFERENCE and "epochs" not in chosen and config.checkpoint is None:
+        chosen["epochs"] = config.train_epochs
+    return get_method(name).settings(chosen)
+
+
+def load_data(config: CompareConfig) -> DatasetSplit:
+    if config.data is None:
+        return load_digits_split(seed=config.base_seed)
+    from unsc_fast.evaluation.image_folder import load_image_folder
+
+    return load_image_folder(config.data, image_size=config.image_size, seed=config.base_seed)
+
+
+def build_model(name: str, split: DatasetSplit) -> nn.Module:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return MODELS[name](num_classes=split.num_classes, channels=split.image_shape[0])
+
+
+def load_checkpoint(path: str, model_name: str, split: DatasetSplit) -> nn.Module:
+    """A whole pickled ``nn.Module``, or a state_dict (bare or under "state_dict") for ``model_name``."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a pickled module needs the full unpickler: only load checkpoints you trust
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(saved, nn.Module):
+        return saved.eval()
+    if isinstance(saved, dict):
+        model = build_model(model_name, split)
+        model.load_state_dict(saved.get("state_dict", saved))
+        return model.eval()
+    raise TypeError(f"{path} holds a {type(saved).__name__}, not a model or a state_dict")
+
+
+def original_model(config: CompareConfig, split: DatasetSplit, progress: Progress | None):
+    """(model, seconds, source): the checkpoint if one is given, else a model trained on all data."""
+    start = time.perf_counter()
+    if config.checkpoint:
+        return load_checkpoint(config.checkpoint, config.model, split), time.perf_counter() - start, config.checkpoint
+    torch.manual_seed(config.base_seed)  # before building: the initial weights are part of the run
+    model = build_model(config.model, split)
+    train(model, split.x_train, split.y_train, epochs=config.train_epochs, seed=config.base_seed,
+          progress=progress, label="original")
+    seconds = time.perf_counter() - start
+    if config.save_original:
+        Path(config.save_original).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), config.save_original)
+    return model, seconds, f"{config.model} trained {config.train_epochs} epochs"
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation over seeds of every scalar metric, gap and the time."""
+    summary = {}
+    for section in ("metrics", "gap"):
+        keys = [k for k in runs[0][section] if k != "per_class_test"]
+        summary[section] = {k: _mean_std([run[section][k] for run in runs]) for k in keys}
+    summary["seconds"] = _mean_std([run["seconds"] for run in runs])
+    per_class = np.array([run["metrics"]["per_class_test"] for run in runs], dtype=float)
+    summary["per_class_test"] = [_mean_std(column) for column in per_class.T]
+    return summary
+
+
+def _mean_std(values) -> dict:
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return {"mean": float("nan"), "std": float("nan")}
+    std = float(np.nanstd(values, ddof=1)) if np.sum(~np.isnan(values)) > 1 else 0.0
+    return {"mean": float(np.nanmean(values)), "std": std}
+
+
+def run_comparison(config: CompareConfig, progress: Progress | None = None) -> dict:
+    """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready)."""
+    say = progress or (lambda message: None)
+    names = [get_method(name).name for name in config.methods]
+    names = [REFERENCE] + [name for name in names if name != REFERENCE]
+    for name in names:  # fail on a bad setting before hours of training, not after
+        method_settings(config, name)
+    split = load_data(config)
+    scenario = make_scenario(split, config.scenario, forget_classes=config.forget_classes,
+                             forget_fraction=config.forget_fraction, seed=config.base_seed)
+    say(f"{scenario.describe()}; methods: {', '.join(names)}; seeds: {', '.join(map(str, config.seeds))}")
+
+    original, original_seconds, source = original_model(config, split, progress)
+    original_metrics = unlearning_metrics(original, scenario, seed=config.base_seed)
+    say(f"original ({source}): " + _brief(original_metrics))
+
+    runs: dict[str, list[dict]] = {}
+    skipped = {name: get_method(name).unsupported_message(scenario.kind)
+               for name in names if not get_method(name).supports(scenario.kind)}
+    for reason in skipped.values():
+        say(f"not run: {reason}")
+    active = [name for name in names if name not in skipped]
+    for seed in config.seeds:
+        references = None
+        for name in active:
+            say(f"seed {seed}: {name} ...")
+            result = get_method(name)(original, scenario, method_settings(config, name), seed, progress)
+            metrics = unlearning_metrics(result.model, scenario, seed=seed)
+            if name == REFERENCE:
+                references = metrics
+            runs.setdefault(name, []).append({
+                "seed": seed,
+                "seconds": result.seconds,
+                "metrics": metrics,
+                "gap": gap_to_reference(metrics, references),
+                "settings": result.settings,
+                "info": _jsonable(result.info),
+            })
+            say(f"seed {seed}: {name} done in {result.seconds:.1f} s: " + _brief(metrics))
+        runs.setdefault("original", []).append({
+            "seed": seed, "seconds": original_seconds, "metrics": original_metrics,
+            "gap": gap_to_reference(original_metrics, references), "settings": {}, "info": {"source": source},
+        })
+
+    return {
+        "config": _jsonable(asdict(config)),
+        "scenario": {"kind": scenario.kind, "description": scenario.describe(),
+                     "forget_classes": list(scenario.forget_classes),
+                     "forget_train": int(scenario.forget_train_mask.sum()),
+                     "forget_test": int(scenario.forget_test_mask.sum())},
+        "dataset": {"name": split.name, "num_classes": split.num_classes, "train": len(split.y_train),
+                    "test": len(split.y_test), "image_shape": list(split.image_shape),
+                    "class_names": list(split.class_names or map(str, range(split.num_classes)))},
+        "original": {"source": source, "seconds": original_seconds, "metrics": original_metrics},
+        "runs": runs,
+        "skipped": skipped,
+        "summary": {name: summarise(method_runs) for name, method_runs in runs.items()},
+        "titles": {name: ("original" if name == "original" else get_method(name).title) for name in runs},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "python": sys.version.split()[0], "platform": platform.platform()},
+        "metric_titles": METRIC_TITLES,
+    }
+
+
+def _brief(metrics: dict) -> str:
+    return ", ".join(f"{title} {metrics[key]:.1f}" for key, title in METRIC_TITLES.items())
+
+
+def timestamped_progress(message: str) -> None:
+    """Progress lines on stderr with the wall-clock time, as the demo prints them."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(args) -> int:
+    """``unsc-fast compare``: run, print the table, write table/plots/JSON under ``--output``."""
+    from unsc_fast.evaluation.report import format_report, write_outputs
+
+    if args.list_methods:
+        for method in METHODS.values():
+            scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)
+            print(f"{method.name:20s} {method.summary} [{scenarios}]\n{'':20s} defaults: {method.defaults}")
+        return 0
+    if args.threads is None and args.data is None:
+        torch.set_num_threads(1)
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else tuple(METHODS)
+    config = CompareConfig(
+        scenario=args.scenario.replace("-", "_"),
+        forget_classes=tuple(args.forget_classes),
+        forget_fraction=args.forget_fraction,
+        methods=methods,
+        seeds=tuple(args.seeds),
+        data=args.data,
+        image_size=args.image_size,
+        checkpoint=args.checkpoint,
+        model=args.model,
+        train_epochs=args.train_epochs,
+        settings=parse_settings(args.set),
+        output=args.output,
+        save_original=None if args.checkpoint else str(Path(args.output) / "original.pt"),
+    )
+    results = run_comparison(config, None if args.quiet else timestamped_progress)
+    print("\n" + format_report(results))
+    paths = write_outputs(results, config.output)
+    print("\nwritten: " + ", ".join(str(path) for path in paths.values()))
+    return 0

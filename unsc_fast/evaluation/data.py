@@ -1,0 +1,54 @@
+"""Data the library ships with: scikit-learn's bundled handwritten digits (no download).
+
+``load_digits`` holds 1,797 real 8x8 grey-scale digits; they are split once, stratified,
+into train and test, and standardised with the training set's statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DatasetSplit:
+    """Images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64 for train and test."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    name: str = "digits"
+    class_names: tuple[str, ...] | None = None  # for tables and plots; None means "0, 1, 2, ..."
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def load_digits_split(test_fraction: float = 0.3, seed: int = 0) -> DatasetSplit:
+    """The bundled digits as (1, 8, 8) images, split ``test_fraction`` stratified by class."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[:, None] / 16.0
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=test_fraction, stratify=digits.target, random_state=seed
+    )
+    mean, std = x_train.mean(), x_train.std()
+    return DatasetSplit(
+        x_train=torch.from_numpy((x_train - mean) / std),
+        y_train=torch.from_numpy(y_train).long(),
+        x_test=torch.from_numpy((x_test - mean) / std),
+        y_test=torch.from_numpy(y_test).long(),
+        num_classes=10,
+    )
+
+
+def class_mask(labels: torch.Tensor, classes) -> torch.Tensor:
+    """Boolean mask of the samples whose label is in ``classes``."""
+    return torch.isin(labels, torch.as_tensor(list(classes), dtype=labels.dtype))
+

@@ -1,0 +1,80 @@
+"""The one interface every unlearning method keeps.
+
+A method is a function ``run(model, scenario, settings, seed, progress) -> dict | None`` that
+unlearns ``model`` (a private copy of the original) in place and may return extra facts
+(e.g. the labels it trained on). ``UnlearningMethod`` wraps it: it checks the scenario, merges
+the user's settings over the method's defaults, copies the original, seeds and times the run.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from unsc_fast.evaluation.scenario import SCENARIOS, Scenario
+from unsc_fast.training import Progress
+
+
+class UnsupportedScenario(ValueError):
+    """Raised instead of quietly running something else when a method cannot do a scenario."""
+
+
+@dataclass
+class MethodResult:
+    """An unlearned model and how it was made."""
+
+    method: str
+    model: nn.Module
+    seconds: float
+    settings: dict
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class UnlearningMethod:
+    """A named unlearning method: its function, default settings and the scenarios it can do."""
+
+    name: str
+    title: str
+    run: Callable[..., dict | None]
+    defaults: dict
+    scenarios: tuple[str, ...] = SCENARIOS
+    unsupported_reason: str = ""
+    summary: str = ""
+
+    def supports(self, scenario_kind: str) -> bool:
+        return scenario_kind in self.scenarios
+
+    def unsupported_message(self, scenario_kind: str) -> str:
+        message = f"{self.name} cannot do {scenario_kind.replace('_', '-')} forgetting"
+        return message + (f": {self.unsupported_reason}" if self.unsupported_reason else "")
+
+    def settings(self, overrides: dict | None = None) -> dict:
+        """Defaults with ``overrides`` applied; an unknown name is an error, not a silent no-op."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise KeyError(f"{self.name} has no setting {', '.join(unknown)}; it has {', '.join(sorted(self.defaults))}")
+        return {**self.defaults, **overrides}
+
+    def __call__(
+        self,
+        original: nn.Module,
+        scenario: Scenario,
+        settings: dict | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> MethodResult:
+        if not self.supports(scenario.kind):
+            raise UnsupportedScenario(self.unsupported_message(scenario.kind))
+        settings = self.settings(settings)
+        model = copy.deepcopy(original)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        info = self.run(model, scenario, settings, seed, progress) or {}
+        model.eval()
+        return MethodResult(self.name, model, time.perf_counter() - start, settings, info)

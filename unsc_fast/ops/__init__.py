@@ -1,0 +1,296 @@
+"""The one door to every low-level op.
+
+Each public function validates its arguments once, resolves ``backend`` once (see
+``unsc_fast.ops.dispatch``) and calls exactly one implementation:
+
+- ``"torch"``: ``unsc_fast.ops.reference`` (runs everywhere, the yardstick),
+- ``"triton"``: ``unsc_fast.kernels.<op>`` (CUDA tensors, or CPU with ``TRITON_INTERPRET=1``),
+- ``"ext"``: the C++/CUDA extension ``unsc_fast._C``.
+
+The in-place ops (``covariance_``, ``conv_covariance_``, ``project_``, ``restrict_``) run
+through PyTorch custom operators (``torch.ops.unsc_fast.*``, registered in
+``unsc_fast.ops.custom_ops``) that receive the resolved backend as a string: they pass
+``torch.custom_ops.opcheck`` and trace under ``torch.compile(fullgraph=True)`` without a graph
+break. ``energy_basis`` stays a plain function (data-dependent output shape, a
+``torch.Generator`` argument; see docs/kernels.md).
+
+The projector, the optimizer wrapper and the methods only ever call this module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from unsc_fast.ops import custom_ops, randomized, reference
+from unsc_fast.ops.dispatch import check_devices, load_extension, resolve
+
+__all__ = [
+    "covariance_",
+    "conv_covariance_",
+    "project_",
+    "restrict_",
+    "energy_basis",
+    "energy_bases",
+    "complement_basis",
+]
+
+ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value}")
+    return value
+
+
+def _check_accumulator(op: str, C: torch.Tensor, d: int) -> None:
+    if C.dtype not in ACCUMULATOR_DTYPES:
+        raise TypeError(f"{op}: C must be float32 or float64, got {C.dtype}")
+    if C.shape != (d, d):
+        raise ValueError(f"{op}: C must have shape ({d}, {d}) for inputs of width {d}, got {tuple(C.shape)}")
+
+
+def _check_activation(op: str, x: torch.Tensor, dim: int) -> None:
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{op}: x must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+    if x.dim() != dim:
+        raise ValueError(f"{op}: x must be {dim}-D, got shape {tuple(x.shape)}")
+
+
+def _check_not_differentiated(op: str, name: str, tensor: torch.Tensor) -> None:
+    """The in-place ops have no autograd formula (they accumulate statistics and edit
+    gradients; nothing differentiates through them). Updating a tensor that autograd
+    tracks would silently give wrong gradients, so it is refused."""
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: {name} requires grad and would be modified in place, but {op} has no autograd "
+            f"formula (it is not differentiable): pass {name}.detach() or call it under torch.no_grad()"
+        )
+
+
+def covariance_(C: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``C += x^T x`` in place, accumulated in ``C``'s precision (fp32 or fp64).
+
+    ``x``: (N, d) in fp16/bf16/fp32/fp64, any strides. Returns ``C``.
+    """
+    _check_activation("covariance_", x, 2)
+    _check_accumulator("covariance_", C, x.shape[1])
+    device = check_devices("covariance_", C, x)
+    _check_not_differentiated("covariance_", "C", C)
+    chosen = resolve("covariance_", backend, device, ("triton", "torch"))
+    if C.dtype != torch.float32 or x.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    custom_ops.covariance_(C, x, chosen)
+    return C
+
+
+def conv_covariance_(
+    C: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``C += P^T P`` over every conv patch of ``x`` (B, Cin, H, W): ``F.unfold`` + ``covariance_``.
+
+    Zero padding only; ``C`` is (Cin*kh*kw, Cin*kh*kw) in ``F.unfold``'s column order,
+    which is the order of ``conv.weight.flatten(1)``. The Triton backend never builds the
+    unfolded tensor.
+    """
+    kernel_size = _pair(kernel_size, "kernel_size")
+    stride = _pair(stride, "stride")
+    padding = _pair(padding, "padding")
+    dilation = _pair(dilation, "dilation")
+    if min(kernel_size) < 1 or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"conv_covariance_: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
+            f"kernel_size={kernel_size}, stride={stride}, padding={padding}, dilation={dilation}"
+        )
+    _check_activation("conv_covariance_", x, 4)
+    _check_accumulator("conv_covariance_", C, x.shape[1] * kernel_size[0] * kernel_size[1])
+    device = check_devices("conv_covariance_", C, x)
+    _check_not_differentiated("conv_covariance_", "C", C)
+    chosen = resolve("conv_covariance_", backend, device, ("triton", "torch"))
+    if C.dtype != torch.float32 or x.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    custom_ops.conv_covariance_(C, x, kernel_size, stride, padding, dilation, chosen)
+    return C
+
+
+def _check_projection(op: str, G: torch.Tensor, U: torch.Tensor) -> torch.device:
+    if G.dim() != 2 or U.dim() != 2:
+        raise ValueError(f"{op}: G must be (out, d) and U (d, k), got {tuple(G.shape)} and {tuple(U.shape)}")
+    if G.shape[1] != U.shape[0]:
+        raise ValueError(f"{op}: G is {tuple(G.shape)} but U is {tuple(U.shape)}; their d must match")
+    if not G.is_floating_point() or G.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{op}: G must be fp16/bf16/fp32/fp64, got {G.dtype}")
+    if U.dtype not in ACCUMULATOR_DTYPES:
+        raise TypeError(f"{op}: U must be float32 or float64, got {U.dtype}")
+    device = check_devices(op, G, U)
+    _check_not_differentiated(op, "G", G)
+    return device
+
+
+def project_(G: torch.Tensor, U: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``G <- G - (G U) U^T`` in place: remove span(U) (orthonormal columns) from every row.
+
+    ``G``: (out, d) any strides and float dtype; ``U``: (d, k) fp32/fp64. Returns ``G``.
+    """
+    device = _check_projection("project_", G, U)
+    if U.shape[1] == 0 or G.numel() == 0:
+        return G
+    chosen = resolve("project_", backend, device, ("triton", "torch"))
+    if U.dtype != torch.float32 or G.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 G or U take the reference
+    custom_ops.project_(G, U, chosen)
+    return G
+
+
+def restrict_(G: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``G <- (G Q) Q^T`` in place: keep only span(Q) (orthonormal columns) of every row.
+
+    With Q the orthogonal complement of U this equals ``project_(G, U)``, at a cost
+    proportional to ``d - k`` instead of ``k``: the projector picks the cheaper one.
+    """
+    device = _check_projection("restrict_", G, Q)
+    if G.numel() == 0:
+        return G
+    if Q.shape[1] == 0:
+        return G.zero_()
+    chosen = resolve("restrict_", backend, device, ("triton", "torch"))
+    if Q.dtype != torch.float32 or G.dtype == torch.float64:
+        chosen = "torch"  # the kernel is fp32-only: fp64 G or Q take the reference
+    custom_ops.restrict_(G, Q, chosen)
+    return G
+
+
+def _check_covariance_matrix(C: torch.Tensor, name: str = "C") -> None:
+    if not isinstance(C, torch.Tensor):
+        raise TypeError(f"energy_basis: {name} must be a tensor, got {type(C).__name__}")
+    if C.dim() != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"energy_basis: {name} must be a square matrix, got shape {tuple(C.shape)}")
+    if C.dtype not in ACCUMULATOR_DTYPES:
+        raise TypeError(
+            f"energy_basis: {name} must be float32 or float64, got {C.dtype} "
+            f"(eigensolvers have no half-precision kernels: pass {name}.float())"
+        )
+    if C.device.type == "meta":
+        raise NotImplementedError(f"energy_basis: {name} is a meta tensor")
+    if not bool(torch.isfinite(C).all()):
+        raise ValueError(f"energy_basis: {name} has NaN or Inf entries")
+
+
+def check_threshold(threshold: float, name: str = "threshold") -> float:
+    """Energy thresholds live in (0, 1]."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0, 1], got {threshold!r}") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise ValueError(f"{name} must be in (0, 1], got {threshold!r}")
+    return value
+
+
+METHODS = ("auto", "eigh", "randomized")
+
+
+def _energy_method(method: str, d: int) -> str:
+    """``auto``: dense eigh below ``randomized.MIN_RANDOMIZED_DIM`` (it is as fast there), else
+    the randomized sketch with a budget of ``MAX_RANK_FRACTION * d`` columns, past which
+    eigh is cheaper and takes over (the crossover measured in docs/extension.md)."""
+    if method not in METHODS:
+        raise ValueError(f"energy_basis: method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "randomized" if d >= randomized.MIN_RANDOMIZED_DIM else "eigh"
+    return method
+
+
+def energy_basis(
+    C: torch.Tensor,
+    threshold: float,
+    generator: torch.Generator | None = None,
+    *,
+    backend: str = "auto",
+    method: str = "auto",
+) -> torch.Tensor:
+    """Orthonormal (d, k) basis of the smallest k top eigenvectors of the PSD matrix ``C``
+    whose eigenvalues sum to at least ``threshold * trace(C)`` (UNSC, section 3.2).
+
+    ``method``: ``"eigh"`` (dense, exact), ``"randomized"`` (adaptive sketch, see
+    ``unsc_fast.ops.randomized``) or ``"auto"`` (eigh for small d, else randomized with an
+    eigh fallback when k turns out to be a large fraction of d). ``backend`` picks who runs
+    the randomized algorithm: ``"ext"`` (C++ ``unsc_fast._C``) or ``"torch"`` (bitwise the
+    same on CPU). ``generator`` seeds the Gaussian sketch. A zero matrix gives (d, 0);
+    the matrix is symmetrised and checked for NaN/Inf first.
+    """
+    return energy_bases([C], threshold, generator, backend=backend, method=method)[0]
+
+
+def energy_bases(
+    covariances: Sequence[torch.Tensor],
+    threshold: float,
+    generator: torch.Generator | None = None,
+    *,
+    backend: str = "auto",
+    method: str = "auto",
+) -> list[torch.Tensor]:
+    """``energy_basis`` for many layers in one call (the projector's ``build`` uses it).
+
+    Sketches are drawn from ``generator`` in list order, so the result equals calling
+    ``energy_basis`` on each matrix in turn; the extension runs every randomized layer in
+    one C++ call (no Python between layers).
+    """
+    threshold = check_threshold(threshold)
+    covariances = list(covariances)
+    runners = {}
+    for index, C in enumerate(covariances):
+        name = "C" if len(covariances) == 1 else f"covariances[{index}]"
+        _check_covariance_matrix(C, name)
+        device = check_devices("energy_basis", C)
+        if device not in runners:
+            runners[device] = resolve("energy_basis", backend, device, ("ext", "torch"))
+    budget = None if method == "randomized" else randomized.MAX_RANK_FRACTION
+    bases: list[torch.Tensor | None] = [None] * len(covariances)
+    jobs = {"ext": [], "torch": []}
+    for index, C in enumerate(covariances):
+        if not bool(C.any()):
+            bases[index] = C.new_zeros((C.shape[0], 0))
+        elif _energy_method(method, C.shape[0]) == "randomized":
+            width = randomized.sketch_width(C.shape[0], budget)
+            sketch = randomized.draw_sketch(C, width, generator)
+            jobs[runners[C.device]].append((index, C, sketch))
+    if jobs["ext"]:
+        indices, matrices, sketches = zip(*jobs["ext"])
+        found = load_extension().energy_bases(
+            list(matrices), threshold, list(sketches), randomized.POWER_ITERATIONS,
+            randomized.OVERSAMPLING, randomized.BLOCK_SIZE, "auto",
+        )
+        for index, basis in zip(indices, found):
+            bases[index] = basis
+    for index, C, sketch in jobs["torch"]:
+        bases[index] = randomized.energy_basis_randomized(
+            C, threshold, sketch, orthonormalization=randomized.default_orthonormalization(C.device)
+        )
+    # Dense path: method "eigh", small d, or a sketch that ran out before the threshold.
+    return [
+        basis if basis is not None else reference.energy_basis_eigh(C, threshold)
+        for C, basis in zip(covariances, bases)
+    ]
+
+
+def complement_basis(U: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (d, d - k) of the orthogonal complement of span(U) (U orthonormal)."""
+    d, k = U.shape
+    if k == 0:
+        return torch.eye(d, dtype=U.dtype, device=U.device)
+    Q, _ = torch.linalg.qr(U.to(torch.float64), mode="complete")
+    return Q[:, k:].to(U.dtype).contiguous()
