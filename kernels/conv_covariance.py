@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unsc_fast.kernels.covariance import (
+from ._common import (
     check_input_precision,
     dot_precision,
     kernel_configs,

@@ -19,29 +19,21 @@ import torch
 import triton
 import triton.language as tl
 
-from unsc_fast.ops.dispatch import triton_interpreting
-
-INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+from ._common import autotune_configs, check_input_precision, triton_interpreting
 # Largest k whose coefficients stay in registers (one k block).
 REGISTER_K = 128
 SCRATCH_BLOCK_K = 64
 
 
-def _configs():
-    """Autotuning space on a GPU; one small fixed config under TRITON_INTERPRET."""
-    if triton_interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bm, bd, w, s in [
-            (16, 128, 4, 3),
-            (32, 64, 4, 3),
-            (32, 128, 4, 3),
-            (32, 128, 8, 3),
-            (64, 64, 4, 3),
-            (64, 128, 8, 3),
-        ]
-    ]
+# (BLOCK_M, BLOCK_D, num_warps, num_stages)
+_CUDA_CONFIGS = [
+    (16, 128, 4, 3),
+    (32, 64, 4, 3),
+    (32, 128, 4, 3),
+    (32, 128, 8, 3),
+    (64, 64, 4, 3),
+    (64, 128, 8, 3),
+]
 
 
 @triton.jit
@@ -99,7 +91,7 @@ def write_rows(
 
 
 @triton.autotune(
-    configs=_configs(),
+    configs=autotune_configs({"BLOCK_M": 32, "BLOCK_D": 64}, ("BLOCK_M", "BLOCK_D"), _CUDA_CONFIGS),
     key=["d", "k", "rows_bucket", "SUBTRACT", "BLOCK_K", "INPUT_PRECISION"],
     restore_value=["g_ptr"],
 )
@@ -195,8 +187,7 @@ def overlaps_itself(G: torch.Tensor) -> bool:
 
 def _project(G: torch.Tensor, U: torch.Tensor, subtract: bool, input_precision: str, block_k: int | None):
     name = "project_" if subtract else "restrict_"
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    check_input_precision(input_precision)
     if G.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name} (triton): G must be fp32/bf16/fp16, got {G.dtype}")
     if U.dtype != torch.float32:

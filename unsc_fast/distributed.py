@@ -35,9 +35,11 @@ import torch
 import torch.distributed as dist
 
 from unsc_fast import ops
+from unsc_fast.bases import complement_if_cheaper, prefers_complement
+from unsc_fast.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.projector import NullSpaceProjector
+    from unsc_fast.layers import TrackedLayer
 
 KEEP_COVARIANCES = ("all", "rank0", "none")
 LOCAL = "local"
@@ -143,14 +145,14 @@ def _global_rank(group, group_rank: int) -> int:
     return group_rank if group is dist.group.WORLD else dist.get_global_rank(group, group_rank)
 
 
-def _request(projector: "NullSpaceProjector", threshold, method, exclude, include, subtract, keep) -> dict:
+def _request(store: CovarianceStore, layers: dict, threshold, method, exclude, include, subtract, keep) -> dict:
     """What must be identical on every rank for the collectives below to line up."""
     keys = lambda values: None if values is None else sorted(repr(v) for v in values)  # noqa: E731
     return {
-        "layers": [(name, layer.kind, layer.dim) for name, layer in projector.layers.items()],
+        "layers": [(name, layer.kind, layer.dim) for name, layer in layers.items()],
         "threshold": threshold,
         "method": method,
-        "dtype": str(projector.dtype),
+        "dtype": str(store.dtype),
         "exclude": keys(exclude),
         "include": keys(include),
         "subtract": keys(subtract),
@@ -192,23 +194,9 @@ def _owners(dims: list[int], world: int) -> list[int]:
     return owners
 
 
-def _local_kept_covariance(projector, name: str, kept: list, subtract: set, device) -> torch.Tensor:
-    """This rank's share of the kept covariance of ``name`` (zeros when it saw none)."""
-    dim = projector.layers[name].dim
-    total = torch.zeros(dim, dim, dtype=projector.dtype, device=device)
-    for key in kept:
-        part = projector._covariances.get(key, {}).get(name)
-        if part is not None:
-            total += part.to(device)
-    for key in subtract:
-        part = projector._covariances.get(key, {}).get(name)
-        if part is not None:
-            total -= part.to(device)
-    return total
-
-
 def build(
-    projector: "NullSpaceProjector",
+    store: CovarianceStore,
+    layers: dict[str, "TrackedLayer"],
     group,
     *,
     exclude: set,
@@ -218,6 +206,7 @@ def build(
     generator: torch.Generator | None,
     method: str,
     keep_covariances: str,
+    allow_unobserved: bool = False,
 ) -> tuple[dict, dict, list]:
     """Pooled bases over ``group``: returns ``(bases, complements, kept)`` for the projector.
 
@@ -225,20 +214,21 @@ def build(
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     include = None if include is None else list(include)
-    mine = {"request": _request(projector, threshold, method, exclude, include, subtract, keep_covariances),
-            "groups": projector.groups}
+    mine = {"request": _request(store, layers, threshold, method, exclude, include, subtract, keep_covariances),
+            "groups": store.keys}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine, group=group)
     _check_same_request([entry["request"] for entry in gathered])
     union = list(dict.fromkeys(key for entry in gathered for key in entry["groups"]))
     if not union:
         raise RuntimeError("build() needs observed data: no rank ran the model inside observe()")
-    kept = projector._kept_groups(union, exclude, include, subtract, stacklevel=4)
+    kept = store.kept_keys(union, exclude, set(include) if include is not None else None, subtract,
+                           allow_unobserved=allow_unobserved)
 
-    names = list(projector.layers)
-    layers = [projector.layers[name] for name in names]
+    names = list(layers)
+    layers = [layers[name] for name in names]
     devices = [layer.weight.device for layer in layers]
-    counts = torch.tensor([sum(projector.count(k, n) for k in kept) for n in names], dtype=torch.int64)
+    counts = torch.tensor([sum(store.rows(k, n) for k in kept) for n in names], dtype=torch.int64)
     counts = counts.to(devices[0])
     dist.all_reduce(counts, group=group)
     empty = [n for n, c in zip(names, counts.tolist()) if c == 0]
@@ -251,7 +241,7 @@ def build(
     owners = _owners([layer.dim for layer in layers], world)
     owned: dict[int, torch.Tensor] = {}
     for index, name in enumerate(names):
-        local = _local_kept_covariance(projector, name, kept, subtract, devices[index])
+        local = store.kept_sum(name, kept, subtract, dim=layers[index].dim, device=devices[index], required=False)
         dist.reduce(local, dst=_global_rank(group, owners[index]), group=group)
         if owners[index] == rank:
             owned[index] = local
@@ -286,25 +276,29 @@ def build(
         if owners[index] == rank:
             basis = solved[index].to(devices[index]).contiguous()
         else:
-            basis = torch.empty(layer.dim, k, dtype=projector.dtype, device=devices[index])
+            basis = torch.empty(layer.dim, k, dtype=store.dtype, device=devices[index])
         if k:
             dist.broadcast(basis, src=source, group=group)
         bases[name] = basis
-        if 2 * k > layer.dim:  # the projector then keeps the (cheaper) null-space basis
+        complements[name] = None
+        if prefers_complement(k, layer.dim):  # computed once, on the owner: bitwise equal everywhere
             if owners[index] == rank:
-                complement = ops.complement_basis(basis).contiguous()
+                complement = complement_if_cheaper(basis)
             else:
-                complement = torch.empty(layer.dim, layer.dim - k, dtype=projector.dtype, device=devices[index])
+                complement = torch.empty(layer.dim, layer.dim - k, dtype=store.dtype, device=devices[index])
             if complement.shape[1]:
                 dist.broadcast(complement, src=source, group=group)
             complements[name] = complement
 
     if keep_covariances == "rank0":
-        _gather_covariances_on_rank0(projector, group, union, names, devices)
+        _gather_covariances_on_rank0(store, layers, group, union, names, devices)
+    elif keep_covariances == "none":
+        store.reset()
     return bases, complements, kept
 
 
-def _gather_covariances_on_rank0(projector, group, keys: list, names: list, devices: list) -> None:
+def _gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, keys: list, names: list,
+                                 devices: list) -> None:
     """Move every stored covariance onto group rank 0, summed; the other ranks drop theirs.
 
     The pooled store is the sum over ranks either way, so later builds stay exact.
@@ -312,17 +306,15 @@ def _gather_covariances_on_rank0(projector, group, keys: list, names: list, devi
     rank, root = dist.get_rank(group), _global_rank(group, 0)
     covariances, counts = {}, {}
     for key in keys:
-        local_counts = projector._counts.get(key, {})
-        count = torch.tensor([local_counts.get(n, 0) for n in names], dtype=torch.int64, device=devices[0])
+        count = torch.tensor([store.rows(key, n) for n in names], dtype=torch.int64, device=devices[0])
         dist.all_reduce(count, group=group)  # everyone learns which layers have data for this key
-        per_layer = projector._covariances.get(key, {})
         for index, name in enumerate(names):
             if not int(count[index]):
                 continue
-            dim = projector.layers[name].dim
-            local = per_layer.pop(name, None)
+            dim = layers[index].dim
+            local, _ = store.pop(key, name)
             local = (
-                torch.zeros(dim, dim, dtype=projector.dtype, device=devices[index])
+                torch.zeros(dim, dim, dtype=store.dtype, device=devices[index])
                 if local is None
                 else local.to(devices[index])
             )
@@ -330,7 +322,7 @@ def _gather_covariances_on_rank0(projector, group, keys: list, names: list, devi
             if rank == 0:
                 covariances.setdefault(key, {})[name] = local
                 counts.setdefault(key, {})[name] = int(count[index])
-    projector._covariances, projector._counts = covariances, counts
+    store.replace(covariances, counts)
 
 
 def pooled_covariance(
@@ -339,7 +331,9 @@ def pooled_covariance(
     """Covariance of layer ``name`` over ``keys`` summed over all ranks, bitwise the same on
     every rank (one all-reduce). Every rank must call it with the same arguments."""
     group = resolve_group(process_group)
-    layer = projector._layer(name)
+    layer = projector.layers.get(name)
+    if layer is None:
+        raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(projector.layers)}")
     request = (name, None if keys is None else sorted(repr(k) for k in keys))
     keys = projector.groups if keys is None else list(keys)  # absent keys add zeros on this rank
     if group is not None:
@@ -347,7 +341,7 @@ def pooled_covariance(
         dist.all_gather_object(gathered, request, group=group)
         if any(entry != request for entry in gathered):
             raise ValueError(f"pooled_covariance(): ranks asked for different (layer, keys): {gathered}")
-    total = _local_kept_covariance(projector, name, keys, set(), layer.weight.device)
+    total = projector.store.kept_sum(name, keys, dim=layer.dim, device=layer.weight.device, required=False)
     if group is not None:
         dist.all_reduce(total, group=group)
     return total

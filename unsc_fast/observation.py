@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Hashable, Iterable
+from typing import Hashable, Iterable
 
 import torch
 from torch import nn
 
 from unsc_fast.layers import TrackedLayer
-
-if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.projector import NullSpaceProjector
+from unsc_fast.store import CovarianceStore
 
 
 def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
@@ -34,8 +32,8 @@ def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
 class Observation:
     """Pending per-(group, layer) covariance deltas of the forward in progress."""
 
-    def __init__(self, projector: "NullSpaceProjector", labels, group: Hashable) -> None:
-        self.projector = projector
+    def __init__(self, store: CovarianceStore, labels, group: Hashable) -> None:
+        self.store = store
         if labels is None:
             self.batch_size = None
             self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
@@ -82,7 +80,7 @@ class Observation:
                 part = x if index is None else x.index_select(0, self._index(position, index, x.device))
                 entry = self.pending.get((key, layer.name))
                 if entry is None:
-                    delta = torch.zeros(layer.dim, layer.dim, dtype=self.projector.dtype, device=x.device)
+                    delta = torch.zeros(layer.dim, layer.dim, dtype=self.store.dtype, device=x.device)
                     entry = self.pending[(key, layer.name)] = [delta, 0]
                 layer.accumulate_(entry[0], part)
                 samples = batch if index is None else index.numel()
@@ -96,7 +94,7 @@ class Observation:
 
     # commit -------------------------------------------------------------------
     def commit(self) -> None:
-        """Check every pending delta, then add them all to the projector's store."""
+        """Check every pending delta, then add them all to the store."""
         pending, self.pending = self.pending, {}
         if not pending:
             return
@@ -108,7 +106,7 @@ class Observation:
                     "nothing from this batch was kept"
                 )
         for (key, name), (delta, rows) in pending.items():
-            self.projector._store(key, name, delta, rows)
+            self.store.add(key, name, delta, rows)
 
 
 def _rows_per_sample(layer: TrackedLayer, x: torch.Tensor, output) -> int:

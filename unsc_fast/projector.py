@@ -5,8 +5,8 @@ space of the inputs ``a`` that the remaining data produces there: with ``U`` an 
 basis of the dominant subspace of ``C_r = sum a a^T``, ``dW <- dW - dW U U^T`` gives
 ``dW a ~ 0`` (their Theorem 1), so outputs on the remaining data are unchanged to first order.
 
-Covariances are kept per label (or named group), so a new deletion request only needs a
-sum/subtraction and a fresh basis, not another pass over the remaining data.
+Covariances are kept per label (or named group) in a ``CovarianceStore``, so a new deletion
+request only needs a sum/subtraction and a fresh basis, not another pass over the remaining data.
 """
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ import torch
 from torch import nn
 
 from unsc_fast import distributed, ops
+from unsc_fast.training import eval_mode
+from unsc_fast.bases import complement_if_cheaper
 from unsc_fast.layers import TrackedLayer, find_layers
 from unsc_fast.observation import Observation
+from unsc_fast.store import CovarianceStore, key_set
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
 DEFAULT_GROUP = "all"
@@ -65,16 +68,12 @@ class NullSpaceProjector:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.store = CovarianceStore(dtype)
         distributed.check_model(model)
         self.model = unwrap_model(model)
         if self.model is not model:  # names as the user knows them, "module." prefix or not
             modules = distributed.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
-        self.dtype = dtype
         self.layers: dict[str, TrackedLayer] = find_layers(self.model, modules)
-        self._covariances: dict[Hashable, dict[str, torch.Tensor]] = {}
-        self._counts: dict[Hashable, dict[str, int]] = {}
         self._bases: dict[str, torch.Tensor] = {}
         self._complements: dict[str, torch.Tensor] = {}
         self.built_from: tuple = ()
@@ -96,7 +95,7 @@ class NullSpaceProjector:
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
-        observation = Observation(self, labels, DEFAULT_GROUP if group is None else group)
+        observation = Observation(self.store, labels, DEFAULT_GROUP if group is None else group)
         self._observation = observation
         try:
             observation.attach(self.model, self.layers.values())
@@ -119,53 +118,38 @@ class NullSpaceProjector:
 
         The model's train/eval modes are restored afterwards.
         """
-        modes = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for batch in loader:
-                    inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-                    if device is not None:
-                        inputs = inputs.to(device)
-                    with self.observe(labels=targets if labels else None, group=group):
-                        self.model(inputs)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with eval_mode(self.model), torch.no_grad():
+            for batch in loader:
+                inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+                if device is not None:
+                    inputs = inputs.to(device)
+                with self.observe(labels=targets if labels else None, group=group):
+                    self.model(inputs)
         return self
 
-    def _store(self, key: Hashable, name: str, delta: torch.Tensor, rows: int) -> None:
-        per_layer = self._covariances.setdefault(key, {})
-        if name in per_layer:
-            per_layer[name].add_(delta)
-        else:
-            per_layer[name] = delta  # the observation hands its buffer over
-        counts = self._counts.setdefault(key, {})
-        counts[name] = counts.get(name, 0) + rows
+    @property
+    def dtype(self) -> torch.dtype:
+        """The accumulation dtype of the covariances (float32 or float64)."""
+        return self.store.dtype
 
     @property
     def groups(self) -> list:
         """The labels / group names observed so far."""
-        return list(self._covariances)
+        return self.store.keys
 
     def count(self, key: Hashable, name: str) -> int:
         """Rows accumulated for layer ``name`` under label/group ``key``."""
-        return self._counts.get(key, {}).get(name, 0)
+        return self.store.rows(key, name)
 
     def covariance(self, name: str, keys: Iterable[Hashable] | None = None) -> torch.Tensor:
         """Uncentred covariance sum of layer ``name`` over ``keys`` (default: every group)."""
         self._layer(name)
-        keys = self.groups if keys is None else list(keys)
-        parts = [self._covariances[k][name] for k in keys if name in self._covariances.get(k, {})]
-        if not parts:
-            raise KeyError(f"layer {name!r} has no observed data in groups {keys}")
-        return torch.stack(parts).sum(0)
+        keys = self.groups if keys is None else [k for k in key_set(keys, "keys")]
+        return self.store.kept_sum(name, keys)
 
     def reset(self, keys: Iterable[Hashable] | None = None) -> None:
         """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
-        for key in self.groups if keys is None else list(keys):
-            self._covariances.pop(key, None)
-            self._counts.pop(key, None)
+        self.store.reset(None if keys is None else key_set(keys, "keys"))
 
     # -------------------------------------------------------------------- build
     def build(
@@ -179,13 +163,16 @@ class NullSpaceProjector:
         method: str = "auto",
         process_group=None,
         keep_covariances: str = "all",
+        allow_unobserved: bool = False,
     ) -> "NullSpaceProjector":
         """Basis per layer from the observed groups, less ``exclude`` (the forgotten labels).
 
         ``include`` restricts the groups summed; ``subtract`` removes groups whose data is
         also inside the kept ones (a sample-wise request observed separately). The basis is
         the smallest set of top eigenvectors holding ``threshold`` of the energy. On error
-        the previous bases stay as they were. Returns ``self``.
+        the previous bases stay as they were. Returns ``self``. A key in ``exclude`` /
+        ``subtract`` / ``include`` that was never observed is an error (the class meant to be
+        forgotten may have been observed under another key), unless ``allow_unobserved=True``.
 
         ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
         whose rank is a small part of the width, else dense), ``"eigh"`` (dense: exact
@@ -200,69 +187,43 @@ class NullSpaceProjector:
         drops them (a later request needs a new pass over the data).
         """
         threshold = self.threshold if threshold is None else ops.check_threshold(threshold)
-        if method not in ops.METHODS:
-            raise ValueError(f"build(): method must be one of {ops.METHODS}, got {method!r}")
+        if method not in ops.EIGENSOLVERS:
+            raise ValueError(f"build(): method must be one of {ops.EIGENSOLVERS}, got {method!r}")
         keep_covariances = distributed.check_keep(keep_covariances)
-        exclude, subtract = _key_set(exclude, "exclude"), _key_set(subtract, "subtract")
+        exclude, subtract = key_set(exclude, "exclude"), key_set(subtract, "subtract")
+        include = None if include is None else key_set(include, "include")
         group = distributed.resolve_group(process_group)
         if group is not None:
             new_bases, new_complements, kept = distributed.build(
-                self, group, exclude=exclude, include=include, subtract=subtract, threshold=threshold,
-                generator=generator, method=method, keep_covariances=keep_covariances,
+                self.store, self.layers, group, exclude=exclude, include=include, subtract=subtract,
+                threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
+                allow_unobserved=allow_unobserved,
             )
-            self._bases, self._complements = new_bases, new_complements
+            self._set_bases(new_bases, new_complements)
             self.built_from, self.built_threshold = tuple(kept), threshold
             return self
-        if not self._covariances:
+        if not self.store:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
-        kept = self._kept_groups(self.groups, exclude, include, subtract)
-        covariances = [self._kept_covariance(name, kept, subtract) for name in self.layers]
-        bases = ops.energy_bases(covariances, threshold, generator, method=method)
-        new_bases, new_complements = {}, {}
-        for layer, basis in zip(self.layers.values(), bases):
-            basis = basis.to(layer.weight.device)
-            new_bases[layer.name] = basis
-            if 2 * basis.shape[1] > layer.dim:  # cheaper to keep the null space than to remove U
-                new_complements[layer.name] = ops.complement_basis(basis)
-        self._bases, self._complements = new_bases, new_complements
+        kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
+        new_bases = {}
+        for layer in self.layers.values():  # one kept sum alive at a time
+            covariance = self.store.kept_sum(layer.name, kept, subtract)
+            basis = ops.energy_bases([covariance], threshold, generator, method=method)[0]
+            del covariance
+            new_bases[layer.name] = basis.to(layer.weight.device)
+        self._set_bases(new_bases)
         self.built_from = tuple(kept)
         self.built_threshold = threshold
         if keep_covariances == "none":
             self.reset()
         return self
 
-    def _kept_groups(self, observed: list, exclude: set, include, subtract: set, stacklevel: int = 3) -> list:
-        """The groups whose covariances a build sums (``observed``: over every rank, in order)."""
-        unknown = (exclude | subtract | (set(include) if include is not None else set())) - set(observed)
-        if unknown:
-            warnings.warn(
-                f"build(): groups {sorted(map(str, unknown))} were never observed; observed: "
-                f"{sorted(map(str, observed))}",
-                UserWarning,
-                stacklevel=stacklevel,
-            )
-        candidates = observed if include is None else [k for k in observed if k in set(include)]
-        kept = [k for k in candidates if k not in exclude and k not in subtract]
-        if not kept:
-            raise ValueError(
-                f"build(): no group left after exclude={sorted(map(str, exclude))}; "
-                f"observed: {sorted(map(str, observed))}"
-            )
-        return kept
-
-    def _kept_covariance(self, name: str, kept: list, subtract: set) -> torch.Tensor:
-        parts = [self._covariances[k][name] for k in kept if name in self._covariances[k]]
-        if not parts:
-            raise RuntimeError(
-                f"layer {name!r} saw no input in groups {kept}: did its forward run inside observe()? "
-                "Leave it out with modules=[...] if the model never calls it"
-            )
-        total = torch.stack(parts).sum(0)
-        for key in subtract:
-            removed = self._covariances.get(key, {}).get(name)
-            if removed is not None:
-                total -= removed
-        return total
+    def _set_bases(self, bases: dict[str, torch.Tensor], complements: dict | None = None) -> None:
+        """Install new bases (and the complements where they are cheaper) all at once."""
+        if complements is None:
+            complements = {name: complement_if_cheaper(basis) for name, basis in bases.items()}
+        self._bases = bases
+        self._complements = {name: q for name, q in complements.items() if q is not None}
 
     # ------------------------------------------------------------------ project
     @property
@@ -338,14 +299,7 @@ class NullSpaceProjector:
             "threshold": self.threshold,
             "dtype": str(self.dtype).removeprefix("torch."),
             "layers": {name: layer.dim for name, layer in self.layers.items()},
-            "groups": [
-                {
-                    "key": key,
-                    "covariances": dict(self._covariances[key]),
-                    "counts": {n: torch.tensor(c, dtype=torch.int64) for n, c in self._counts[key].items()},
-                }
-                for key in self._covariances
-            ],
+            "groups": self.store.state_dict(),
             "bases": dict(self._bases),
             "built_from": list(self.built_from),
             "built_threshold": self.built_threshold,
@@ -366,19 +320,14 @@ class NullSpaceProjector:
                 f"{extra}, different input widths {resized}"
             )
         dtype = getattr(torch, state["dtype"])
-        covariances, counts = {}, {}
-        for entry in state["groups"]:
-            key = entry["key"]
-            covariances[key] = {
-                n: t.to(self.layers[n].weight.device, dtype) for n, t in entry["covariances"].items()
-            }
-            counts[key] = {n: int(c) for n, c in entry["counts"].items()}
-        bases = {n: t.to(self.layers[n].weight.device) for n, t in state["bases"].items()}
-        complements = {n: ops.complement_basis(b) for n, b in bases.items() if 2 * b.shape[1] > mine[n]}
-        self.threshold = ops.check_threshold(state["threshold"])
-        self.dtype = dtype
-        self._covariances, self._counts = covariances, counts
-        self._bases, self._complements = bases, complements
+        devices = {name: layer.weight.device for name, layer in self.layers.items()}
+        matrices, rows = CovarianceStore.parse_state(state["groups"], dtype, devices)
+        bases = {n: t.to(devices[n]) for n, t in state["bases"].items()}
+        threshold = ops.check_threshold(state["threshold"])
+        store = CovarianceStore(dtype)
+        store.replace(matrices, rows)
+        self.threshold, self.store = threshold, store
+        self._set_bases(bases)
         self.built_from = tuple(state["built_from"])
         self.built_threshold = state["built_threshold"]
         return self
@@ -396,11 +345,3 @@ class NullSpaceProjector:
             f"groups={self.groups}, {status})"
         )
 
-
-def _key_set(keys, argument: str) -> set:
-    if isinstance(keys, (str, int)):
-        keys = (keys,)
-    try:
-        return {k.item() if isinstance(k, torch.Tensor) else k for k in keys}
-    except TypeError:
-        raise TypeError(f"{argument} must be a label, a group name or an iterable of them, got {keys!r}") from None

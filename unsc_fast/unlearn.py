@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from unsc_fast.calibration import calibrated_labels, random_labels
 from unsc_fast.optimizer import NullSpaceOptimizer
 from unsc_fast.projector import NullSpaceProjector
-from unsc_fast.training import Progress, frozen_batchnorm, make_loader, predict_logits
+from unsc_fast.training import Progress, fit, make_loader, model_device, predict_logits
 
 
 @dataclass
@@ -34,32 +34,6 @@ class UnlearnResult:
     labels: torch.Tensor
     seconds: float
     losses: list[float] = field(default_factory=list)
-
-
-def _excluded_mask(num_classes: int, y: torch.Tensor, excluded: Iterable[int]) -> torch.Tensor:
-    """(N, num_classes) True where a class is not allowed as a new label for that sample."""
-    mask = torch.zeros(len(y), num_classes, dtype=torch.bool)
-    mask[torch.arange(len(y)), y] = True
-    excluded = list(excluded)
-    if excluded:
-        mask[:, excluded] = True
-    if bool(mask.all(1).any()):
-        raise ValueError("no class is left to relabel with: every class is excluded")
-    return mask
-
-
-def calibrated_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
-    """Each sample's most likely class under ``model`` among those not excluded (nor its own)."""
-    logits = predict_logits(model, x).float().cpu()
-    mask = _excluded_mask(logits.shape[1], y.cpu(), excluded_classes)
-    return logits.masked_fill(mask, float("-inf")).argmax(1)
-
-
-def random_labels(y: torch.Tensor, num_classes: int, excluded_classes=(), generator=None) -> torch.Tensor:
-    """A uniformly random allowed class per sample (never its own label or an excluded class)."""
-    mask = _excluded_mask(num_classes, y.cpu(), excluded_classes)
-    weights = (~mask).float()
-    return torch.multinomial(weights, 1, generator=generator).flatten()
 
 
 def unlearn(
@@ -110,22 +84,8 @@ def unlearn(
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
-    device = next(model.parameters()).device
     loader = make_loader(x_forget, labels, batch_size, shuffle=True, seed=seed)
-    losses = []
-    with frozen_batchnorm(model):
-        for epoch in range(epochs):
-            total = 0.0
-            for inputs, targets in loader:
-                inputs, targets = inputs.to(device), targets.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(inputs), targets)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(inputs)
-            losses.append(total / len(x_forget))
-            if progress is not None:
-                progress(f"unlearn: epoch {epoch + 1}/{epochs}, loss {losses[-1]:.4f}")
+    losses = fit(model, loader, optimizer, epochs=epochs, freeze_batchnorm=True, progress=progress, label="unlearn")
     return UnlearnResult(model, projector if project else None, labels, time.perf_counter() - start, losses)
 
 
@@ -141,7 +101,7 @@ def _ready_projector(model, projector, remain, forget_classes, threshold, progre
     if remain is not None:
         if progress is not None:
             progress(f"observing {len(remain[0])} remaining samples")
-        projector.collect(make_loader(remain[0], remain[1], batch_size=256), device=next(model.parameters()).device)
+        projector.collect(make_loader(remain[0], remain[1], batch_size=256), device=model_device(model))
     elif projector.built and not forget_classes:
         return projector
     observed = set(projector.groups)

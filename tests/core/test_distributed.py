@@ -230,7 +230,7 @@ def _ddp_scenario(rank: int, world: int) -> dict:
     x_local, y_local = halves(x, y, rank, world)
     with torch.no_grad(), projector.observe(labels=y_local[y_local != 0]):
         ddp(x_local[y_local != 0])  # hooks on ddp.module fire through DDP's forward
-    projector.build(exclude=(0,))
+    projector.build()  # class 0 was never observed: nothing to exclude
     optimizer = NullSpaceOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1), projector)
     forget_x, forget_y = x_local[y_local == 0], (y_local[y_local == 0] + 1) % 4
     worst = 0.0
@@ -273,11 +273,11 @@ def _fsdp2_scenario(rank: int, world: int) -> dict:
     x_local, y_local = halves(x, y, rank, world)
     with torch.no_grad(), projector.observe(labels=y_local[y_local != 0]):
         sharded(x_local[y_local != 0])
-    projector.build(exclude=(0,))
+    projector.build()  # class 0 was never observed: nothing to exclude
     single = NullSpaceProjector(reference, threshold=0.9)
     with torch.no_grad(), single.observe(labels=y[y != 0]):
         reference(x[y != 0])
-    single.build(exclude=(0,), process_group="local")
+    single.build(process_group="local")
 
     inner = lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)  # noqa: E731
     optimizer = NullSpaceOptimizer(inner(sharded), projector)

@@ -10,7 +10,8 @@ from unsc_fast.evaluation.data import class_mask, load_digits_split
 from unsc_fast.evaluation.models import DigitsCNN
 from unsc_fast.evaluation.metrics import accuracy
 from unsc_fast.evaluation.recipes import train
-from unsc_fast.unlearn import calibrated_labels, random_labels, unlearn
+from unsc_fast.calibration import calibrated_labels, random_labels
+from unsc_fast.unlearn import unlearn
 
 
 class FixedLogits(nn.Module):

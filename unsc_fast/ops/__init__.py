@@ -200,15 +200,15 @@ def check_threshold(threshold: float, name: str = "threshold") -> float:
     return value
 
 
-METHODS = ("auto", "eigh", "randomized")
+EIGENSOLVERS = ("auto", "eigh", "randomized")
 
 
 def _energy_method(method: str, d: int) -> str:
     """``auto``: dense eigh below ``randomized.MIN_RANDOMIZED_DIM`` (it is as fast there), else
     the randomized sketch with a budget of ``MAX_RANK_FRACTION * d`` columns, past which
     eigh is cheaper and takes over (the crossover measured in docs/extension.md)."""
-    if method not in METHODS:
-        raise ValueError(f"energy_basis: method must be one of {METHODS}, got {method!r}")
+    if method not in EIGENSOLVERS:
+        raise ValueError(f"energy_basis: method must be one of {EIGENSOLVERS}, got {method!r}")
     if method == "auto":
         return "randomized" if d >= randomized.MIN_RANDOMIZED_DIM else "eigh"
     return method

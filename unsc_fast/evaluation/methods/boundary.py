@@ -16,7 +16,7 @@ from torch import nn
 from unsc_fast.evaluation.methods.base import UnlearningMethod
 from unsc_fast.evaluation.methods.training_loop import excluded_classes, fine_tune
 from unsc_fast.training import eval_mode, model_device, predict_logits
-from unsc_fast.unlearn import _excluded_mask
+from unsc_fast.calibration import disallowed_labels
 
 DEFAULTS = dict(epsilon=0.5, epochs=5, lr=2e-3, momentum=0.9, batch_size=32)
 
@@ -33,7 +33,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float) -> 
 def boundary_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, excluded=()) -> torch.Tensor:
     """The class each sample's adversarial example is predicted as, never its own or an excluded one."""
     logits = predict_logits(model, fgsm(model, x, y, epsilon)).float().cpu()
-    return logits.masked_fill(_excluded_mask(logits.shape[1], y.cpu(), excluded), float("-inf")).argmax(1)
+    return logits.masked_fill(disallowed_labels(logits.shape[1], y.cpu(), excluded), float("-inf")).argmax(1)
 
 
 def run(model, scenario, settings, seed, progress):

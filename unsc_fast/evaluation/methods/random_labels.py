@@ -7,7 +7,7 @@ import torch
 
 from unsc_fast.evaluation.methods.base import UnlearningMethod
 from unsc_fast.evaluation.methods.training_loop import excluded_classes, fine_tune
-from unsc_fast.unlearn import random_labels
+from unsc_fast.calibration import random_labels
 
 DEFAULTS = dict(epochs=5, lr=0.01, momentum=0.9, batch_size=64)
 

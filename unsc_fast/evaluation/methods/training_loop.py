@@ -1,14 +1,14 @@
-"""The fine-tuning loop the baselines share: one objective per batch, optionally negated
-(gradient ascent), regularised (l1-sparse) or with a gradient mask on the weights (SalUn)."""
+"""How the baselines fine-tune: an optimizer and schedule by name around the core's one
+training loop (``unsc_fast.training.fit``), with the objective optionally negated (gradient
+ascent) or regularised (l1-sparse), or a gradient mask on the weights (SalUn)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from unsc_fast.training import Progress, make_loader
+from unsc_fast.training import Progress, fit, make_loader
 
 # penalty(model, fraction_of_training_done) -> scalar tensor added to the loss
 Penalty = Callable[[nn.Module, float], torch.Tensor]
@@ -49,40 +49,27 @@ def fine_tune(
     """
     if epochs <= 0 or len(x) == 0:
         return []
-    device = next(model.parameters()).device
     loader = make_loader(x, y, batch_size, shuffle=True, seed=seed)
     opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
-    total_steps = epochs * len(loader)
     if schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
     elif schedule == "constant":
         scheduler = None
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choose constant or cosine")
-    model.train()
-    losses, step = [], 0
-    for epoch in range(epochs):
-        total = 0.0
-        for inputs, targets in loader:
-            inputs, targets = inputs.to(device), targets.to(device)
-            loss = F.cross_entropy(model(inputs), targets)
-            objective = -loss if ascent else loss
-            if penalty is not None:
-                objective = objective + penalty(model, step / total_steps)
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            if gradient_mask is not None:
-                for parameter, mask in gradient_mask.items():
-                    if parameter.grad is not None:
-                        parameter.grad.mul_(mask)
-            opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            step += 1
-            total += loss.item() * len(inputs)
-        losses.append(total / len(x))
-        if progress is not None:
-            progress(f"{label}: epoch {epoch + 1}/{epochs}, loss {losses[-1]:.4f}")
+
+    def objective(loss: torch.Tensor, fraction: float) -> torch.Tensor:
+        value = -loss if ascent else loss
+        return value if penalty is None else value + penalty(model, fraction)
+
+    def mask_gradients() -> None:
+        for parameter, mask in gradient_mask.items():
+            if parameter.grad is not None:
+                parameter.grad.mul_(mask)
+
+    losses = fit(model, loader, opt, epochs=epochs, objective=objective, scheduler=scheduler,
+                 after_backward=mask_gradients if gradient_mask is not None else None,
+                 progress=progress, label=label)
     model.eval()
     return losses
 
