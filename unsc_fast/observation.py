@@ -4,11 +4,18 @@ Hooks accumulate into pending buffers; the root module's forward hook commits th
 the whole forward has succeeded, after one finiteness check per layer (a NaN/Inf anywhere
 in a column of the input shows up on the diagonal of ``x^T x``). A forward that raises
 leaves nothing behind: the next forward (or the end of the block) starts from clean buffers.
+
+Module hooks are global to the module, not to the thread: a forward that another thread runs
+on the same model while the block is open would fire them too, and be filed under this
+block's labels. So an ``Observation`` belongs to the thread that opened it: the hooks, the
+discard and the commit do nothing in any other thread (those forwards run unrecorded, and
+are counted in ``foreign_calls`` so that an empty block can say why).
 """
 from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Hashable, Iterable
 
 import torch
@@ -42,6 +49,9 @@ class Observation:
         self.pending: dict[tuple[Hashable, str], list] = {}  # (key, name) -> [delta, rows]
         self.handles: list = []
         self.calls = 0  # layer forwards seen, committed or not
+        self.foreign_calls = 0  # layer forwards run by other threads, never recorded
+        self.thread = threading.get_ident()  # the thread whose forwards are recorded
+        self.inputs_finite: dict[str, list[torch.Tensor]] = {}  # per layer, this forward's input checks
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # hooks -------------------------------------------------------------------
@@ -58,11 +68,20 @@ class Observation:
         self.handles.clear()
         self.discard()
 
+    def records(self) -> bool:
+        """True in the thread that opened the block: only its forwards are observed."""
+        return threading.get_ident() == self.thread
+
     def discard(self) -> None:
-        self.pending.clear()
+        if self.records():
+            self.pending.clear()
+            self.inputs_finite.clear()
 
     # accumulation -------------------------------------------------------------
     def _accumulate(self, layer: TrackedLayer, module, args, kwargs, output) -> None:
+        if not self.records():
+            self.foreign_calls += 1
+            return
         x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
         self.calls += 1
         layer.check_input(x)
@@ -76,6 +95,8 @@ class Observation:
         rows_per_sample = _rows_per_sample(layer, x, output)
         with torch.no_grad():
             x = x.detach()
+            # Kept (unsynchronised) to tell NaN/Inf inputs from an overflow of x^T x at commit.
+            self.inputs_finite.setdefault(layer.name, []).append(torch.isfinite(x).all())
             for position, (key, index) in enumerate(self.groups):
                 part = x if index is None else x.index_select(0, self._index(position, index, x.device))
                 entry = self.pending.get((key, layer.name))
@@ -94,19 +115,34 @@ class Observation:
 
     # commit -------------------------------------------------------------------
     def commit(self) -> None:
-        """Check every pending delta, then add them all to the store."""
+        """Check every pending delta, then add them all to the store (this thread's forwards only)."""
+        if not self.records():
+            return
         pending, self.pending = self.pending, {}
+        inputs_finite, self.inputs_finite = self.inputs_finite, {}
         if not pending:
             return
         finite = _finite_flags([delta for delta, _ in pending.values()])
         for (key, name), ok in zip(pending, finite):
             if not ok:
-                raise ValueError(
-                    f"layer {name!r}: the observed batch has NaN or Inf inputs (group {key!r}); "
-                    "nothing from this batch was kept"
-                )
+                raise ValueError(_non_finite_message(key, name, pending[(key, name)][0], inputs_finite.get(name, [])))
         for (key, name), (delta, rows) in pending.items():
             self.store.add(key, name, delta, rows)
+
+
+def _non_finite_message(key, name: str, delta: torch.Tensor, inputs_finite: list[torch.Tensor]) -> str:
+    """Why a layer's ``x^T x`` is not finite: bad inputs, or finite inputs whose products
+    overflowed the accumulation dtype (large activations in float32: the fix differs)."""
+    if inputs_finite and all(bool(flag) for flag in inputs_finite):
+        return (
+            f"layer {name!r}: overflow: the inputs are finite but x^T x exceeds the range of "
+            f"{delta.dtype} (group {key!r}): use dtype=torch.float64 or rescale the inputs; "
+            "nothing from this batch was kept"
+        )
+    return (
+        f"layer {name!r}: the observed batch has NaN or Inf inputs (group {key!r}); "
+        "nothing from this batch was kept"
+    )
 
 
 def _rows_per_sample(layer: TrackedLayer, x: torch.Tensor, output) -> int:

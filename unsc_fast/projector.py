@@ -90,6 +90,11 @@ class NullSpaceProjector:
         is committed whole or not at all: a batch that fails (label count mismatch,
         non-finite activations) leaves the stored covariances exactly as they were.
         The hooks are removed on exit, also when the body raises.
+
+        Only the forwards run by the thread that entered the block are recorded: hooks are
+        global to the module, so another thread using the same model meanwhile (a serving
+        thread, a data-parallel replica's worker) would otherwise have its inputs filed
+        under this block's labels. Those forwards run normally, unrecorded.
         """
         if self._observation is not None:
             raise RuntimeError("observe() is already active on this projector; it does not nest")
@@ -102,9 +107,14 @@ class NullSpaceProjector:
             yield self
             observation.commit()
             if not observation.calls:
+                elsewhere = (
+                    f"; {observation.foreign_calls} layer forwards ran in other threads, which "
+                    "observe() never records: run the model in the thread that entered the block"
+                    if observation.foreign_calls else ""
+                )
                 warnings.warn(
                     "observe(): no tracked layer ran inside the block, so nothing was recorded "
-                    "(was the model called, and not a compiled copy of it?)",
+                    f"(was the model called, and not a compiled copy of it?){elsewhere}",
                     UserWarning,
                     stacklevel=3,
                 )
