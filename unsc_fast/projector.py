@@ -22,6 +22,7 @@ from unsc_fast.training import eval_mode
 from unsc_fast.bases import complement_if_cheaper
 from unsc_fast.layers import TrackedLayer, find_layers
 from unsc_fast.observation import Observation
+from unsc_fast.state_validation import parse_projector_state
 from unsc_fast.store import CovarianceStore, key_set
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
@@ -316,30 +317,25 @@ class NullSpaceProjector:
         }
 
     def load_state_dict(self, state: dict) -> "NullSpaceProjector":
-        """Restore a ``state_dict``; tensors follow each layer's weight device. All or nothing."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a NullSpaceProjector state (expected format {STATE_FORMAT!r})")
-        saved = dict(state["layers"])
-        mine = {name: layer.dim for name, layer in self.layers.items()}
-        if saved != mine:
-            missing = sorted(set(mine) - set(saved))
-            extra = sorted(set(saved) - set(mine))
-            resized = sorted(n for n in set(mine) & set(saved) if mine[n] != saved[n])
-            raise ValueError(
-                f"projector state does not fit this model: missing layers {missing}, unknown layers "
-                f"{extra}, different input widths {resized}"
-            )
-        dtype = getattr(torch, state["dtype"])
-        devices = {name: layer.weight.device for name, layer in self.layers.items()}
-        matrices, rows = CovarianceStore.parse_state(state["groups"], dtype, devices)
-        bases = {n: t.to(devices[n]) for n, t in state["bases"].items()}
-        threshold = ops.check_threshold(state["threshold"])
-        store = CovarianceStore(dtype)
-        store.replace(matrices, rows)
-        self.threshold, self.store = threshold, store
-        self._set_bases(bases)
-        self.built_from = tuple(state["built_from"])
-        self.built_threshold = state["built_threshold"]
+        """Restore a ``state_dict``; tensors follow each layer's weight device.
+
+        All or nothing: the whole state is checked first (``unsc_fast.state_validation``:
+        layer names and widths, shapes, dtypes, finite values, orthonormal bases, counts,
+        thresholds) and nothing changes unless every check passes.
+        """
+        parsed = parse_projector_state(
+            state,
+            STATE_FORMAT,
+            widths={name: layer.dim for name, layer in self.layers.items()},
+            devices={name: layer.weight.device for name, layer in self.layers.items()},
+        )
+        complements = {name: complement_if_cheaper(basis) for name, basis in parsed.bases.items()}
+        store = CovarianceStore(parsed.dtype)
+        store.replace(parsed.matrices, parsed.rows)
+        self.threshold, self.store = parsed.threshold, store
+        self._set_bases(parsed.bases, complements)
+        self.built_from = parsed.built_from
+        self.built_threshold = parsed.built_threshold
         return self
 
     def save(self, path) -> None:
