@@ -20,6 +20,7 @@ from torch import nn
 from unsc_fast import distributed, ops
 from unsc_fast.training import eval_mode
 from unsc_fast.bases import complement_if_cheaper
+from unsc_fast.build_checks import check_rows, check_subtraction
 from unsc_fast.layers import TrackedLayer, find_layers
 from unsc_fast.observation import Observation
 from unsc_fast.state_validation import parse_projector_state
@@ -184,6 +185,9 @@ class NullSpaceProjector:
         the previous bases stay as they were. Returns ``self``. A key in ``exclude`` /
         ``subtract`` / ``include`` that was never observed is an error (the class meant to be
         forgotten may have been observed under another key), unless ``allow_unobserved=True``.
+        So is a layer left with 0 input rows (only empty batches observed: its basis would be
+        empty and its updates unprojected) and a ``subtract`` group that is not inside the kept
+        ones (the remainder is indefinite; see ``unsc_fast.build_checks``).
 
         ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
         whose rank is a small part of the width, else dense), ``"eigh"`` (dense: exact
@@ -216,9 +220,11 @@ class NullSpaceProjector:
         if not self.store:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
         kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
+        check_rows(self.store, self.layers, kept, subtract)
         new_bases = {}
         for layer in self.layers.values():  # one kept sum alive at a time
             covariance = self.store.kept_sum(layer.name, kept, subtract)
+            check_subtraction(self.store, layer.name, covariance, subtract)
             basis = ops.energy_bases([covariance], threshold, generator, method=method)[0]
             del covariance
             new_bases[layer.name] = basis.to(layer.weight.device)

@@ -1,0 +1,74 @@
+"""Checks that a build request can do what it says, before its bases are trusted (RELIABILITY 66).
+
+Two requests used to build "successfully" and protect nothing:
+
+- Only empty batches observed (0 rows): every covariance is zero, the bases have rank 0,
+  ``built`` is True and the optimizer takes unprojected steps.
+- ``subtract=`` a group whose samples are not inside the kept groups: ``kept - subtracted``
+  is then indefinite, and an energy threshold over negative eigenvalues means nothing.
+
+``check_rows`` runs once before the solves; ``check_subtraction`` on each layer's kept sum.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from unsc_fast.store import CovarianceStore, listed
+
+# Cancellation in ``kept - subtracted`` is relative to the kept sum before subtraction; a
+# deficit larger than this many ulps of it is a real one, not rounding.
+SUBTRACTION_ULPS = 1e4
+# Above this width the definiteness test (a Cholesky factorisation, d^3/3) is skipped and
+# only the diagonal is checked: the wide layers are those built with a sketch to avoid d^3.
+MAX_DEFINITENESS_CHECK_DIM = 4096
+
+
+def check_rows(store: CovarianceStore, names: Iterable[str], kept: list, subtract: Iterable = ()) -> None:
+    """Refuse a build in which a layer that was observed has no input row left."""
+    subtract = list(subtract)
+    empty = [
+        name for name in names
+        if any(store.matrix(key, name) is not None for key in kept)
+        and store.kept_rows(name, kept, subtract) <= 0
+    ]
+    if empty:
+        raise RuntimeError(
+            f"build(): layers {empty} have 0 input rows in groups {listed(kept)}"
+            + (f" less {listed(subtract)}" if subtract else "")
+            + " (only empty batches were observed, or subtract removed every row): their bases "
+            "would be empty and every update to them unprojected; observe non-empty batches"
+        )
+
+
+def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tensor, subtract: Iterable) -> None:
+    """Refuse ``covariance`` (kept sum less the ``subtract`` groups) when it is clearly
+    indefinite, i.e. the subtracted samples were not part of the kept ones."""
+    parts = [store.matrix(key, name) for key in subtract]
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        return
+    after = covariance.diagonal().to(torch.float64)
+    removed = torch.stack([part.diagonal().to(device=after.device, dtype=torch.float64) for part in parts]).sum(0)
+    before = after + removed
+    tolerance = SUBTRACTION_ULPS * torch.finfo(covariance.dtype).eps
+    trace_before = float(before.sum())
+    problems = []
+    if bool((after < -tolerance * before).any()):
+        problems.append(f"negative diagonal mass {float(after.clamp(max=0).sum()):.4g}")
+    d = covariance.shape[0]
+    if not problems and 0 < d <= MAX_DEFINITENESS_CHECK_DIM and trace_before > 0:
+        shifted = covariance.to(torch.float64) + tolerance * trace_before * torch.eye(
+            d, dtype=torch.float64, device=covariance.device
+        )
+        if int(torch.linalg.cholesky_ex(shifted).info) != 0:
+            smallest = float(torch.linalg.eigvalsh(covariance.to(torch.float64))[0])
+            problems.append(f"min eigenvalue {smallest:.4g}")
+    if problems:
+        raise ValueError(
+            f"build(subtract={listed(subtract)}): layer {name!r}: the kept covariance less the "
+            f"subtracted groups is indefinite ({', '.join(problems)}; trace before subtraction "
+            f"{trace_before:.4g}): the subtracted samples are not inside the kept groups. Subtract "
+            "only a group whose samples were also observed under the kept keys"
+        )
