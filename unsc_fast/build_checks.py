@@ -7,10 +7,12 @@ Two requests used to build "successfully" and protect nothing:
 - ``subtract=`` a group whose samples are not inside the kept groups: ``kept - subtracted``
   is then indefinite, and an energy threshold over negative eigenvalues means nothing.
 
-``check_rows`` runs once before the solves; ``check_subtraction`` on each layer's kept sum.
+``check_rows`` runs once before the solves; ``check_subtraction`` on each layer's kept sum;
+``warn_if_everything_blocked`` on the new bases (the opposite no-op: nothing can move).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -71,4 +73,18 @@ def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tenso
             f"subtracted groups is indefinite ({', '.join(problems)}; trace before subtraction "
             f"{trace_before:.4g}): the subtracted samples are not inside the kept groups. Subtract "
             "only a group whose samples were also observed under the kept keys"
+        )
+
+
+def warn_if_everything_blocked(bases: dict[str, torch.Tensor], stacklevel: int = 3) -> None:
+    """Warn when every tracked layer's basis spans its whole input space: every update is
+    then projected to zero, and fine-tuning under the projector cannot change the model."""
+    if bases and all(basis.shape[1] == basis.shape[0] > 0 for basis in bases.values()):
+        warnings.warn(
+            f"build(): every tracked layer's basis spans its whole input space ({len(bases)} layers, "
+            "k = d), so every update to them is projected to zero and unlearning cannot change "
+            "these weights: lower the threshold, or observe less data (a sample-wise request "
+            "whose remaining data spans everything leaves no null space)",
+            UserWarning,
+            stacklevel=stacklevel,
         )

@@ -20,7 +20,7 @@ from torch import nn
 from unsc_fast import distributed, ops
 from unsc_fast.training import eval_mode
 from unsc_fast.bases import complement_if_cheaper
-from unsc_fast.build_checks import check_rows, check_subtraction
+from unsc_fast.build_checks import check_rows, check_subtraction, warn_if_everything_blocked
 from unsc_fast.layers import TrackedLayer, find_layers
 from unsc_fast.observation import Observation
 from unsc_fast.state_validation import parse_projector_state
@@ -214,6 +214,7 @@ class NullSpaceProjector:
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
                 allow_unobserved=allow_unobserved,
             )
+            warn_if_everything_blocked(new_bases)
             self._set_bases(new_bases, new_complements)
             self.built_from, self.built_threshold = tuple(kept), threshold
             return self
@@ -228,6 +229,7 @@ class NullSpaceProjector:
             basis = ops.energy_bases([covariance], threshold, generator, method=method)[0]
             del covariance
             new_bases[layer.name] = basis.to(layer.weight.device)
+        warn_if_everything_blocked(new_bases)
         self._set_bases(new_bases)
         self.built_from = tuple(kept)
         self.built_threshold = threshold

@@ -108,3 +108,19 @@ def test_never_observed_label_and_out_of_range_forget_class_are_named():
     for calibrate in (True, False):
         with pytest.raises(ValueError, match=r"forget_classes \[7\] are outside the model's classes 0..4"):
             unlearn(model, forget=(x[:2], y[:2]), remain=(x[2:], y[2:]), forget_classes=[7], calibrate=calibrate)
+
+
+def test_bases_that_block_every_update_are_announced():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    projector = NullSpaceProjector(model)
+    with projector.observe():
+        model(torch.randn(20, 3))
+    with pytest.warns(UserWarning, match=r"every tracked layer's basis spans its whole input space \(2 layers"):
+        projector.build(threshold=1.0)
+    assert projector.ranks() == {"0": 3, "2": 4}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        projector.build(threshold=0.5)  # a null space is left: no warning
