@@ -72,6 +72,8 @@ BROKEN = [
     ("string basis", ("bases", "0"), "U", r"layer '0' basis must be a tensor, got str"),
     ("string covariance", ("groups", 0, "covariances", "0"), "C", r"layer '0' covariance \(group 0\) must be a tensor"),
     ("integer basis", ("bases", "2"), lambda u: u.long(), r"layer '2' basis must be a floating-point tensor"),
+    ("half basis", ("bases", "2"), lambda u: u.half(), r"layer '2' basis must be float32 or float64, got torch.float16"),
+    ("bool count", ("groups", 0, "counts", "2"), True, r"layer '2' count \(group 0\) must be a non-negative integer"),
     ("negative count", ("groups", 0, "counts", "2"), torch.tensor(-1), r"layer '2' count \(group 0\) must be a non-negative integer"),
     ("float count", ("groups", 0, "counts", "2"), torch.tensor(2.5), r"layer '2' count \(group 0\) must be a non-negative integer"),
     ("string count", ("groups", 0, "counts", "2"), "2", r"layer '2' count \(group 0\)"),
