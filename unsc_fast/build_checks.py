@@ -68,10 +68,14 @@ def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tenso
             smallest = float(torch.linalg.eigvalsh(covariance.to(torch.float64))[0])
             problems.append(f"min eigenvalue {smallest:.4g}")
     if problems:
+        rounding = (
+            " (or, if they are, the float32 sums cancelled: observe with dtype=torch.float64)"
+            if covariance.dtype == torch.float32 else ""
+        )
         raise ValueError(
             f"build(subtract={listed(subtract)}): layer {name!r}: the kept covariance less the "
             f"subtracted groups is indefinite ({', '.join(problems)}; trace before subtraction "
-            f"{trace_before:.4g}): the subtracted samples are not inside the kept groups. Subtract "
+            f"{trace_before:.4g}): the subtracted samples are not inside the kept groups{rounding}. Subtract "
             "only a group whose samples were also observed under the kept keys"
         )
 
