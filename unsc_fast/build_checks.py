@@ -44,16 +44,34 @@ def check_rows(store: CovarianceStore, names: Iterable[str], kept: list, subtrac
         )
 
 
+def subtracted_diagonal(store: CovarianceStore, name: str, subtract: Iterable, dim: int,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """The diagonal (float64, length ``dim``) of this process's ``subtract`` sums for layer
+    ``name``: zeros where none was observed (distributed ranks sum theirs)."""
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    for key in subtract:
+        part = store.matrix(key, name)
+        if part is not None:
+            total += part.diagonal().to(device=total.device, dtype=torch.float64)
+    return total
+
+
 def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tensor, subtract: Iterable) -> None:
     """Refuse ``covariance`` (kept sum less the ``subtract`` groups) when it is clearly
     indefinite, i.e. the subtracted samples were not part of the kept ones."""
-    parts = [store.matrix(key, name) for key in subtract]
-    parts = [part for part in parts if part is not None]
-    if not parts:
+    subtract = list(subtract)
+    if not any(store.matrix(key, name) is not None for key in subtract):
         return
+    removed = subtracted_diagonal(store, name, subtract, covariance.shape[0], covariance.device)
+    check_definite(name, covariance, removed, subtract)
+
+
+def check_definite(name: str, covariance: torch.Tensor, removed: torch.Tensor, subtract: Iterable) -> None:
+    """``covariance`` is a kept sum less groups whose diagonals add up to ``removed``: raise
+    when it is clearly indefinite (a diagonal entry, or below ``MAX_DEFINITENESS_CHECK_DIM``
+    the smallest eigenvalue, more negative than rounding of the sum before subtraction allows)."""
     after = covariance.diagonal().to(torch.float64)
-    removed = torch.stack([part.diagonal().to(device=after.device, dtype=torch.float64) for part in parts]).sum(0)
-    before = after + removed
+    before = after + removed.to(after.device)
     tolerance = SUBTRACTION_ULPS * torch.finfo(covariance.dtype).eps
     trace_before = float(before.sum())
     problems = []

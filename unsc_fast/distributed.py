@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from unsc_fast import ops
 from unsc_fast.bases import complement_if_cheaper, prefers_complement
+from unsc_fast.build_checks import check_definite, subtracted_diagonal
 from unsc_fast.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -238,6 +239,7 @@ def build(
             "observe()? Leave them out with modules=[...] if the model never calls them"
         )
 
+    removed = _pooled_subtracted_diagonals(store, names, layers, subtract, devices[0], group)
     owners = _owners([layer.dim for layer in layers], world)
     owned: dict[int, torch.Tensor] = {}
     for index, name in enumerate(names):
@@ -251,6 +253,9 @@ def build(
     error = None
     try:
         order = sorted(owned)
+        if removed is not None:  # the pooled remainder must still be a covariance
+            for index in order:
+                check_definite(names[index], owned[index], removed[index], subtract)
         bases = ops.energy_bases([owned[i] for i in order], threshold, generator, method=method)
         for index, basis in zip(order, bases):
             solved[index] = basis
@@ -295,6 +300,16 @@ def build(
     elif keep_covariances == "none":
         store.reset()
     return bases, complements, kept
+
+
+def _pooled_subtracted_diagonals(store, names, layers, subtract, device, group) -> list | None:
+    """Per layer, the diagonal of the ``subtract`` groups summed over every rank (one
+    all-reduce), which ``build_checks.check_definite`` needs on the owner; None without subtract."""
+    if not subtract:
+        return None
+    flat = torch.cat([subtracted_diagonal(store, name, subtract, layer.dim, device) for name, layer in zip(names, layers)])
+    dist.all_reduce(flat, group=group)
+    return list(flat.split([layer.dim for layer in layers]))
 
 
 def _gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, keys: list, names: list,
