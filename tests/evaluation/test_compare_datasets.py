@@ -23,6 +23,8 @@ def test_dataset_choice_and_the_data_alias():
     assert dataset_choice(_args(dataset="folder", data="imgs")) == ("folder", "imgs")
     with pytest.raises(SystemExit, match="--data DIR is the image folder"):
         dataset_choice(_args(dataset="svhn", data="imgs"))
+    with pytest.raises(SystemExit, match="--dataset cifar100 reads local files: give --data-root DIR"):
+        dataset_choice(_args(dataset="cifar100"))
 
 
 @pytest.mark.parametrize("dataset,model", [("digits", "digits_cnn"), ("mnist1d", "mnist1d_mlp"),

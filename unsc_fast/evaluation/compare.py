@@ -248,7 +248,10 @@ def dataset_choice(args) -> tuple[str, str | None]:
             raise SystemExit("--data DIR is the image folder (= --dataset folder --data-root DIR); "
                              "use --dataset NAME --data-root DIR for the other datasets")
         return "folder", data
-    return dataset or "digits", root
+    dataset = dataset or "digits"
+    if root is None and get_dataset(dataset).needs_root:
+        raise SystemExit(f"--dataset {dataset} reads local files: give --data-root DIR (nothing is downloaded)")
+    return dataset, root
 
 
 def main(args) -> int:
