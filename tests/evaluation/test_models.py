@@ -103,3 +103,27 @@ def test_cli_lists_every_model():
     from unsc_fast.evaluation.cli import MODEL_NAMES
 
     assert set(MODEL_NAMES) == set(MODELS)
+
+
+@pytest.mark.parametrize("name,shape", [("allcnn", (3, 32, 32)), ("vgg11", (3, 32, 32)),
+                                        ("alexnet", (1, 28, 28)), ("resnet18", (3, 32, 32))])
+def test_unsc_tracks_every_weight_layer_of_the_paper_models(name, shape):
+    from unsc_fast import NullSpaceProjector
+
+    model = create_model(name, 10, shape)
+    expected = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(NullSpaceProjector(model).layers) == expected  # shortcut convs and bias-free heads included
+
+
+@pytest.mark.slow  # six eigendecompositions of 864 x 864 covariances (~10-30 s on a shared CPU)
+def test_unsc_builds_a_basis_for_every_allcnn_layer():
+    from unsc_fast import NullSpaceProjector
+
+    torch.manual_seed(0)
+    model = create_model("allcnn", 10, (3, 32, 32)).eval()
+    projector = NullSpaceProjector(model, threshold=0.95)
+    with projector.observe(labels=torch.arange(2)):
+        model(torch.randn(2, 3, 32, 32))
+    projector.build(exclude=(3,))
+    assert set(projector.ranks()) == set(projector.layers)
+    assert projector.basis("features.6.0").shape[0] == 96 * 9  # a conv's rows are (in x kh x kw) patches
