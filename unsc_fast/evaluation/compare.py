@@ -22,7 +22,7 @@ from unsc_fast.evaluation.data import DatasetSplit
 from unsc_fast.evaluation.datasets import get_dataset, load_dataset
 from unsc_fast.evaluation.methods import METHODS, get_method
 from unsc_fast.evaluation.metrics import METRIC_TITLES, gap_to_reference, unlearning_metrics
-from unsc_fast.evaluation.models import MODELS, create_model
+from unsc_fast.evaluation.models import MODELS, create_model  # noqa: F401 (MODELS: kept for callers)
 from unsc_fast.evaluation.scenario import make_scenario
 from unsc_fast.evaluation.recipes import train
 from unsc_fast.training import Progress
