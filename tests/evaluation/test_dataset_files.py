@@ -2,8 +2,10 @@
 read back exactly; damaged files fail with errors naming the file; the CIFAR pickles are read
 without ever running code. Nothing is downloaded."""
 import gzip
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -128,6 +130,44 @@ def test_cifar100_python_version_reads_fine_labels(tmp_path):
     np.testing.assert_array_equal(arrays.x_test, x)
     np.testing.assert_array_equal(arrays.y_train, [5, 99, 0, 42])
     assert arrays.num_classes == 100 and arrays.class_names[99] == "f99"
+
+
+class _Python2StylePickler(pickle._Pickler):
+    """Writes a pickle as the CIFAR python-version files were written (Python 2 cPickle,
+    protocol 2): every string as a Python 2 ``str`` (BINSTRING opcodes) and numpy's rebuild
+    function under its numpy 1.x name ``numpy.core.multiarray._reconstruct``."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_python2_string(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_python2_string
+    dispatch[str] = _save_python2_string
+
+    def save_global(self, obj, name=None):
+        if obj is np.empty(0).__reduce__()[0]:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def test_a_python2_written_cifar_batch_reads_back(tmp_path):
+    x = _images(2, 3, 32)
+    buffer = io.BytesIO()
+    _Python2StylePickler(buffer, protocol=2).dump({"data": x.reshape(2, -1), "labels": [7, 0], "batch_label": "b"})
+    data = buffer.getvalue()
+    assert b"numpy.core.multiarray\n_reconstruct" in data and b"_codecs" not in data
+    (tmp_path / "data_batch_1").write_bytes(data)
+    images, labels = files.read_cifar_python_batch(tmp_path / "data_batch_1")
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, [7, 0])
 
 
 class _Payload:
