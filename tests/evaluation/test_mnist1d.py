@@ -63,5 +63,5 @@ def test_compare_on_mnist1d_end_to_end(tmp_path):
     assert code == 0
     results = json.loads((tmp_path / "comparison.json").read_text())
     assert results["dataset"]["name"] == "mnist1d" and results["dataset"]["image_shape"] == [1, 40]
-    assert results["config"]["model"] == "mnist1d_mlp"  # the default until Conv1d is tracked
+    assert results["config"]["model"] == "mnist1d_cnn"  # Conv1d layers are tracked
     assert set(results["runs"]) == {"retrain", "unsc", "finetune", "original"}

@@ -60,7 +60,7 @@ def add_compare_parser(commands) -> None:
                               "only); default: train one")
     compare.add_argument("--model", default=None, choices=MODEL_NAMES,
                          help="architecture to train or to load a state_dict into; default: the dataset's (digits: "
-                              "digits_cnn, mnist1d: mnist1d_mlp, cifar10: allcnn, cifar100: resnet18, svhn: vgg11, "
+                              "digits_cnn, mnist1d: mnist1d_cnn, cifar10: allcnn, cifar100: resnet18, svhn: vgg11, "
                               "mnist/fashionmnist: alexnet, folder: digits_cnn)")
     compare.add_argument("--train-epochs", type=int, default=30,
                          help="epochs for the original model and (unless retrain.epochs is set) the retrained one")

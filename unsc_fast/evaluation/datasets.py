@@ -2,9 +2,8 @@
 ``DatasetSplit`` and which model it gets when ``--model`` is not given.
 
 The defaults follow the UNSC paper's pairs (CIFAR-10 + All-CNN, CIFAR-100 + ResNet-18,
-SVHN + VGG-11, FashionMNIST + AlexNet). MNIST-1D defaults to its MLP for now: UNSC's
-projector does not yet track ``nn.Conv1d``; once its Conv1d adapter lands, the 1-D CNN
-(``mnist1d_cnn``, selectable today) becomes the default.
+SVHN + VGG-11, FashionMNIST + AlexNet); MNIST-1D gets its reference 1-D CNN
+(``mnist1d_cnn``, whose ``nn.Conv1d`` layers the projector tracks).
 """
 from __future__ import annotations
 
@@ -75,7 +74,7 @@ def _folder(root, image_size=None, seed=0):
 
 DATASETS = {
     "digits": DatasetSpec(_digits, "digits_cnn", needs_root=False),
-    "mnist1d": DatasetSpec(_mnist1d, "mnist1d_mlp", needs_root=False),
+    "mnist1d": DatasetSpec(_mnist1d, "mnist1d_cnn", needs_root=False),
     "cifar10": DatasetSpec(_from_files("cifar10", lambda root: dataset_files.read_cifar(root, 10)), "allcnn", True),
     "cifar100": DatasetSpec(_from_files("cifar100", lambda root: dataset_files.read_cifar(root, 100)), "resnet18", True),
     "svhn": DatasetSpec(_from_files("svhn", dataset_files.read_svhn), "vgg11", True),
