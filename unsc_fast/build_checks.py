@@ -44,15 +44,22 @@ def check_rows(store: CovarianceStore, names: Iterable[str], kept: list, subtrac
         )
 
 
-def subtracted_diagonal(store: CovarianceStore, name: str, subtract: Iterable, dim: int,
+def _diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The per-coordinate energies of a slot's statistics: the diagonal of a (d, d) or
+    (groups, d, d) covariance, or a diagonal slot's (d,) counts themselves."""
+    return matrix if matrix.dim() == 1 else matrix.diagonal(dim1=-2, dim2=-1)
+
+
+def subtracted_diagonal(store: CovarianceStore, name: str, subtract: Iterable, shape,
                         device: torch.device | None = None) -> torch.Tensor:
-    """The diagonal (float64, length ``dim``) of this process's ``subtract`` sums for layer
-    ``name``: zeros where none was observed (distributed ranks sum theirs)."""
-    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    """The diagonal (float64) of this process's ``subtract`` sums for the slot ``name`` whose
+    statistics have ``shape``: zeros where none was observed (distributed ranks sum theirs)."""
+    shape = tuple(shape)
+    total = torch.zeros(shape if len(shape) == 1 else shape[:-1], dtype=torch.float64, device=device)
     for key in subtract:
         part = store.matrix(key, name)
         if part is not None:
-            total += part.diagonal().to(device=total.device, dtype=torch.float64)
+            total += _diagonal(part).to(device=total.device, dtype=torch.float64)
     return total
 
 
@@ -62,7 +69,7 @@ def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tenso
     subtract = list(subtract)
     if not any(store.matrix(key, name) is not None for key in subtract):
         return
-    removed = subtracted_diagonal(store, name, subtract, covariance.shape[0], covariance.device)
+    removed = subtracted_diagonal(store, name, subtract, covariance.shape, covariance.device)
     check_definite(name, covariance, removed, subtract)
 
 
@@ -70,20 +77,20 @@ def check_definite(name: str, covariance: torch.Tensor, removed: torch.Tensor, s
     """``covariance`` is a kept sum less groups whose diagonals add up to ``removed``: raise
     when it is clearly indefinite (a diagonal entry, or below ``MAX_DEFINITENESS_CHECK_DIM``
     the smallest eigenvalue, more negative than rounding of the sum before subtraction allows)."""
-    after = covariance.diagonal().to(torch.float64)
+    after = _diagonal(covariance).to(torch.float64)
     before = after + removed.to(after.device)
     tolerance = SUBTRACTION_ULPS * torch.finfo(covariance.dtype).eps
     trace_before = float(before.sum())
     problems = []
     if bool((after < -tolerance * before).any()):
         problems.append(f"negative diagonal mass {float(after.clamp(max=0).sum()):.4g}")
-    d = covariance.shape[0]
-    if not problems and 0 < d <= MAX_DEFINITENESS_CHECK_DIM and trace_before > 0:
-        shifted = covariance.to(torch.float64) + tolerance * trace_before * torch.eye(
-            d, dtype=torch.float64, device=covariance.device
-        )
-        if int(torch.linalg.cholesky_ex(shifted).info) != 0:
-            smallest = float(torch.linalg.eigvalsh(covariance.to(torch.float64))[0])
+    d = covariance.shape[-1]
+    if not problems and covariance.dim() >= 2 and 0 < d <= MAX_DEFINITENESS_CHECK_DIM and trace_before > 0:
+        matrices = covariance.to(torch.float64)
+        shift = (tolerance * before.sum(-1)).clamp(min=tolerance * trace_before / max(1, before.numel() // d))
+        shifted = matrices + shift[..., None, None] * torch.eye(d, dtype=torch.float64, device=matrices.device)
+        if bool((torch.linalg.cholesky_ex(shifted).info != 0).any()):
+            smallest = float(torch.linalg.eigvalsh(matrices)[..., 0].min())
             problems.append(f"min eigenvalue {smallest:.4g}")
     if problems:
         rounding = (
@@ -98,10 +105,16 @@ def check_definite(name: str, covariance: torch.Tensor, removed: torch.Tensor, s
         )
 
 
-def warn_if_everything_blocked(bases: dict[str, torch.Tensor], stacklevel: int = 3) -> None:
-    """Warn when every tracked layer's basis spans its whole input space: every update is
-    then projected to zero, and fine-tuning under the projector cannot change the model."""
-    if bases and all(basis.shape[1] == basis.shape[0] > 0 for basis in bases.values()):
+def warn_if_everything_blocked(slots: dict, bases: dict[str, torch.Tensor], stacklevel: int = 3) -> None:
+    """Warn when every tracked slot's basis spans its whole input space (``slot.rank`` equals
+    the width for every group): every update is then projected to zero, and fine-tuning under
+    the projector cannot change the model."""
+    def full(name: str, basis: torch.Tensor) -> bool:
+        slot = slots[name]
+        ranks = slot.rank(basis)
+        return slot.dim > 0 and all(r == slot.dim for r in (ranks if isinstance(ranks, list) else [ranks]))
+
+    if bases and all(full(name, basis) for name, basis in bases.items()):
         warnings.warn(
             f"build(): every tracked layer's basis spans its whole input space ({len(bases)} layers, "
             "k = d), so every update to them is projected to zero and unlearning cannot change "

@@ -19,10 +19,12 @@ from torch import nn
 
 from unsc_fast import distributed, ops
 from unsc_fast.training import eval_mode
+from unsc_fast.adapters import LayerAdapter
 from unsc_fast.bases import complement_if_cheaper
 from unsc_fast.build_checks import check_rows, check_subtraction, warn_if_everything_blocked
-from unsc_fast.layers import TrackedLayer, find_layers
+from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
 from unsc_fast.observation import Observation
+from unsc_fast.projection import apply_uses_, protects_nothing, residual
 from unsc_fast.state_validation import parse_projector_state
 from unsc_fast.store import CovarianceStore, key_set
 
@@ -49,8 +51,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class NullSpaceProjector:
-    """Tracks every ``nn.Linear`` / ``nn.Conv2d`` weight of ``model`` (or those named in
-    ``modules``) and projects their updates onto the null space of the remaining data.
+    """Tracks every weight-bearing layer of ``model`` that an adapter covers (Linear, Conv1d/2d/3d
+    with any groups, transformers' Conv1D, MultiheadAttention, Embedding, RNN input weights;
+    see ``unsc_fast.adapters``), or those named in ``modules``, and projects their updates onto
+    the null space of the remaining data. A parameter shared by several layers is protected
+    against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
+    refuses a model with a trainable weight that no adapter protects.
 
     Usage::
 
@@ -68,6 +74,7 @@ class NullSpaceProjector:
         *,
         modules: Iterable[str] | None = None,
         dtype: torch.dtype = torch.float32,
+        strict: bool = False,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
         self.store = CovarianceStore(dtype)
@@ -75,7 +82,17 @@ class NullSpaceProjector:
         self.model = unwrap_model(model)
         if self.model is not model:  # names as the user knows them, "module." prefix or not
             modules = distributed.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
-        self.layers: dict[str, TrackedLayer] = find_layers(self.model, modules)
+        self.layers: dict[str, LayerAdapter] = find_layers(self.model, modules)
+        self.protection = plan_protection(self.layers)
+        self._slot_devices = self._devices_of_slots()
+        report = self.coverage()
+        if strict and report.unprotected_weights:
+            raise ValueError(
+                "strict=True: these trainable weights have no adapter and would not be protected: "
+                + ", ".join(f"{r.name} {r.shape}" for r in report.unprotected_weights)
+            )
+        if modules is None:
+            warn_unprotected(report)
         self._bases: dict[str, torch.Tensor] = {}
         self._complements: dict[str, torch.Tensor] = {}
         self.built_from: tuple = ()
@@ -102,7 +119,7 @@ class NullSpaceProjector:
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
-        observation = Observation(self.store, labels, DEFAULT_GROUP if group is None else group)
+        observation = Observation(self.store, self.protection, labels, DEFAULT_GROUP if group is None else group)
         self._observation = observation
         try:
             observation.attach(self.model, self.layers.values())
@@ -210,26 +227,26 @@ class NullSpaceProjector:
         group = distributed.resolve_group(process_group)
         if group is not None:
             new_bases, new_complements, kept = distributed.build(
-                self.store, self.layers, group, exclude=exclude, include=include, subtract=subtract,
+                self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
                 allow_unobserved=allow_unobserved,
             )
-            warn_if_everything_blocked(new_bases)
+            warn_if_everything_blocked(self.protection.slots, new_bases)
             self._set_bases(new_bases, new_complements)
             self.built_from, self.built_threshold = tuple(kept), threshold
             return self
         if not self.store:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
         kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
-        check_rows(self.store, self.layers, kept, subtract)
+        check_rows(self.store, self.protection.slots, kept, subtract)
         new_bases = {}
-        for layer in self.layers.values():  # one kept sum alive at a time
-            covariance = self.store.kept_sum(layer.name, kept, subtract)
-            check_subtraction(self.store, layer.name, covariance, subtract)
-            basis = ops.energy_bases([covariance], threshold, generator, method=method)[0]
+        for slot in self.protection.slots.values():  # one kept sum alive at a time
+            covariance = self.store.kept_sum(slot.name, kept, subtract)
+            check_subtraction(self.store, slot.name, covariance, subtract)
+            basis = slot.solve(covariance, threshold, generator, method)
             del covariance
-            new_bases[layer.name] = basis.to(layer.weight.device)
-        warn_if_everything_blocked(new_bases)
+            new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
+        warn_if_everything_blocked(self.protection.slots, new_bases)
         self._set_bases(new_bases)
         self.built_from = tuple(kept)
         self.built_threshold = threshold
@@ -240,7 +257,10 @@ class NullSpaceProjector:
     def _set_bases(self, bases: dict[str, torch.Tensor], complements: dict | None = None) -> None:
         """Install new bases (and the complements where they are cheaper) all at once."""
         if complements is None:
-            complements = {name: complement_if_cheaper(basis) for name, basis in bases.items()}
+            complements = {
+                name: complement_if_cheaper(basis) if self.protection.slots[name].kind == "dense" else None
+                for name, basis in bases.items()
+            }
         self._bases = bases
         self._complements = {name: q for name, q in complements.items() if q is not None}
 
@@ -250,43 +270,60 @@ class NullSpaceProjector:
         return bool(self._bases)
 
     def basis(self, name: str) -> torch.Tensor:
-        """The (d, k) orthonormal basis of the remaining data's inputs kept for layer ``name``."""
-        self._layer(name)
-        if name not in self._bases:
+        """The basis kept for layer (or slot) ``name``: (d, k) orthonormal for a dense slot,
+        (g, d, k) zero-padded per group for a grouped one, a bool mask of seen tokens for an
+        embedding."""
+        slot = self._slot(name)
+        if slot.name not in self._bases:
             raise RuntimeError(f"no basis for layer {name!r} yet: call build() first")
-        return self._bases[name]
+        return self._bases[slot.name]
 
-    def ranks(self) -> dict[str, int]:
-        """Kept dimensions per layer after the last build."""
-        return {name: basis.shape[1] for name, basis in self._bases.items()}
+    def ranks(self) -> dict[str, int | list[int]]:
+        """Kept dimensions per slot after the last build (one per group for grouped slots)."""
+        return {name: self.protection.slots[name].rank(basis) for name, basis in self._bases.items()}
+
+    def coverage(self) -> Coverage:
+        """Every parameter of the model: protected, frozen or trained unprotected, with shares."""
+        return coverage(self.model, self.protection, self.layers)
+
+    def protects(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is a tracked weight (after build: whether anything of it is kept)."""
+        uses = self.protection.uses.get(param)
+        if uses is None:
+            return False
+        return not self._bases or not protects_nothing(uses, self.protection, self._bases)
+
+    def residual(self, param: torch.Tensor, change: torch.Tensor) -> float:
+        """``||dW U|| / ||dW||`` for a change ``dW`` of ``param`` (worst over its uses): at
+        rounding level when the change respects the null space."""
+        self._require_built()
+        return residual(change, self.protection.uses[param], self.protection, self._bases)
 
     def project_(self) -> "NullSpaceProjector":
         """In place, for every tracked weight with a gradient: ``grad <- grad - grad U U^T``."""
         self._require_built()
-        for name, layer in self.layers.items():
-            if layer.weight.grad is not None:
-                self.project_tensor_(name, layer.weight.grad)
+        for param in self.protection.uses:
+            if param.grad is not None:
+                self.project_parameter_(param, param.grad)
         return self
 
     def project_tensor_(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Project a weight-shaped ``tensor`` of layer ``name`` onto its null space, in place."""
-        layer = self._layer(name)
+        """Project a tensor shaped like layer ``name``'s weight onto its null space, in place
+        (against every layer that shares that weight)."""
+        return self.project_parameter_(self._layer(name).weight, tensor)
+
+    def project_parameter_(self, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """Project a ``param``-shaped ``tensor`` onto the null space of all of ``param``'s uses."""
         self._require_built()
-        if tensor.shape != layer.weight.shape:
+        uses = self.protection.uses.get(param)
+        if uses is None:
+            raise KeyError("the parameter is not tracked by this projector")
+        if tensor.shape != param.shape:
             raise ValueError(
-                f"layer {name!r}: tensor of shape {tuple(tensor.shape)} does not match the weight "
-                f"{tuple(layer.weight.shape)} (was the layer resized after build()?)"
+                f"parameter {uses[0].name!r}: tensor of shape {tuple(tensor.shape)} does not match "
+                f"{tuple(param.shape)} (was the layer resized after build()?)"
             )
-        rows = distributed.local_rows(tensor, name)  # a DTensor sharded by rows: this rank's rows
-        matrix = layer.matrix_view(rows)
-        complement = self._complements.get(name)
-        if complement is not None:
-            ops.restrict_(matrix, self._on_device(self._complements, name, rows.device))
-        else:
-            ops.project_(matrix, self._on_device(self._bases, name, rows.device))
-        if not layer.matrix_is_view(rows):
-            rows.copy_(matrix.view(rows.shape))  # reshape had to copy (e.g. channels_last)
-        return tensor
+        return apply_uses_(tensor, uses, self.protection, self._bases, self._complements, self._on_device)
 
     @staticmethod
     def _on_device(store: dict, name: str, device: torch.device) -> torch.Tensor:
@@ -294,20 +331,37 @@ class NullSpaceProjector:
             store[name] = store[name].to(device)
         return store[name]
 
-    def _layer(self, name: str) -> TrackedLayer:
+    def _layer(self, name: str) -> LayerAdapter:
         try:
             return self.layers[name]
         except KeyError:
             raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(self.layers)}") from None
 
+    def _slot(self, name: str):
+        """A slot by layer name (its first slot) or by slot name."""
+        if name in self.layers:
+            name = self.layers[name].slots()[0].name
+        try:
+            return self.protection.slot(name)
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(self.layers)}") from None
+
+    def _devices_of_slots(self) -> dict:
+        devices = {}
+        for param, uses in self.protection.uses.items():
+            for use in uses:
+                devices.setdefault(self.protection.slot(use.slot).name, param.device)
+        return devices
+
     def _require_built(self) -> None:
         if not self._bases:
             raise RuntimeError("the projector has no bases yet: observe() data, then call build()")
-        for name, layer in self.layers.items():
-            if self._bases[name].shape[0] != layer.dim:
+        for name, slot in self.protection.slots.items():
+            width = self._bases[name].shape[0 if slot.kind != "grouped" else 1]
+            if width != slot.dim:
                 raise RuntimeError(
-                    f"layer {name!r} now takes inputs of width {layer.dim} but its basis was built "
-                    f"for {self._bases[name].shape[0]}: rebuild the projector"
+                    f"layer {name!r} now takes inputs of width {slot.dim} but its basis was built "
+                    f"for {width}: rebuild the projector"
                 )
 
     # -------------------------------------------------------------- persistence
@@ -317,7 +371,7 @@ class NullSpaceProjector:
             "format": STATE_FORMAT,
             "threshold": self.threshold,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "layers": {name: layer.dim for name, layer in self.layers.items()},
+            "layers": {name: list(slot.shape) for name, slot in self.protection.slots.items()},
             "groups": self.store.state_dict(),
             "bases": dict(self._bases),
             "built_from": list(self.built_from),
@@ -328,20 +382,19 @@ class NullSpaceProjector:
         """Restore a ``state_dict``; tensors follow each layer's weight device.
 
         All or nothing: the whole state is checked first (``unsc_fast.state_validation``:
-        layer names and widths, shapes, dtypes, finite values, orthonormal bases, counts,
-        thresholds) and nothing changes unless every check passes.
+        layer names and shapes, tensor shapes, dtypes, finite values, orthonormal bases,
+        counts, thresholds) and nothing changes unless every check passes.
         """
         parsed = parse_projector_state(
             state,
             STATE_FORMAT,
-            widths={name: layer.dim for name, layer in self.layers.items()},
-            devices={name: layer.weight.device for name, layer in self.layers.items()},
+            slots={name: (slot.kind, tuple(slot.shape)) for name, slot in self.protection.slots.items()},
+            devices=self._slot_devices,
         )
-        complements = {name: complement_if_cheaper(basis) for name, basis in parsed.bases.items()}
+        self._set_bases(parsed.bases)  # computes every complement before it assigns anything
         store = CovarianceStore(parsed.dtype)
         store.replace(parsed.matrices, parsed.rows)
         self.threshold, self.store = parsed.threshold, store
-        self._set_bases(parsed.bases, complements)
         self.built_from = parsed.built_from
         self.built_threshold = parsed.built_threshold
         return self

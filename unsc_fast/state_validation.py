@@ -82,21 +82,29 @@ def _mapping(value, field: str) -> dict:
     return value
 
 
-def _check_layer_names(saved: dict, widths: dict[str, int]) -> None:
-    for name, dim in saved.items():
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise StateError(f"projector state: layers[{name!r}] must be a non-negative int width, got {dim!r}")
-    if saved != widths:
-        missing = sorted(set(widths) - set(saved))
-        extra = sorted(set(saved) - set(widths))
-        resized = sorted(n for n in set(widths) & set(saved) if widths[n] != saved[n])
+def _check_layer_shapes(saved: dict, shapes: dict[str, tuple]) -> None:
+    """``layers`` maps each slot to the shape of its statistics; an older state saved one
+    int width per layer, read as ``(d, d)``."""
+    found = {}
+    for name, shape in saved.items():
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape, shape)
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise StateError(f"projector state: layers[{name!r}] must be a shape (non-negative ints), got {shape!r}")
+        found[name] = tuple(shape)
+    if found != shapes:
+        missing = sorted(set(shapes) - set(found))
+        extra = sorted(set(found) - set(shapes))
+        resized = sorted(n for n in set(shapes) & set(found) if shapes[n] != found[n])
         raise StateError(
             f"projector state does not fit this model: missing layers {missing}, unknown layers "
             f"{extra}, different input widths {resized}"
         )
 
 
-def _parse_groups(entries, widths: dict[str, int], dtype: torch.dtype, devices: dict) -> tuple[dict, dict]:
+def _parse_groups(entries, shapes: dict[str, tuple], dtype: torch.dtype, devices: dict) -> tuple[dict, dict]:
     if not isinstance(entries, (list, tuple)):
         raise StateError(f"projector state: groups must be a list, got {type(entries).__name__}")
     matrices, rows = {}, {}
@@ -115,7 +123,7 @@ def _parse_groups(entries, widths: dict[str, int], dtype: torch.dtype, devices: 
         covariances = _mapping(entry["covariances"], f"group {key!r} covariances")
         counts = _mapping(entry["counts"], f"group {key!r} counts")
         for name in [*covariances, *counts]:
-            if name not in widths:
+            if name not in shapes:
                 raise StateError(f"projector state: layer {name!r} (group {key!r}): not a tracked layer of this model")
         if set(covariances) != set(counts):
             raise StateError(
@@ -126,17 +134,21 @@ def _parse_groups(entries, widths: dict[str, int], dtype: torch.dtype, devices: 
         for name, matrix in covariances.items():
             where = f"layer {name!r} covariance (group {key!r})"
             _tensor(matrix, where)
-            d = widths[name]
-            if tuple(matrix.shape) != (d, d):
-                raise StateError(f"projector state: {where} must have shape ({d}, {d}), got {tuple(matrix.shape)}")
-            if bool((matrix.diagonal() < 0).any()):
+            if tuple(matrix.shape) != shapes[name]:
+                raise StateError(f"projector state: {where} must have shape {shapes[name]}, got {tuple(matrix.shape)}")
+            diagonal = matrix if matrix.dim() == 1 else matrix.diagonal(dim1=-2, dim2=-1)
+            if bool((diagonal < 0).any()):
                 raise StateError(f"projector state: {where} has negative diagonal entries (not a covariance)")
             rows[key][name] = _count(counts[name], f"layer {name!r} count (group {key!r})")
             matrices[key][name] = matrix.to(devices[name], dtype, copy=True)
     return matrices, rows
 
 
-def _check_orthonormal(basis: torch.Tensor, where: str) -> None:
+def _check_orthonormal(basis: torch.Tensor, where: str, padded: bool = False) -> None:
+    """``U^T U = I``; with ``padded`` (a grouped slot's bases share one width, the unused
+    columns of a group are zero) only the non-zero columns are checked."""
+    if padded:
+        basis = basis[:, basis.abs().sum(0) > 0]
     k = basis.shape[1]
     if k == 0:
         return
@@ -149,29 +161,50 @@ def _check_orthonormal(basis: torch.Tensor, where: str) -> None:
         )
 
 
-def _parse_bases(bases, widths: dict[str, int], devices: dict) -> dict:
+def _check_basis(basis, kind: str, shape: tuple, where: str) -> None:
+    """By slot kind: ``dense`` (d, k) orthonormal, k <= d; ``grouped`` (groups, d, k) with each
+    group's non-zero columns orthonormal; ``diagonal`` a bool mask (d,)."""
+    if not isinstance(basis, torch.Tensor):
+        raise StateError(f"projector state: {where} must be a tensor, got {type(basis).__name__}")
+    if kind == "diagonal":
+        if basis.dtype != torch.bool or tuple(basis.shape) != shape:
+            raise StateError(
+                f"projector state: {where} must be a bool mask of shape {shape}, got {basis.dtype} {tuple(basis.shape)}"
+            )
+        return
+    _tensor(basis, where)
+    if basis.dtype not in ORTHONORMALITY_TOLERANCE:
+        raise StateError(f"projector state: {where} must be float32 or float64, got {basis.dtype}")
+    d = shape[-1]
+    leading = shape[:-2]  # (groups,) for a grouped slot, () for a dense one
+    if basis.dim() != len(leading) + 2 or tuple(basis.shape[:-1]) != (*leading, d) or basis.shape[-1] > d:
+        expected = ", ".join(map(str, (*leading, d, "k")))
+        raise StateError(f"projector state: {where} must have shape ({expected}) with k <= {d}, got {tuple(basis.shape)}")
+    if kind == "grouped":
+        for index, group in enumerate(basis.unbind(0)):
+            _check_orthonormal(group, f"{where} (group {index})", padded=True)
+    else:
+        _check_orthonormal(basis, where)
+
+
+def _parse_bases(bases, slots: dict[str, tuple], devices: dict) -> dict:
     bases = _mapping(bases, "bases")
-    if bases and set(bases) != set(widths):  # empty: saved before any build
-        missing = sorted(set(widths) - set(bases))
-        extra = sorted(set(bases) - set(widths))
+    if bases and set(bases) != set(slots):  # empty: saved before any build
+        missing = sorted(set(slots) - set(bases))
+        extra = sorted(set(bases) - set(slots))
         raise StateError(f"projector state: bases are missing for layers {missing}; unknown layers {extra}")
     parsed = {}
     for name, basis in bases.items():
-        where = f"layer {name!r} basis"
-        _tensor(basis, where)
-        if basis.dtype not in ORTHONORMALITY_TOLERANCE:
-            raise StateError(f"projector state: {where} must be float32 or float64, got {basis.dtype}")
-        d = widths[name]
-        if basis.dim() != 2 or basis.shape[0] != d or basis.shape[1] > d:
-            raise StateError(f"projector state: {where} must have shape ({d}, k) with k <= {d}, got {tuple(basis.shape)}")
-        _check_orthonormal(basis, where)
+        kind, shape = slots[name]
+        _check_basis(basis, kind, shape, f"layer {name!r} basis")
         parsed[name] = basis.to(devices[name], copy=True)
     return parsed
 
 
-def parse_projector_state(state, expected_format: str, widths: dict[str, int], devices: dict) -> ProjectorState:
-    """Check ``state`` against a model whose tracked layers have input ``widths`` and weights
-    on ``devices``; return its content converted, or raise ``StateError`` naming the field."""
+def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], devices: dict) -> ProjectorState:
+    """Check ``state`` against a model whose tracked slots are ``{name: (kind, shape of the
+    statistics)}`` with weights on ``devices``; return its content converted, or raise
+    ``StateError`` naming the field."""
     if not isinstance(state, dict):
         raise StateError(f"not a NullSpaceProjector state: expected a dict, got {type(state).__name__}")
     if state.get("format") != expected_format:
@@ -191,9 +224,10 @@ def parse_projector_state(state, expected_format: str, widths: dict[str, int], d
             f"projector state: dtype must be one of {sorted(ACCUMULATION_DTYPES)}, got {state['dtype']!r}"
         )
     dtype = ACCUMULATION_DTYPES[state["dtype"]]
-    _check_layer_names(_mapping(state["layers"], "layers"), widths)
-    matrices, rows = _parse_groups(state["groups"], widths, dtype, devices)
-    bases = _parse_bases(state["bases"], widths, devices)
+    shapes = {name: shape for name, (_, shape) in slots.items()}
+    _check_layer_shapes(_mapping(state["layers"], "layers"), shapes)
+    matrices, rows = _parse_groups(state["groups"], shapes, dtype, devices)
+    bases = _parse_bases(state["bases"], slots, devices)
     built_from = state["built_from"]
     if not isinstance(built_from, (list, tuple)) or not all(isinstance(k, Hashable) for k in built_from):
         raise StateError(f"projector state: built_from must be a list of labels or names, got {built_from!r}")
