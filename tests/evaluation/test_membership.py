@@ -109,3 +109,37 @@ def test_ulira_tells_a_model_that_kept_the_forget_set_from_the_retrained_one():
                                                      copy.deepcopy(original).state_dict().values()))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_compare_command_line_turns_the_attack_on_and_off():
+    from unsc_fast.evaluation.cli import build_parser
+    from unsc_fast.evaluation.membership import settings_from_arguments
+
+    parser = build_parser()
+    assert settings_from_arguments(parser.parse_args(["compare"])) is None
+    on = settings_from_arguments(parser.parse_args(["compare", "--ulira-shadows", "8", "--train-epochs", "12"]))
+    assert on == ShadowSettings(shadows=8, epochs=24)  # shadows see half the data: twice the epochs
+    short = settings_from_arguments(parser.parse_args(["compare", "--ulira-shadows", "4", "--ulira-epochs", "3"]))
+    assert short.shadows == 4 and short.epochs == 3
+
+
+@pytest.mark.slow  # a whole (tiny) comparison with the attack: about 10 s
+def test_run_comparison_scores_every_model_with_the_attack():
+    from unsc_fast.evaluation.compare import CompareConfig, run_comparison
+    from unsc_fast.evaluation.report import format_report
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = CompareConfig(scenario="random_sample", methods=("retrain", "ssd"), seeds=(0,), train_epochs=2)
+        results = run_comparison(config, None, ShadowSettings(shadows=2, epochs=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert results["membership_titles"] == MEMBERSHIP_TITLES and results["membership"]["shadows"] == 2
+    for name in ("retrain", "ssd", "original"):
+        metrics = results["runs"][name][0]["metrics"]
+        assert set(MEMBERSHIP_TITLES) <= set(metrics), name
+        assert 0.0 <= metrics["ulira_auc"] <= 1.0 and 0.5 <= metrics["ulira_accuracy"] <= 1.0
+    assert results["runs"]["retrain"][0]["metrics"]["ulira_auc"] == 0.5
+    report = format_report(results)
+    assert "| U-LiRA AUC |" in report.splitlines()[4] and "U-LiRA members" in report

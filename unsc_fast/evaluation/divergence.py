@@ -54,7 +54,7 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Per-sample Jensen-Shannon divergence (natural log, in [0, ln 2]) from log-probabilities."""
     log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
-    return 0.5 * (kl_divergence(log_p, log_m) + kl_divergence(log_q, log_m))
+    return (0.5 * (kl_divergence(log_p, log_m) + kl_divergence(log_q, log_m))).clamp_min(0.0)  # no -0.0 from rounding
 
 
 def output_divergences(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

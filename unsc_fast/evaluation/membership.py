@@ -67,6 +67,20 @@ class ShadowSettings:
     seed: int = 0
 
 
+def settings_from_arguments(args) -> ShadowSettings | None:
+    """``unsc-fast compare --ulira-shadows N [--ulira-epochs E]``: None (the attack off) for N = 0.
+
+    Shadows train on half the data, so by default they get twice the original's epochs,
+    i.e. about as many optimisation steps: a shadow trained less than the attacked model
+    is a weaker reference and makes the attack look weaker than it is.
+    """
+    shadows = getattr(args, "ulira_shadows", 0) or 0
+    if shadows <= 0:
+        return None
+    epochs = getattr(args, "ulira_epochs", None) or 2 * args.train_epochs
+    return ShadowSettings(shadows=shadows, epochs=epochs)
+
+
 def logit_confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """phi = log(p_y / (1 - p_y)) per sample, computed from log-softmax without cancellation."""
     log_p = predict_logits(model, x).double().cpu().log_softmax(1)

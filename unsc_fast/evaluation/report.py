@@ -35,15 +35,45 @@ def _label(results: dict, name: str) -> str:
     return f"**{title}** (reference)" if name == REFERENCE else title
 
 
+# Columns from the distance to the retrained model (divergence.py) and the per-example attack
+# (membership.py) that the main table shows too: key -> (title, digits, scale)
+HEADLINE_EXTRAS = {"tow": ("ToW", 3, 1.0), "ulira_auc": ("U-LiRA AUC", 2, 1.0)}
+
+
+def _extra_titles(results: dict) -> dict:
+    """Distance and membership columns present in ``results`` (older results have none)."""
+    return {**results.get("distance_titles", {}), **results.get("membership_titles", {})}
+
+
+def _headline_extras(results: dict) -> dict:
+    present = _extra_titles(results)
+    return {key: spec for key, spec in HEADLINE_EXTRAS.items() if key in present}
+
+
 def metrics_table(results: dict) -> str:
     titles = results["metric_titles"]
-    header = ["method", *titles.values(), "avg gap", "time s"]
+    extras = _headline_extras(results)
+    header = ["method", *titles.values(), *(title for title, _, _ in extras.values()), "avg gap", "time s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name in _row_order(results):
         summary = results["summary"][name]
         cells = [_cell(summary["metrics"][key]) for key in titles]
+        cells += [_cell(summary["metrics"][key], digits) for key, (_, digits, _) in extras.items()]
         gap = "0 (reference)" if name == REFERENCE else _cell(summary["gap"]["avg_gap"], 2)
         lines.append("| " + " | ".join([_label(results, name), *cells, gap, _cell(summary["seconds"], 2)]) + " |")
+    return "\n".join(lines)
+
+
+def distance_table(results: dict) -> str:
+    """KL / JS to the retrained model's outputs, ToW and (if run) the U-LiRA figures, mean ± std."""
+    titles = _extra_titles(results)
+    header = ["method", *titles.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name in _row_order(results):
+        metrics = results["summary"][name]["metrics"]
+        digits = {key: (1 if key == "ulira_members" else 3) for key in titles}
+        lines.append("| " + " | ".join([_label(results, name), *(_cell(metrics[key], digits[key]) if key in metrics
+                                                                 else "n/a" for key in titles)]) + " |")
     return "\n".join(lines)
 
 
@@ -90,6 +120,20 @@ def format_report(results: dict) -> str:
         "",
         per_class_table(results),
     ]
+    if _extra_titles(results):
+        lines += [
+            "",
+            "### Distance to the retrained model (same seed)",
+            "",
+            "KL(retrained || model) and Jensen-Shannon divergence (nats, JS <= ln 2 = 0.693) of the softmax outputs, "
+            "averaged over each set; ToW (Zhao et al. 2024) = product over forget, remaining and test sets of "
+            "(1 - |accuracy - retrained accuracy|), 1 = the retrained model's accuracies."
+            + (" U-LiRA: per-example likelihood-ratio attack with shadow models; members = % of forget samples it "
+               "calls members, AUC / acc = how well it tells this model from the retrained one on them "
+               "(0.5: cannot tell)." if results.get("membership_titles") else ""),
+            "",
+            distance_table(results),
+        ]
     if results["skipped"]:
         lines += ["", "### Not run", ""] + [f"- {reason}" for reason in results["skipped"].values()]
     return "\n".join(lines)
