@@ -11,7 +11,7 @@ themselves, sample by sample, and computes the tug-of-war score:
   ``m = (p + q) / 2`` is symmetric and bounded by ln 2 (natural log), so it reads on a fixed
   scale. Both are averaged over the samples of a set; 0 means identical outputs.
 * **Tug-of-war (ToW)**, Zhao et al. 2024, "What makes unlearning hard and what to do about
-  it" (NeurIPS 2024), Section 3:
+  it" (NeurIPS 2024):
 
       ToW = (1 - da(S_forget)) * (1 - da(S_retain)) * (1 - da(S_test)),
       da(S) = |acc(unlearned, S) - acc(retrained, S)|,  accuracies in [0, 1].

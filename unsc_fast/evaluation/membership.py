@@ -6,22 +6,22 @@ Privacy") show that this overstates how well inexact unlearning works, and evalu
 U-LiRA, a per-example likelihood-ratio attack built on LiRA (Carlini et al. 2022,
 "Membership Inference Attacks From First Principles"):
 
-1. **Shadow models** (LiRA's online variant, Carlini et al. Sec. IV): ``shadows`` models are
+1. **Shadow models** (LiRA's online variant): ``shadows`` models are
    trained with the harness's own recipe (``recipes.train``, with ``epochs`` configurable
    and short) on random halves of a candidate pool, here the whole training set. The halves
    are balanced so that every sample is IN exactly half of the shadows and OUT of the other
    half (as in the LiRA code's inclusion matrix).
 2. **Per-example statistic**: the logit-scaled confidence of the true label,
-   ``phi = log(p / (1 - p))`` (Carlini et al. Sec. IV-B, Eq. 4), computed stably as
+   ``phi = log(p / (1 - p))`` (Carlini et al.'s logit scaling), computed stably as
    ``log p_y - logsumexp_{c != y} log p_c``.
 3. **Per-example Gaussians**: for each target, the mean of phi over the shadows that
    trained on it (IN) and over those that did not (OUT). With few shadows the per-example
    variance is too noisy, so by default one global variance per side is used (LiRA's
-   "fixed variance", Carlini et al. Sec. VI-A, recommended below 64 shadows).
+   "fixed variance", which Carlini et al. recommend when there are few shadows).
 4. **Score**: the log-likelihood ratio ``log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out)``
    of the attacked model's phi; > 0 means "more likely trained on it".
 
-The unlearning game (Hayes et al. Sec. 4): given the forget-set targets, tell the unlearned
+The unlearning game (after Hayes et al.): given the forget-set targets, tell the unlearned
 model from the model retrained without them. ``distinguish`` reports the AUC and the best
 balanced accuracy of separating the unlearned model's scores from the retrained model's on
 the same targets: 0.5 means the attack cannot tell them apart (the ideal), 1.0 (or 0.0 for

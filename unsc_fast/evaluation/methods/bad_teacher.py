@@ -1,5 +1,5 @@
 """Bad Teacher (Chundawat et al. 2023, "Can Bad Teaching Induce Forgetting? Unlearning in
-Deep Networks Using an Incompetent Teacher", AAAI, Sec. 3, Eq. 1-3).
+Deep Networks Using an Incompetent Teacher", AAAI).
 
 A student, initialised from the original model, is distilled from two teachers at once:
 on remaining samples from the competent teacher (the original model), on forget samples

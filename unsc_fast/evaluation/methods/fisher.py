@@ -1,5 +1,5 @@
 """Fisher forgetting (Golatkar et al. 2020, "Eternal Sunshine of the Spotless Net: Selective
-Forgetting in Deep Networks", CVPR, Sec. 4-5): add Gaussian noise to the weights, most
+Forgetting in Deep Networks", CVPR): add Gaussian noise to the weights, most
 where the *remaining* data does not constrain them, so that what only the forget data
 pinned down is washed out.
 

@@ -1,5 +1,5 @@
 """NegGrad+ (Kurmanji et al. 2023, "Towards Unbounded Machine Unlearning", the SCRUB paper,
-Sec. 5 / App.): gradient descent on the remaining data and ascent on the forget data at the
+where it is one of the baselines): gradient descent on the remaining data and ascent on the forget data at the
 same time, weighted by ``alpha``:
 
     L = alpha * (CE(retain batch) + weight_decay / 2 * ||theta - theta_0||^2) - (1 - alpha) * CE(forget batch)

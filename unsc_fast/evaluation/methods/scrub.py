@@ -1,4 +1,4 @@
-"""SCRUB (Kurmanji et al. 2023, "Towards Unbounded Machine Unlearning", NeurIPS, Sec. 3, Alg. 1).
+"""SCRUB (Kurmanji et al. 2023, "Towards Unbounded Machine Unlearning", NeurIPS).
 
 The unlearned model is a student initialised from the original model (the teacher, frozen).
 Training alternates two kinds of epochs:

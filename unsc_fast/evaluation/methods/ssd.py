@@ -9,8 +9,8 @@ mini-batch's mean cross-entropy, averaged over the batches:
     I = mean over batches b of (d L_b / d theta)^2.
 
 With I on the whole training set and I_f on the forget set, a parameter is *selected*
-when it matters much more to the forget set than to the data at large (paper Eq. 3), and
-then dampened in proportion (Eq. 4), never amplified:
+when it matters much more to the forget set than to the data at large, and then dampened in
+proportion, never amplified (the paper's selection and dampening rules):
 
     selected where I_f > alpha * I;   theta <- min(lambda * I / I_f, 1) * theta.
 
