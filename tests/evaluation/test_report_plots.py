@@ -23,9 +23,11 @@ def test_every_method_has_its_own_fixed_colour_and_marker():
 def test_points_on_the_same_spot_are_drawn_concentric_and_grouped():
     points = {"a": (0.0, 99.0, 7), "b": (0.05, 99.02, 7), "c": (5.0, 95.0, 7), "d": (0.0, 99.0, 7)}
     sizes, groups = _dodge_sizes(points, ((-1.0, 11.0), (91.0, 100.0)))
-    assert sizes["a"] == 7 and sizes["b"] == 12 and sizes["d"] == 17  # each one bigger than the last
+    assert sizes["a"] == 7 and sizes["b"] == 11 and sizes["d"] == 15  # each one bigger than the last
     assert sizes["c"] == 7  # far away: untouched
     assert groups == [["a", "b", "d"]]
+    crowd = {str(i): (0.0, 99.0, 7) for i in range(12)}
+    assert max(_dodge_sizes(crowd, ((-1.0, 11.0), (91.0, 100.0)))[0].values()) == 7 + 16  # growth is capped
 
 
 def _results(with_attack: bool):

@@ -221,7 +221,7 @@ def _dodge_sizes(points: dict, window) -> tuple[dict, list[list[str]]]:
         for group in groups:
             gx, gy, _ = points[group[0]]
             if abs(gx - x) <= tolerance_x and abs(gy - y) <= tolerance_y:
-                sizes[name] = base + 5 * len(group)
+                sizes[name] = base + 4 * min(len(group), 4)  # at most 4 rings: the label names the rest
                 group.append(name)
                 break
         else:
@@ -233,9 +233,12 @@ def _dodge_sizes(points: dict, window) -> tuple[dict, list[list[str]]]:
 def _scatter_panels(results: dict, path, x_key: str, x_title: str, y_key: str, y_title: str, title: str,
                     window=None, window_title: str = "", x_digits=None) -> None:
     """One scatter (plus a zoom panel when ``window`` is given) of every method's mean ± std."""
+    import textwrap
+
     plt = _pyplot()
     panels = 2 if window else 1
-    figure, axes_list = plt.subplots(1, panels, figsize=(5.2 * panels + 2.4, 4.4), squeeze=False)
+    legend_width = 3.2  # inches kept free on the right for the legend
+    figure, axes_list = plt.subplots(1, panels, figsize=(5.4 * panels + legend_width, 5.6), squeeze=False)
     axes_list = list(axes_list[0])
     names = [name for name in _row_order(results) if x_key in results["summary"][name]["metrics"]]
     for axes_index, axes in enumerate(axes_list):
@@ -260,16 +263,23 @@ def _scatter_panels(results: dict, path, x_key: str, x_title: str, y_key: str, y
                           yerr=metrics[y_key]["std"], fmt=style["marker"], markersize=sizes[name], capsize=2,
                           color=style["color"], markeredgecolor="white", markeredgewidth=0.8, ecolor=style["color"],
                           elinewidth=0.8, label=results["titles"][name] if axes_index == 0 else None)
+        # each group of methods on one spot gets a letter next to it and a line in a key box
+        key = []
         for number, group in enumerate(groups):
             x, y, _ = points[group[0]]
-            text = "same spot: " + ", ".join(results["titles"][name] for name in group)
-            axes.annotate(text, (x, y), xytext=(12, -14 - 11 * number), textcoords="offset points", fontsize=6.5,
-                          arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6},
-                          bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "grey", "lw": 0.5, "alpha": 0.9})
+            letter = "ABCDEFGHIJ"[number % 10]
+            axes.annotate(letter, (x, y), xytext=(9, 9), textcoords="offset points", fontsize=8, fontweight="bold",
+                          bbox={"boxstyle": "circle,pad=0.15", "fc": "white", "ec": "grey", "lw": 0.6})
+            names_text = ", ".join(results["titles"][name] for name in group)
+            key.append(textwrap.fill(f"{letter}: {names_text}", 58, subsequent_indent="    "))
+        if key:
+            # below the axes, where it can hide no point
+            axes.text(0.0, -0.16, "same spot\n" + "\n".join(key), transform=axes.transAxes, fontsize=6.5, va="top",
+                      ha="left", bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "grey", "lw": 0.5})
         axes.set_xlabel(x_title)
         axes.set_ylabel(y_title)
         axes.grid(alpha=0.3)
-    axes_list[0].set_title(title, fontsize=9)
+    axes_list[0].set_title(textwrap.fill(title, 70), fontsize=9)
     if window:
         axes_list[1].set_xlim(*window[0])
         axes_list[1].set_ylim(*window[1])
@@ -280,8 +290,8 @@ def _scatter_panels(results: dict, path, x_key: str, x_title: str, y_key: str, y
     handles = [Line2D([], [], linestyle="none", marker=method_style(name)["marker"], color=method_style(name)["color"],
                       markersize=method_style(name)["size"]) for name in shown]  # legend in table order, one size
     figure.legend(handles, [results["titles"][name] for name in shown], fontsize=7, loc="center left",
-                  bbox_to_anchor=(1.0 - 2.3 / figure.get_figwidth(), 0.5))
-    figure.tight_layout(rect=(0, 0, 1.0 - 2.4 / figure.get_figwidth(), 1))
+                  bbox_to_anchor=(1.0 - (legend_width - 0.1) / figure.get_figwidth(), 0.5))
+    figure.tight_layout(rect=(0, 0, 1.0 - legend_width / figure.get_figwidth(), 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -319,7 +329,7 @@ def plot_privacy(results: dict, path) -> None:
     retrained model's point (0.5, its Acc_r); a zoom panel shows its neighbourhood."""
     reference = results["summary"][REFERENCE]["metrics"]["acc_remain_test"]["mean"]
     window = ((0.3, 0.8), (max(0.0, reference - 8.0), min(100.0, reference) + 1.0))
-    _scatter_panels(results, path, "ulira_auc", "U-LiRA AUC, model vs retrained on the forget set  (0.5 = cannot tell)",
+    _scatter_panels(results, path, "ulira_auc", "U-LiRA AUC: model vs retrained, forget set  (0.5 = cannot tell)",
                     "acc_remain_test", "Acc_r test %  (higher keeps more)",
                     "privacy vs utility: " + results["scenario"]["description"], window,
                     "zoom: around AUC 0.5 and the retrained model's accuracy")
