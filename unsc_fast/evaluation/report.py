@@ -166,7 +166,7 @@ def plot_classwise(results: dict, path) -> None:
         means = [s["mean"] for s in stats]
         errors = [s["std"] for s in stats]
         axes.bar(positions + (offset - (len(shown) - 1) / 2) * width, means, width, yerr=errors, capsize=2,
-                 label=results["titles"][name], color=method_style(name)["color"])
+                 label=results["titles"][name], color=method_style(name)["color"], ecolor="dimgrey")
     for forgotten in results["scenario"]["forget_classes"]:
         axes.axvspan(forgotten - 0.45, forgotten + 0.45, color="grey", alpha=0.15, lw=0)
     axes.set_xticks(positions, classes)
@@ -254,6 +254,9 @@ def _scatter_panels(results: dict, path, x_key: str, x_title: str, y_key: str, y
             xs = [p[0] for p in points.values()] or [0.0]
             ys = [p[1] for p in points.values()] or [0.0]
             limits = ((min(xs), max(xs) + 1e-9), (min(ys), max(ys) + 1e-9))
+        if window and axes_index == 1:  # the zoom neither draws nor names what lies outside it
+            (x_low, x_high), (y_low, y_high) = window
+            points = {name: p for name, p in points.items() if x_low <= p[0] <= x_high and y_low <= p[1] <= y_high}
         sizes, groups = _dodge_sizes(points, limits)
         # biggest first, so the smaller markers on top of them stay visible
         for name in sorted(points, key=lambda n: -sizes[n]):
