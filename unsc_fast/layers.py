@@ -88,6 +88,11 @@ class Protection:
     alias: dict[str, str]  # an adapter's own slot name -> the slot it feeds (tied parameters)
     uses: dict[nn.Parameter, list[Use]] = field(default_factory=dict)
 
+    @property
+    def names(self) -> dict[nn.Parameter, str]:
+        """Each protected parameter's name (its first use's)."""
+        return {param: uses[0].name for param, uses in self.uses.items()}
+
     def slot(self, name: str) -> Slot:
         return self.slots[self.alias.get(name, name)]
 

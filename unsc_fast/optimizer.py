@@ -108,8 +108,8 @@ class NullSpaceOptimizer(Optimizer):
     @torch.no_grad()
     def _projected_step(self) -> None:
         self.projector._require_built()
-        tracked = self.projector.protection.uses
-        before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        tracked = self.projector.protection.names
+        before: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         held_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
             if not group.get("project", True):
@@ -121,8 +121,8 @@ class NullSpaceOptimizer(Optimizer):
                     if not self.projector.protects(param):
                         continue  # nothing of the remaining data's to protect: plain step
                     if self.project_gradients:
-                        self.projector.project_parameter_(param, param.grad)
-                    before.append((param, param.detach().clone()))
+                        self.projector.project_parameter_(tracked[param], param.grad)
+                    before.append((tracked[param], param, param.detach().clone()))
                 elif self.untracked == "freeze":
                     held_back.append((param, param.grad))
                     param.grad = None  # the inner optimizer skips params without a gradient
@@ -131,8 +131,8 @@ class NullSpaceOptimizer(Optimizer):
         finally:
             for param, grad in held_back:
                 param.grad = grad
-        for param, start in before:
-            change = self.projector.project_parameter_(param, param.detach() - start)
+        for name, param, start in before:
+            change = self.projector.project_parameter_(name, param.detach() - start)
             param.copy_(start.add_(change))
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -312,9 +312,15 @@ class NullSpaceProjector:
         (against every layer that shares that weight)."""
         return self.project_parameter_(self._layer(name).weight, tensor)
 
-    def project_parameter_(self, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        """Project a ``param``-shaped ``tensor`` onto the null space of all of ``param``'s uses."""
+    def project_parameter_(self, param: torch.Tensor | str, tensor: torch.Tensor) -> torch.Tensor:
+        """Project a ``param``-shaped ``tensor`` onto the null space of all of ``param``'s uses.
+
+        ``param`` may be given by name (``"encoder.0.weight"``); the optimizer does so, which
+        lets torch.compile specialise one graph per layer instead of one with dynamic shapes.
+        """
         self._require_built()
+        if isinstance(param, str):
+            param = self._parameter(param)
         uses = self.protection.uses.get(param)
         if uses is None:
             raise KeyError("the parameter is not tracked by this projector")
@@ -336,6 +342,12 @@ class NullSpaceProjector:
             return self.layers[name]
         except KeyError:
             raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(self.layers)}") from None
+
+    def _parameter(self, name: str) -> torch.Tensor:
+        for param, uses in self.protection.uses.items():
+            if any(use.name == name for use in uses):
+                return param
+        raise KeyError(f"{name!r} is not a tracked parameter; tracked: {list(self.protection.names.values())}")
 
     def _slot(self, name: str):
         """A slot by layer name (its first slot) or by slot name."""

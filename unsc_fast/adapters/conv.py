@@ -86,10 +86,11 @@ class ConvAdapter(LayerAdapter):
                     self.matrix)]
 
     def matrix(self, tensor: torch.Tensor) -> torch.Tensor:
-        d = self.input_width()
-        if self.groups == 1:
-            return tensor.reshape(tensor.shape[0], d)
-        return tensor.reshape(self.groups, tensor.shape[0] // self.groups, d)
+        """``(out, d)``, or ``(g, out/g, d)`` for grouped convs. ``flatten``/``unflatten`` rather
+        than a reshape to a constant width: under torch.compile the weight's dims may be
+        symbolic, and a reshape to ``(out, 27)`` then trips a guard on divisibility."""
+        matrix = tensor.flatten(1)
+        return matrix if self.groups == 1 else matrix.unflatten(0, (self.groups, -1))
 
     def _input(self, args, kwargs) -> torch.Tensor:
         conv = self.module

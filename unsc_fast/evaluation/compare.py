@@ -165,8 +165,17 @@ def _mean_std(values) -> dict:
     return {"mean": float(np.nanmean(values)), "std": std}
 
 
-def run_comparison(config: CompareConfig, progress: Progress | None = None) -> dict:
-    """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready)."""
+def run_comparison(config: CompareConfig, progress: Progress | None = None, membership=None) -> dict:
+    """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready).
+
+    Every model (the original's row included) is also compared with the same seed's
+    retrained model output by output (``divergence.distance_to_retrain``: KL, JS, ToW).
+    ``membership`` (a ``membership.ShadowSettings``) turns on the per-example U-LiRA-style
+    attack: its shadow models are trained once, then every model is scored on the forget set.
+    """
+    from unsc_fast.evaluation.divergence import DIVERGENCE_TITLES, distance_to_retrain
+    from unsc_fast.evaluation.membership import MEMBERSHIP_TITLES, ULiRA
+
     say = progress or (lambda message: None)
     names = [get_method(name).name for name in config.methods]
     names = [REFERENCE] + [name for name in names if name != REFERENCE]
@@ -180,6 +189,17 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
     original, original_seconds, source = original_model(config, split, progress)
     original_metrics = unlearning_metrics(original, scenario, seed=config.base_seed)
     say(f"original ({source}): " + _brief(original_metrics))
+    attack = None
+    if membership is not None:
+        say(f"u-lira: training {membership.shadows} shadow models ({membership.epochs} epochs each)")
+        attack = ULiRA.train_shadows(original, scenario, membership, progress)
+
+    def against_reference(model, metrics, reference_model):
+        """``metrics`` plus the distance to the retrained model and, if on, the U-LiRA figures."""
+        extra = distance_to_retrain(model, reference_model, scenario)
+        if attack is not None:
+            extra.update(attack.evaluate(model, reference_model))
+        return {**metrics, **extra}
 
     runs: dict[str, list[dict]] = {}
     skipped = {name: get_method(name).unsupported_message(scenario.kind)
@@ -188,13 +208,14 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
         say(f"not run: {reason}")
     active = [name for name in names if name not in skipped]
     for seed in config.seeds:
-        references = None
+        references = reference_model = None
         for name in active:
             say(f"seed {seed}: {name} ...")
             result = get_method(name)(original, scenario, method_settings(config, name), seed, progress)
             metrics = unlearning_metrics(result.model, scenario, seed=seed)
             if name == REFERENCE:
-                references = metrics
+                references, reference_model = metrics, result.model
+            metrics = against_reference(result.model, metrics, reference_model)
             runs.setdefault(name, []).append({
                 "seed": seed,
                 "seconds": result.seconds,
@@ -205,7 +226,8 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
             })
             say(f"seed {seed}: {name} done in {result.seconds:.1f} s: " + _brief(metrics))
         runs.setdefault("original", []).append({
-            "seed": seed, "seconds": original_seconds, "metrics": original_metrics,
+            "seed": seed, "seconds": original_seconds,
+            "metrics": against_reference(original, original_metrics, reference_model),
             "gap": gap_to_reference(original_metrics, references), "settings": {}, "info": {"source": source},
         })
 
@@ -226,6 +248,9 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "python": sys.version.split()[0], "platform": platform.platform()},
         "metric_titles": METRIC_TITLES,
+        "distance_titles": DIVERGENCE_TITLES,
+        "membership_titles": MEMBERSHIP_TITLES if attack is not None else {},
+        "membership": _jsonable(asdict(membership)) if membership is not None else None,
     }
 
 
@@ -283,7 +308,9 @@ def main(args) -> int:
         output=args.output,
         save_original=None if args.checkpoint else str(Path(args.output) / "original.pt"),
     )
-    results = run_comparison(config, None if args.quiet else timestamped_progress)
+    from unsc_fast.evaluation.membership import settings_from_arguments
+
+    results = run_comparison(config, None if args.quiet else timestamped_progress, settings_from_arguments(args))
     print("\n" + format_report(results))
     paths = write_outputs(results, config.output)
     print("\nwritten: " + ", ".join(str(path) for path in paths.values()))
