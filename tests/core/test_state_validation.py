@@ -178,3 +178,62 @@ def test_optimizer_state_dict_must_be_a_dict():
     model = small_model()
     with pytest.raises(TypeError, match="state_dict must be a dict"):
         optimizer_for(model, built_projector(model, seed=1)).load_state_dict([("null_space", {})])
+
+
+class SlotKinds(nn.Module):
+    """An embedding (a diagonal slot: counts and a bool mask), a grouped conv (a basis per
+    group, zero-padded to one width) and a Linear (dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.conv = nn.Conv2d(4, 4, 3, groups=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens).transpose(1, 2).reshape(-1, 4, 3, 3)
+        return self.head(self.conv(h).flatten(1))
+
+
+def slot_kinds_projector(seed: int) -> NullSpaceProjector:
+    torch.manual_seed(0)
+    model = SlotKinds()
+    projector = NullSpaceProjector(model)
+    torch.manual_seed(seed)
+    with projector.observe(labels=torch.tensor([0, 1, 1, 0])):
+        model(torch.randint(0, 10, (4, 9)))
+    return projector.build()
+
+
+def grouped_not_orthonormal(padded):
+    padded = padded.clone()
+    padded[1, :, 0] *= 2
+    return padded
+
+
+SLOT_BROKEN = [
+    ("mask not bool", ("bases", "emb"), lambda m: m.float(), r"layer 'emb' basis must be a bool mask of shape \(10,\)"),
+    ("mask shape", ("bases", "emb"), lambda m: m[:-1], r"layer 'emb' basis must be a bool mask"),
+    ("negative count", ("groups", 0, "covariances", "emb"), lambda c: c - 100, r"layer 'emb' covariance \(group 0\) has negative"),
+    ("grouped shape", ("bases", "conv"), lambda u: u[0], r"layer 'conv' basis must have shape \(2, 18, k\)"),
+    ("grouped not orthonormal", ("bases", "conv"), grouped_not_orthonormal, r"layer 'conv' basis \(group 1\) is not orthonormal"),
+    ("grouped covariance shape", ("groups", 0, "covariances", "conv"), lambda c: c[0], r"layer 'conv' covariance \(group 0\) must have shape \(2, 18, 18\)"),
+]
+
+
+def test_every_slot_kind_round_trips():
+    source = slot_kinds_projector(seed=1)
+    target = NullSpaceProjector(SlotKinds())
+    target.load_state_dict(copy.deepcopy(source.state_dict()))
+    assert_bitwise_equal(target.state_dict(), source.state_dict())
+
+
+@pytest.mark.parametrize("what, path, value, message", SLOT_BROKEN, ids=[case[0] for case in SLOT_BROKEN])
+def test_broken_slot_of_any_kind_is_refused_and_changes_nothing(what, path, value, message):
+    state = copy.deepcopy(slot_kinds_projector(seed=1).state_dict())
+    edit(state, path, value)
+    target = slot_kinds_projector(seed=2)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    assert_bitwise_equal(target.state_dict(), before)
