@@ -44,8 +44,12 @@ def add_compare_parser(commands) -> None:
                               "default: the bundled sklearn digits")
     compare.add_argument("--image-size", type=int, default=None, help="resize images from --data to this square size")
     compare.add_argument("--checkpoint", default=None, metavar="PATH",
-                         help="original model: a state_dict for --model, or a whole pickled nn.Module (trusted files "
-                              "only); default: train one")
+                         help="original model: a state_dict for --model (bare or under 'state_dict'), loaded with "
+                              "torch.load(weights_only=True); default: train one")
+    compare.add_argument("--trust-checkpoint", action="store_true",
+                         help="also accept a checkpoint that holds Python objects (e.g. a whole pickled nn.Module): "
+                              "it is unpickled in full, which runs any code the file names. Only for files you "
+                              "made or whose source you trust")
     compare.add_argument("--model", default="digits_cnn", choices=("digits_cnn", "allcnn", "resnet18"),
                          help="architecture to train or to load a state_dict into")
     compare.add_argument("--train-epochs", type=int, default=30,

@@ -8,6 +8,7 @@ metric's gap is measured against, per seed). Results are a plain JSON-ready dict
 from __future__ import annotations
 
 import ast
+import pickle
 import platform
 import sys
 import time
@@ -43,6 +44,7 @@ class CompareConfig:
     image_size: int | None = None
     checkpoint: str | None = None    # the original model; None = train one
     model: str = "digits_cnn"        # architecture to train, or to load a state_dict into
+    trust_checkpoint: bool = False   # unpickle arbitrary objects from the checkpoint (runs its code)
     train_epochs: int = 30
     base_seed: int = 0               # data split, original model, random forget set
     settings: dict[str, dict] = field(default_factory=dict)  # method -> {setting: value}
@@ -94,11 +96,28 @@ def build_model(name: str, split: DatasetSplit) -> nn.Module:
     return MODELS[name](num_classes=split.num_classes, channels=split.image_shape[0])
 
 
-def load_checkpoint(path: str, model_name: str, split: DatasetSplit) -> nn.Module:
-    """A whole pickled ``nn.Module``, or a state_dict (bare or under "state_dict") for ``model_name``."""
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that only the full pickle unpickler can read, loaded without ``trust_pickle``.
+
+    Unpickling arbitrary objects runs whatever code the file names (``__reduce__``), so such
+    a file is refused by default: a state dict never needs it.
+    """
+
+
+def load_checkpoint(path: str, model_name: str, split: DatasetSplit, *, trust_pickle: bool = False) -> nn.Module:
+    """A state_dict (bare or under "state_dict") for ``model_name``; a whole pickled
+    ``nn.Module`` only with ``trust_pickle=True``.
+
+    Tensors and plain containers load with ``weights_only=True``, which cannot run code.
+    Anything else (a pickled module, or any object in the file) needs the full unpickler,
+    which executes what the file tells it to; that is the caller's explicit decision,
+    never a silent fallback.
+    """
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled module needs the full unpickler: only load checkpoints you trust
+    except pickle.UnpicklingError as error:
+        if not trust_pickle:
+            raise UntrustedCheckpointError(_untrusted_message(path, error)) from error
         saved = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(saved, nn.Module):
         return saved.eval()
@@ -109,11 +128,28 @@ def load_checkpoint(path: str, model_name: str, split: DatasetSplit) -> nn.Modul
     raise TypeError(f"{path} holds a {type(saved).__name__}, not a model or a state_dict")
 
 
+def _untrusted_message(path: str, error: Exception) -> str:
+    """What was refused, why, and the two ways forward (re-save as a state dict, or opt in)."""
+    return (f"refused to load checkpoint {path}: it holds Python objects, not only tensors "
+            f"({_unpickler_reason(error)}). Unpickling them could run arbitrary code. Save the model as "
+            f"torch.save(model.state_dict(), FILE) and pass that file, or, only if you trust "
+            f"where {path} came from, pass --trust-checkpoint (load_checkpoint(..., trust_pickle=True)).")
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The one line of torch's long weights-only message that names the refused object."""
+    for line in str(error).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
+    return type(error).__name__
+
+
 def original_model(config: CompareConfig, split: DatasetSplit, progress: Progress | None):
     """(model, seconds, source): the checkpoint if one is given, else a model trained on all data."""
     start = time.perf_counter()
     if config.checkpoint:
-        return load_checkpoint(config.checkpoint, config.model, split), time.perf_counter() - start, config.checkpoint
+        model = load_checkpoint(config.checkpoint, config.model, split, trust_pickle=config.trust_checkpoint)
+        return model, time.perf_counter() - start, config.checkpoint
     torch.manual_seed(config.base_seed)  # before building: the initial weights are part of the run
     model = build_model(config.model, split)
     train(model, split.x_train, split.y_train, epochs=config.train_epochs, seed=config.base_seed,
@@ -251,14 +287,24 @@ def main(args) -> int:
         data=args.data,
         image_size=args.image_size,
         checkpoint=args.checkpoint,
+        trust_checkpoint=args.trust_checkpoint,
         model=args.model,
         train_epochs=args.train_epochs,
         settings=parse_settings(args.set),
         output=args.output,
         save_original=None if args.checkpoint else str(Path(args.output) / "original.pt"),
     )
-    results = run_comparison(config, None if args.quiet else timestamped_progress)
+    try:
+        results = run_comparison(config, None if args.quiet else timestamped_progress)
+    except UntrustedCheckpointError as error:
+        return _refuse(error)
     print("\n" + format_report(results))
     paths = write_outputs(results, config.output)
     print("\nwritten: " + ", ".join(str(path) for path in paths.values()))
     return 0
+
+
+def _refuse(error: Exception) -> int:
+    """A usage error, printed the way argparse prints one (no traceback), and exit status 2."""
+    print(f"unsc-fast compare: error: {error}", file=sys.stderr)
+    return 2
