@@ -8,6 +8,7 @@ metric's gap is measured against, per seed). Results are a plain JSON-ready dict
 from __future__ import annotations
 
 import ast
+import os
 import pickle
 import platform
 import sys
@@ -80,6 +81,69 @@ def method_settings(config: CompareConfig, name: str) -> dict:
     if name == REFERENCE and "epochs" not in chosen and config.checkpoint is None:
         chosen["epochs"] = config.train_epochs
     return get_method(name).settings(chosen)
+
+
+class ConfigError(ValueError):
+    """An argument that would make the run fail (or mean nothing) later, found before any training."""
+
+
+def check_config(config: CompareConfig) -> None:
+    """Raise ``ConfigError`` listing every problem the run would otherwise hit after the
+    training: a missing input file, an output that cannot be written, an empty seed list.
+
+    Only cheap checks on the file system and the values; settings are checked by
+    ``method_settings`` and the classes by ``make_scenario``, both also before training.
+    """
+    problems = _value_problems(config) + _input_problems(config) + _output_problems(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _value_problems(config: CompareConfig) -> list[str]:
+    problems = []
+    if not config.seeds:
+        problems.append("no seeds: give at least one (--seeds 0 1 2)")
+    if config.scenario == "full_class" and not config.forget_classes:
+        problems.append("full-class forgetting needs at least one class (--forget-classes)")
+    if config.scenario == "random_sample" and not 0 < config.forget_fraction < 1:
+        problems.append(f"--forget-fraction must be in (0, 1), got {config.forget_fraction}")
+    if config.checkpoint is None and config.train_epochs < 1:
+        problems.append(f"--train-epochs must be at least 1 to train the original, got {config.train_epochs}")
+    if config.image_size is not None and config.image_size < 1:
+        problems.append(f"--image-size must be positive, got {config.image_size}")
+    return problems
+
+
+def _input_problems(config: CompareConfig) -> list[str]:
+    problems = []
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        problems.append(f"checkpoint {config.checkpoint} is not a file")
+    if config.data is not None and not Path(config.data).is_dir():
+        problems.append(f"data directory {config.data} does not exist or is not a directory")
+    return problems
+
+
+def _output_problems(config: CompareConfig) -> list[str]:
+    """The output directory (and the saved original's folder) must be creatable and writable."""
+    folders = [config.output] + ([str(Path(config.save_original).parent)] if config.save_original else [])
+    problems = []
+    for folder in dict.fromkeys(folders):
+        problem = _unwritable_folder(Path(folder))
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _unwritable_folder(folder: Path) -> str | None:
+    """Why ``folder`` could not be created or written into, or None if it can."""
+    if folder.exists() and not folder.is_dir():
+        return f"output {folder} exists and is not a directory"
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"output {folder} cannot be created: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output {folder} cannot be written: no write permission on {existing}"
+    return None
 
 
 def load_data(config: CompareConfig) -> DatasetSplit:
@@ -196,6 +260,7 @@ def _mean_std(values) -> dict:
 def run_comparison(config: CompareConfig, progress: Progress | None = None) -> dict:
     """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready)."""
     say = progress or (lambda message: None)
+    check_config(config)  # fail on a missing file or an unwritable output before any training
     names = [get_method(name).name for name in config.methods]
     names = [REFERENCE] + [name for name in names if name != REFERENCE]
     for name in names:  # fail on a bad setting before hours of training, not after
@@ -296,7 +361,7 @@ def main(args) -> int:
     )
     try:
         results = run_comparison(config, None if args.quiet else timestamped_progress)
-    except UntrustedCheckpointError as error:
+    except (ConfigError, UntrustedCheckpointError) as error:
         return _refuse(error)
     print("\n" + format_report(results))
     paths = write_outputs(results, config.output)
