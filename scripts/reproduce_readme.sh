@@ -12,6 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-reproduce_output}"
 
+# The CPU's vector kernels are part of the environment: torch's AVX-512 and AVX2 kernels
+# round differently, and methods that fine-tune without projection (random labels, l1-sparse,
+# SalUn, NatMU, ...) amplify that into different tables. Pin the AVX2 kernels, which every
+# x86-64 machine of the last decade has, so the figures repeat across machines.
+export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}"
+export ONEDNN_MAX_CPU_ISA="${ONEDNN_MAX_CPU_ISA:-AVX2}"
+export MKL_ENABLE_INSTRUCTIONS="${MKL_ENABLE_INSTRUCTIONS:-AVX2}"
+
 bash scripts/setup.sh
 if ! diff -q <(.venv/bin/python -m pip freeze --all --exclude unsc_fast --exclude unsc-fast 2>/dev/null) \
         <(grep -v '^#' requirements-lock.txt) > /dev/null; then
@@ -26,7 +34,7 @@ echo "[reproduce] 1/2 unsc-fast demo --threads 1"
 echo "[reproduce] 2/2 unsc-fast compare --output $OUT/compare (all methods, seeds 0 1 2, one thread)"
 .venv/bin/unsc-fast compare --threads 1 --output "$OUT/compare" --quiet > "$OUT/compare.log"
 .venv/bin/python -m pip freeze --all --exclude unsc_fast --exclude unsc-fast > "$OUT/environment.txt" 2>/dev/null
-.venv/bin/python -c "import platform, torch; print(platform.platform(), platform.processor(), 'torch', torch.__version__, 'threads', torch.get_num_threads())" >> "$OUT/environment.txt"
+.venv/bin/python -c "import platform, torch; print(platform.platform(), 'torch', torch.__version__, 'kernels', torch.backends.cpu.get_cpu_capability(), 'threads', torch.get_num_threads())" >> "$OUT/environment.txt"
 
 cat <<DONE
 

@@ -317,6 +317,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
         "summary": {name: summarise(method_runs) for name, method_runs in runs.items()},
         "titles": {name: ("original" if name == "original" else get_method(name).title) for name in runs},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 and AVX512 round differently
                         "python": sys.version.split()[0], "platform": platform.platform()},
         "metric_titles": METRIC_TITLES,
     }
