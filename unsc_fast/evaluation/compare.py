@@ -100,6 +100,7 @@ def check_config(config: CompareConfig) -> None:
 
 
 def _value_problems(config: CompareConfig) -> list[str]:
+    """Values the API accepts but that would make an empty or meaningless run."""
     problems = []
     if not config.seeds:
         problems.append("no seeds: give at least one (--seeds 0 1 2)")
@@ -115,6 +116,7 @@ def _value_problems(config: CompareConfig) -> list[str]:
 
 
 def _input_problems(config: CompareConfig) -> list[str]:
+    """Input paths that do not exist: found now, not after the original's training."""
     problems = []
     if config.checkpoint is not None and not Path(config.checkpoint).is_file():
         problems.append(f"checkpoint {config.checkpoint} is not a file")
