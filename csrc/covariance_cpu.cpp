@@ -10,6 +10,7 @@
 #include "covariance_cpu.h"
 
 #include <algorithm>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +22,8 @@ namespace {
 // Bytes of the patch panel the conv kernel gathers at a time: large enough that each GEMM
 // has a long reduction (BLAS efficiency), small enough to stay cache-resident.
 constexpr int64_t kPanelBytes = int64_t(4) << 20;
+// Dense x is cut into this many rows per job at least (shorter GEMMs lose BLAS efficiency).
+constexpr int64_t kMinRowsPerJob = 512;
 
 // Block rows of the d x d upper triangle: fewer, wider blocks run BLAS nearer its peak,
 // more blocks skip more of the lower triangle ((nb + 1) / (2 nb) of the full FLOPs).
@@ -49,6 +52,25 @@ void symmetric_update_upper(at::Tensor& W, const at::Tensor& panel, bool rows_ar
       out.addmm_(panel.narrow(1, i0, rows).t(), panel.narrow(1, i0, cols), beta, 1.0);
     }
   }
+}
+
+// Runs job(W, index) for index in [0, jobs), spread round-robin over the threads, each
+// thread summing into its own zeroed d x d accumulator; returns their sum. Each thread
+// runs its GEMMs single-threaded (BLAS inside a parallel region), so a 2-core machine
+// runs two independent panels at once instead of splitting every small GEMM in two,
+// which measured slower than one large addmm split the same way.
+template <typename Job>
+at::Tensor accumulate_per_thread(int64_t d, int64_t jobs, const at::TensorOptions& options, const Job& job) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
+  std::vector<at::Tensor> partial(workers);
+  for (auto& W : partial) W = at::zeros({d, d}, options);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t index = worker; index < jobs; index += workers) job(partial[worker], index);
+    }
+  });
+  for (int64_t worker = 1; worker < workers; ++worker) partial[0].add_(partial[worker]);
+  return partial[0];
 }
 
 // C[r, s] += W[r, s] and C[s, r] += W[r, s] for r <= s: the increment is added as an
@@ -135,7 +157,10 @@ int64_t panel_rows(int64_t d, int64_t out_w, int64_t total_rows, int64_t element
 int64_t conv_covariance_workspace_bytes(int64_t d, int64_t out_w, int64_t total_rows,
                                         int64_t element_size) {
   const int64_t rows = panel_rows(d, out_w, total_rows, element_size);
-  return (d * d + d * rows * out_w) * element_size;
+  const int64_t panels = (total_rows + rows - 1) / rows;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+  // Per worker thread: a d x d partial sum and one panel; plus nothing else (no copy of x).
+  return workers * (d * d + d * rows * out_w) * element_size;
 }
 
 void covariance_cpu_(at::Tensor& C, const at::Tensor& x) {
@@ -153,8 +178,16 @@ void covariance_cpu_(at::Tensor& C, const at::Tensor& x) {
   const bool column_major = rows.stride(0) == 1 && rows.stride(1) >= std::max<int64_t>(1, N);
   if (!row_major && !column_major) rows = rows.contiguous();
   const bool features_are_rows = !row_major && column_major;
-  at::Tensor W = at::empty({d, d}, C.options().memory_format(at::MemoryFormat::Contiguous));
-  symmetric_update_upper(W, features_are_rows ? rows.t() : rows, features_are_rows, 0.0);
+  const at::Tensor& panel = rows;  // (N, d); its transpose is row-major when features_are_rows
+  const int64_t jobs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kMinRowsPerJob));
+  const int64_t rows_per_job = (N + jobs - 1) / jobs;
+  at::Tensor W = accumulate_per_thread(d, jobs, C.options(), [&](at::Tensor& acc, int64_t job) {
+    const int64_t start = job * rows_per_job;
+    const int64_t count = std::min(rows_per_job, N - start);
+    if (count <= 0) return;
+    at::Tensor part = panel.narrow(0, start, count);
+    symmetric_update_upper(acc, features_are_rows ? part.t() : part, features_are_rows, 1.0);
+  });
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "covariance_cpu_", [&] {
     add_mirrored_upper<scalar_t>(C, W.const_data_ptr<scalar_t>(), d);
   });
@@ -188,18 +221,21 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "conv_covariance_cpu_", [&] {
     using acc_t = scalar_t;
     const int64_t rows_per_panel = panel_rows(d, g.out_w, total_rows, sizeof(acc_t));
-    at::Tensor W = at::empty({d, d}, C.options().memory_format(at::MemoryFormat::Contiguous));
-    at::Tensor panel = at::empty({d, rows_per_panel * g.out_w}, W.options());
-    acc_t* p = panel.data_ptr<acc_t>();
+    const int64_t panels = (total_rows + rows_per_panel - 1) / rows_per_panel;
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), panels);
+    std::vector<at::Tensor> buffers(workers);
+    for (auto& buffer : buffers) buffer = at::empty({d * rows_per_panel * g.out_w}, C.options());
+    at::Tensor W;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_covariance_gather", [&] {
       const scalar_t* source = x.const_data_ptr<scalar_t>();
-      for (int64_t q0 = 0; q0 < total_rows; q0 += rows_per_panel) {
+      W = accumulate_per_thread(d, panels, C.options(), [&](at::Tensor& acc, int64_t index) {
+        const int64_t q0 = index * rows_per_panel;
         const int64_t rows = std::min(rows_per_panel, total_rows - q0);
         const int64_t M = rows * g.out_w;
-        gather_panel<scalar_t, acc_t>(p, source, strides, g, q0, rows);
-        at::Tensor filled = panel.view({-1}).narrow(0, 0, d * M).view({d, M});
-        symmetric_update_upper(W, filled, true, q0 == 0 ? 0.0 : 1.0);
-      }
+        at::Tensor& buffer = buffers[index % workers];  // the round-robin worker of this panel
+        gather_panel<scalar_t, acc_t>(buffer.data_ptr<acc_t>(), source, strides, g, q0, rows);
+        symmetric_update_upper(acc, buffer.narrow(0, 0, d * M).view({d, M}), true, 1.0);
+      });
     });
     add_mirrored_upper<acc_t>(C, W.const_data_ptr<acc_t>(), d);
   });

@@ -18,7 +18,8 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
                           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                           std::array<int64_t, 2> dilation);
 
-// Bytes conv_covariance_cpu_ allocates besides C (the d x d increment and one patch panel),
+// Bytes conv_covariance_cpu_ allocates besides C (per worker thread: a d x d partial sum
+// and one patch panel, at the current torch thread count),
 // for total_rows = B * out_h output rows of out_w positions: what benchmarks report
 // beside the unfold buffer (B * out_h * out_w * d elements) that it replaces.
 int64_t conv_covariance_workspace_bytes(int64_t d, int64_t out_w, int64_t total_rows,
