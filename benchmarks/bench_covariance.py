@@ -77,7 +77,7 @@ def main(argv=None) -> None:
             )
             (ours_min, ours_ms), (torch_min, torch_ms) = timed["ours"], timed["torch"]
             flops = 2.0 * N * d * d
-            auto = "ext" if on_cpu and backend == "ext" and d >= ops.EXT_MIN_COVARIANCE_DIM else None
+            auto = "ext" if on_cpu and backend == "ext" and ops._dense_ext_faster(d) else None
             rows.append({
                 "shape": f"{name}: ({N}, {d})",
                 "dtype": dtype_name,

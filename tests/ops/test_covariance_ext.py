@@ -194,7 +194,12 @@ def test_auto_on_cpu_picks_ext_for_conv_and_wide_dense(monkeypatch):
     monkeypatch.setattr(custom_ops, "covariance_", lambda C, x, backend: seen.append(backend) or original(C, x, backend))
     ops.covariance_(torch.zeros(8, 8), torch.ones(3, 8))
     wide = ops.EXT_MIN_COVARIANCE_DIM
-    ops.covariance_(torch.zeros(wide, wide), torch.ones(3, wide))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the measured rule: dense ext wins single-threaded
+    try:
+        ops.covariance_(torch.zeros(wide, wide), torch.ones(3, wide))
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv("UNSC_FAST_BACKEND", "ext")
     ops.covariance_(torch.zeros(8, 8), torch.ones(3, 8))
     assert seen == ["torch", "ext", "ext"]

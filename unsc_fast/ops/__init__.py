@@ -76,8 +76,16 @@ def _check_not_differentiated(op: str, name: str, tensor: torch.Tensor) -> None:
 
 
 # Below this width the extension's symmetric update is a single block (no FLOPs saved) and
-# plain addmm is as fast or faster on CPU; measured in benchmarks/RESULTS.md ("CPU kernels").
+# plain addmm is as fast or faster on CPU; measured in benchmarks/RESULTS.md ("CPU covariance
+# kernels"), as is the thread rule of ``_dense_ext_faster``.
 EXT_MIN_COVARIANCE_DIM = 512
+
+
+def _dense_ext_faster(d: int) -> bool:
+    """Where the extension's dense update beat addmm on this project's 2-core CPU: from
+    ``EXT_MIN_COVARIANCE_DIM`` columns on, single-threaded (1.3-1.7x). With 2 threads MKL's
+    own threading of one addmm won (0.3-1.0x), so ``auto`` keeps addmm there."""
+    return d >= EXT_MIN_COVARIANCE_DIM and torch.get_num_threads() == 1
 
 
 def _covariance_backends(device: torch.device) -> tuple[str, ...]:
@@ -98,14 +106,14 @@ def covariance_(C: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> t
     """``C += x^T x`` in place, accumulated in ``C``'s precision (fp32 or fp64).
 
     ``x``: (N, d) in fp16/bf16/fp32/fp64, any strides. Returns ``C``. On CPU, ``auto``
-    takes the extension's symmetric update from ``EXT_MIN_COVARIANCE_DIM`` columns on.
+    takes the extension's symmetric update where it was measured faster (``_dense_ext_faster``).
     """
     _check_activation("covariance_", x, 2)
     _check_accumulator("covariance_", C, x.shape[1])
     device = check_devices("covariance_", C, x)
     _check_not_differentiated("covariance_", "C", C)
     chosen = resolve("covariance_", backend, device, _covariance_backends(device))
-    chosen = _keep_ext(backend, chosen, x.shape[1] >= EXT_MIN_COVARIANCE_DIM)
+    chosen = _keep_ext(backend, chosen, _dense_ext_faster(x.shape[1]))
     if chosen == "triton" and (C.dtype != torch.float32 or x.dtype == torch.float64):
         chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
     custom_ops.covariance_(C, x, chosen)
