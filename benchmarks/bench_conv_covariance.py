@@ -6,7 +6,7 @@ when it is built. Ours and the baseline are timed interleaved (A B A B) and repo
 min / median; the ratio is of medians. Besides time it reports the peak extra memory of
 one call: on a GPU measured with ``torch.cuda.max_memory_allocated``; on CPU the sizes
 each way allocates (the unfolded (B, d, L) tensor, its (B*L, d) transposed copy and, for
-bf16, the fp32 cast of x; ext: its d x d increment and one patch panel, as reported by
+bf16, the fp32 cast of x; ext: per thread, a d x d partial sum and one patch panel, as reported by
 the extension), marked "est.".
 Workloads: ``allcnn`` (CPU default): every distinct conv of AllCNN at width 96 and 48 on
 32x32x3 inputs, ``--batch`` images; ``shapes``: AllCNN and ResNet-18 convs, batch 128.
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
         rows,
         ["GFLOP/s counts 2*N*d^2 for both ways; ratio = median / median",
          "peak = extra memory of one call; on CPU 'est.' = the sizes each way allocates (unfold: "
-         "(B,d,L) + its (B*L,d) copy; ext: its d x d increment + one patch panel)",
+         "(B,d,L) + its (B*L,d) copy; ext: per thread, a d x d partial sum + one patch panel)",
          f"{args.repeat} interleaved repeats (ours, torch, ours, torch, ...) after {args.warmup} warm-up rounds; "
          f"{torch.get_num_threads()} threads"],
     )
