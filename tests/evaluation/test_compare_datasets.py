@@ -27,7 +27,7 @@ def test_dataset_choice_and_the_data_alias():
         dataset_choice(_args(dataset="cifar100"))
 
 
-@pytest.mark.parametrize("dataset,model", [("digits", "digits_cnn"), ("mnist1d", "mnist1d_mlp"),
+@pytest.mark.parametrize("dataset,model", [("digits", "digits_cnn"), ("mnist1d", "mnist1d_cnn"),
                                            ("cifar10", "allcnn"), ("cifar100", "resnet18"), ("svhn", "vgg11"),
                                            ("fashionmnist", "alexnet"), ("mnist", "alexnet"), ("folder", "digits_cnn")])
 def test_default_model_per_dataset(dataset, model):
