@@ -74,8 +74,10 @@ def test_readme_block_runs(line, code, tmp_path, monkeypatch):
 
 
 def backend_table(text: str) -> dict[str, set[str]]:
-    rows = re.findall(r"^\s*\| `ops\.(\w+)` \| ([\w, ]+) \|\s*$", text, re.M)
-    return {op: {b.strip() for b in backends.split(",")} for op, backends in rows}
+    """``{op: backends}`` from the README's table; a note in brackets after a backend
+    (``ext (CPU tensors)``) is prose and ignored."""
+    rows = re.findall(r"^\s*\| `ops\.(\w+)` \| ([^|]+) \|\s*$", text, re.M)
+    return {op: {re.sub(r"\(.*?\)", "", b).strip() for b in backends.split(",")} for op, backends in rows}
 
 
 def call(op: str, backend: str):
