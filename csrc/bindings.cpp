@@ -68,6 +68,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Bytes conv_covariance_ allocates besides C (increment + one patch panel).",
              pybind11::arg("d"), pybind11::arg("out_w"), pybind11::arg("total_rows"),
              pybind11::arg("element_size"));
-  module.def("has_cuda_kernels", &unsc_fast::has_cuda_kernels,
-             "True when the CUDA kernels were compiled into this build.");
 }

@@ -275,12 +275,4 @@ std::vector<std::optional<at::Tensor>> energy_bases_randomized(
   return bases;
 }
 
-bool has_cuda_kernels() {
-#ifdef UNSC_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace unsc_fast

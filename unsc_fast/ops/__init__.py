@@ -88,6 +88,14 @@ def _dense_ext_faster(d: int) -> bool:
     return d >= EXT_MIN_COVARIANCE_DIM and torch.get_num_threads() == 1
 
 
+def _fp32_kernel(chosen: str, accumulator: torch.Tensor, data: torch.Tensor) -> str:
+    """The Triton kernels are fp32-only: an fp64 accumulator/basis or fp64 data takes the
+    reference instead (one rule for every op)."""
+    if chosen == "triton" and (accumulator.dtype != torch.float32 or data.dtype == torch.float64):
+        return "torch"
+    return chosen
+
+
 def _covariance_backends(device: torch.device) -> tuple[str, ...]:
     """The covariance ops' implementations on ``device``: the extension's kernels are CPU-only."""
     return ("triton", "ext", "torch") if device.type == "cpu" else ("triton", "torch")
@@ -113,9 +121,7 @@ def covariance_(C: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> t
     device = check_devices("covariance_", C, x)
     _check_not_differentiated("covariance_", "C", C)
     chosen = resolve("covariance_", backend, device, _covariance_backends(device))
-    chosen = _keep_ext(backend, chosen, _dense_ext_faster(x.shape[1]))
-    if chosen == "triton" and (C.dtype != torch.float32 or x.dtype == torch.float64):
-        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    chosen = _fp32_kernel(_keep_ext(backend, chosen, _dense_ext_faster(x.shape[1])), C, x)
     custom_ops.covariance_(C, x, chosen)
     return C
 
@@ -149,9 +155,7 @@ def conv_covariance_(
     _check_accumulator("conv_covariance_", C, x.shape[1] * kernel_size[0] * kernel_size[1])
     device = check_devices("conv_covariance_", C, x)
     _check_not_differentiated("conv_covariance_", "C", C)
-    chosen = resolve("conv_covariance_", backend, device, _covariance_backends(device))
-    if chosen == "triton" and (C.dtype != torch.float32 or x.dtype == torch.float64):
-        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    chosen = _fp32_kernel(resolve("conv_covariance_", backend, device, _covariance_backends(device)), C, x)
     custom_ops.conv_covariance_(C, x, kernel_size, stride, padding, dilation, chosen)
     return C
 
@@ -178,9 +182,7 @@ def project_(G: torch.Tensor, U: torch.Tensor, *, backend: str = "auto") -> torc
     device = _check_projection("project_", G, U)
     if U.shape[1] == 0 or G.numel() == 0:
         return G
-    chosen = resolve("project_", backend, device, ("triton", "torch"))
-    if U.dtype != torch.float32 or G.dtype == torch.float64:
-        chosen = "torch"  # the kernel is fp32-only: fp64 G or U take the reference
+    chosen = _fp32_kernel(resolve("project_", backend, device, ("triton", "torch")), U, G)
     custom_ops.project_(G, U, chosen)
     return G
 
@@ -196,9 +198,7 @@ def restrict_(G: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") -> tor
         return G
     if Q.shape[1] == 0:
         return G.zero_()
-    chosen = resolve("restrict_", backend, device, ("triton", "torch"))
-    if Q.dtype != torch.float32 or G.dtype == torch.float64:
-        chosen = "torch"  # the kernel is fp32-only: fp64 G or Q take the reference
+    chosen = _fp32_kernel(resolve("restrict_", backend, device, ("triton", "torch")), Q, G)
     custom_ops.restrict_(G, Q, chosen)
     return G
 
