@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from unsc_fast import distributed, ops
-from unsc_fast.training import eval_mode
+from unsc_fast import statistics as policies
+from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.bases import complement_if_cheaper
 from unsc_fast.layers import TrackedLayer, find_layers
 from unsc_fast.observation import Observation
@@ -50,6 +51,16 @@ class NullSpaceProjector:
     """Tracks every ``nn.Linear`` / ``nn.Conv2d`` weight of ``model`` (or those named in
     ``modules``) and projects their updates onto the null space of the remaining data.
 
+    ``statistics`` is the storage policy (``unsc_fast.statistics``): ``"per_label"`` keeps a
+    covariance per label/group (memory grows with the classes; ``build(exclude=...)`` needs
+    no pass over any data), ``"total"`` keeps one total per layer and serves every request
+    from one pass over its forget data (``collect(forget_loader, forget=True)``, then
+    ``build()``), ``"auto"`` takes per-label when ``num_labels`` labels fit ``memory_budget``
+    bytes, else total. A policy that does not fit ``memory_budget`` is refused up front, and
+    a store that would outgrow it while observing stops with the layer and the bytes.
+    ``dtype``: accumulation dtype; default float32 per label, float64 for the total (its
+    subtraction cancels in fp32 when the forget data is a large share).
+
     Usage::
 
         proj = NullSpaceProjector(model, threshold=0.99)
@@ -65,15 +76,22 @@ class NullSpaceProjector:
         threshold: float = 0.99,
         *,
         modules: Iterable[str] | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
+        statistics: str = "per_label",
+        memory_budget: int | None = None,
+        num_labels: int = 1,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
-        self.store = CovarianceStore(dtype)
         distributed.check_model(model)
         self.model = unwrap_model(model)
         if self.model is not model:  # names as the user knows them, "module." prefix or not
             modules = distributed.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
         self.layers: dict[str, TrackedLayer] = find_layers(self.model, modules)
+        dims = {name: layer.dim for name, layer in self.layers.items()}
+        self.memory_budget = memory_budget
+        self._requested_dtype = dtype
+        self.statistics = policies.choose(statistics, dims, num_labels, dtype, memory_budget)
+        self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
         self._bases: dict[str, torch.Tensor] = {}
         self._complements: dict[str, torch.Tensor] = {}
         self.built_from: tuple = ()
@@ -82,20 +100,26 @@ class NullSpaceProjector:
 
     # ------------------------------------------------------------------ observe
     @contextlib.contextmanager
-    def observe(self, labels: torch.Tensor | None = None, *, group: Hashable | None = None):
+    def observe(self, labels: torch.Tensor | None = None, *, group: Hashable | None = None, forget: bool = False):
         """Accumulate the tracked layers' input covariances for the forwards run inside.
 
         ``labels`` (batch,) files each sample's rows under its label; ``group`` files the
-        whole batch under one name; with neither, under ``"all"``. Each forward of the model
-        is committed whole or not at all: a batch that fails (label count mismatch,
-        non-finite activations) leaves the stored covariances exactly as they were.
-        The hooks are removed on exit, also when the body raises.
+        whole batch under one name; with neither, under ``"all"``. Under
+        ``statistics="total"`` every batch goes into the one total (labels and groups are
+        not kept apart). ``forget=True`` marks a pass over a request's forget data: the next
+        ``build()`` subtracts it from the data it sums (see ``build``).
+        Each forward of the model is committed whole or not at all: a batch that fails
+        (label count mismatch, non-finite activations) leaves the stored covariances exactly
+        as they were. The hooks are removed on exit, also when the body raises.
         """
         if self._observation is not None:
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
-        observation = Observation(self.store, labels, DEFAULT_GROUP if group is None else group)
+        if self.statistics == "total":  # one matrix per layer: no per-label split in the hook
+            labels, group = None, policies.TOTAL_KEY
+        router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
+        observation = Observation(router, labels, DEFAULT_GROUP if group is None else group)
         self._observation = observation
         try:
             observation.attach(self.model, self.layers.values())
@@ -113,19 +137,38 @@ class NullSpaceProjector:
             self._observation = None
             distributed.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
-    def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None):
-        """Observe every ``(inputs, targets, ...)`` batch of ``loader`` in eval mode, without grad.
+    def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
+                forget: bool = False, progress: bool | None = None):
+        """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
 
+        A batch is ``(inputs, targets, ...)`` (targets are the labels when ``labels``), a
+        tensor, or a dict of keyword inputs (no labels). Inputs are moved to ``device``
+        (default: the model's). ``forget=True``: this is a request's forget data (see
+        ``observe``). ``progress``: a tqdm bar (None: only on a terminal, after 2 s).
         The model's train/eval modes are restored afterwards.
         """
+        device = model_device(self.model) if device is None else device
+        bar = progress_bar(loader, "observing forget data" if forget else "observing", progress)
         with eval_mode(self.model), torch.no_grad():
-            for batch in loader:
-                inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-                if device is not None:
-                    inputs = inputs.to(device)
-                with self.observe(labels=targets if labels else None, group=group):
-                    self.model(inputs)
+            for batch in bar:
+                args, kwargs, targets = batch_parts(to_device(batch, device))
+                with self.observe(labels=targets if labels else None, group=group, forget=forget):
+                    self.model(*args, **kwargs)
         return self
+
+    def memory_estimate(self, labels: int = 1, *, dtype: torch.dtype | None = None) -> "policies.MemoryEstimate":
+        """Bytes the statistics of this model would take for ``labels`` labels, per policy and
+        per layer, before observing anything (``print()`` it for a table)."""
+        return policies.estimate({n: l.dim for n, l in self.layers.items()}, labels, dtype or self._requested_dtype)
+
+    def reset_forget(self) -> None:
+        """Drop the forget passes observed so far (a new request starts from none)."""
+        self.store.reset([k for k in self.store.keys if policies.is_forget_key(k)])
+
+    @property
+    def forget_keys(self) -> list:
+        """Keys of the forget passes observed and not reset (subtracted by ``build``)."""
+        return [k for k in self.store.keys if policies.is_forget_key(k)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,8 +177,8 @@ class NullSpaceProjector:
 
     @property
     def groups(self) -> list:
-        """The labels / group names observed so far."""
-        return self.store.keys
+        """The labels / group names observed so far (forget passes aside, see ``forget_keys``)."""
+        return [k for k in self.store.keys if not policies.is_forget_key(k)]
 
     def count(self, key: Hashable, name: str) -> int:
         """Rows accumulated for layer ``name`` under label/group ``key``."""
@@ -202,12 +245,12 @@ class NullSpaceProjector:
             self._set_bases(new_bases, new_complements)
             self.built_from, self.built_threshold = tuple(kept), threshold
             return self
-        if not self.store:
+        if not self.groups:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
-        kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
+        kept, subtracted = self._request(exclude, include, subtract, allow_unobserved)
         new_bases = {}
         for layer in self.layers.values():  # one kept sum alive at a time
-            covariance = self.store.kept_sum(layer.name, kept, subtract)
+            covariance = self.store.kept_sum(layer.name, kept, subtracted)
             basis = ops.energy_bases([covariance], threshold, generator, method=method)[0]
             del covariance
             new_bases[layer.name] = basis.to(layer.weight.device)
@@ -217,6 +260,21 @@ class NullSpaceProjector:
         if keep_covariances == "none":
             self.reset()
         return self
+
+    def _request(self, exclude: set, include, subtract: set, allow_unobserved: bool) -> tuple[list, list]:
+        """``(kept, subtracted)`` keys of a build: what is summed, and what is taken away from it
+        (the user's ``subtract`` plus the forget passes whose rows sit inside the kept keys)."""
+        forget = self.forget_keys
+        if self.statistics == "total":
+            if (exclude or include is not None or subtract) and not forget:
+                raise ValueError(
+                    'statistics="total" keeps no per-label covariance: observe the request\'s forget data '
+                    "with observe(forget=True) or collect(loader, forget=True), then build()"
+                )
+            return [policies.TOTAL_KEY], forget
+        kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
+        inside = [k for k in forget if policies.forget_label(k) is None or policies.forget_label(k) in kept]
+        return kept, list(subtract) + inside
 
     def _set_bases(self, bases: dict[str, torch.Tensor], complements: dict | None = None) -> None:
         """Install new bases (and the complements where they are cheaper) all at once."""
