@@ -119,6 +119,14 @@ def frozen_batchnorm(model: nn.Module):
         yield model
 
 
+def _steps(batches, epochs: int) -> int | None:
+    """Batches in the whole run, or None for an iterable that does not know its length."""
+    try:
+        return max(1, epochs * len(batches))
+    except TypeError:
+        return None
+
+
 def fit(
     model: nn.Module,
     batches,
@@ -148,7 +156,7 @@ def fit(
     terminal once they take 2 s (``progress_bar_enabled=False``: never; True: always).
     """
     device = model_device(model)
-    total_steps = max(1, epochs * len(batches)) if hasattr(batches, "__len__") else None
+    total_steps = _steps(batches, epochs)
     losses, step = [], 0
     with frozen_batchnorm(model) if freeze_batchnorm else train_mode(model):
         for epoch in progress_bar(range(epochs), label, progress_bar_enabled):
