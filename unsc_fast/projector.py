@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from unsc_fast import distributed, ops
+from unsc_fast import sketch
 from unsc_fast import statistics as policies
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.bases import complement_if_cheaper
@@ -60,6 +61,10 @@ class NullSpaceProjector:
     a store that would outgrow it while observing stops with the layer and the bytes.
     ``dtype``: accumulation dtype; default float32 per label, float64 for the total (its
     subtraction cancels in fp32 when the forget data is a large share).
+    ``sketch``: ``{layer name: rows}`` of Linear layers kept as a Frequent Directions sketch
+    (``unsc_fast.sketch``: ``2 rows x d`` numbers, a stated energy guarantee, no subtraction)
+    instead of a ``d x d`` matrix; None: chosen automatically, under ``memory_budget``, for
+    the Linear layers whose dense statistics alone would take over half of it.
 
     Usage::
 
@@ -80,6 +85,7 @@ class NullSpaceProjector:
         statistics: str = "per_label",
         memory_budget: int | None = None,
         num_labels: int = 1,
+        sketch: dict[str, int] | None = None,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
         distributed.check_model(model)
@@ -90,7 +96,10 @@ class NullSpaceProjector:
         dims = {name: layer.dim for name, layer in self.layers.items()}
         self.memory_budget = memory_budget
         self._requested_dtype = dtype
-        self.statistics = policies.choose(statistics, dims, num_labels, dtype, memory_budget)
+        self.sketch_rows = policies.sketched_layers(sketch, self.layers, num_labels, dtype, statistics, memory_budget)
+        dense = {name: d for name, d in dims.items() if name not in self.sketch_rows}
+        self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
+        self._sketches: dict = {}  # key -> layer name -> sketch.FrequentDirections
         self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
         self._bases: dict[str, torch.Tensor] = {}
         self._complements: dict[str, torch.Tensor] = {}
@@ -120,12 +129,15 @@ class NullSpaceProjector:
             labels, group = None, policies.TOTAL_KEY
         router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
         observation = Observation(router, labels, DEFAULT_GROUP if group is None else group)
+        sketching = self._sketch_observation(observation, router)
         self._observation = observation
         try:
-            observation.attach(self.model, self.layers.values())
+            observation.attach(self.model, [l for n, l in self.layers.items() if n not in self.sketch_rows])
+            if sketching is not None:
+                sketching.attach(self.model)
             yield self
             observation.commit()
-            if not observation.calls:
+            if not observation.calls and not (sketching is not None and sketching.calls):
                 warnings.warn(
                     "observe(): no tracked layer ran inside the block, so nothing was recorded "
                     "(was the model called, and not a compiled copy of it?)",
@@ -134,8 +146,18 @@ class NullSpaceProjector:
                 )
         finally:
             observation.detach()
+            if sketching is not None:
+                sketching.detach()
             self._observation = None
             distributed.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
+
+    def _sketch_observation(self, observation: Observation, router) -> "sketch.SketchObservation | None":
+        """Hooks for the sketched layers, filing rows under the same keys as the dense ones."""
+        if not self.sketch_rows:
+            return None
+        groups = [(router.key(key), index) for key, index in observation.groups]
+        layers = [self.layers[name] for name in self.sketch_rows]
+        return sketch.SketchObservation(self._sketches, layers, self.sketch_rows, groups, torch.float64)
 
     def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
                 forget: bool = False, progress: bool | None = None):
@@ -163,12 +185,18 @@ class NullSpaceProjector:
 
     def reset_forget(self) -> None:
         """Drop the forget passes observed so far (a new request starts from none)."""
-        self.store.reset([k for k in self.store.keys if policies.is_forget_key(k)])
+        for key in self.forget_keys:
+            self.store.reset([key])
+            self._sketches.pop(key, None)
 
     @property
     def forget_keys(self) -> list:
         """Keys of the forget passes observed and not reset (subtracted by ``build``)."""
-        return [k for k in self.store.keys if policies.is_forget_key(k)]
+        return [k for k in self._keys() if policies.is_forget_key(k)]
+
+    def _keys(self) -> list:
+        """Keys observed in the dense store or the sketches, in first-seen order."""
+        return list(dict.fromkeys([*self.store.keys, *self._sketches]))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -178,7 +206,7 @@ class NullSpaceProjector:
     @property
     def groups(self) -> list:
         """The labels / group names observed so far (forget passes aside, see ``forget_keys``)."""
-        return [k for k in self.store.keys if not policies.is_forget_key(k)]
+        return [k for k in self._keys() if not policies.is_forget_key(k)]
 
     def count(self, key: Hashable, name: str) -> int:
         """Rows accumulated for layer ``name`` under label/group ``key``."""
@@ -250,6 +278,9 @@ class NullSpaceProjector:
         kept, subtracted = self._request(exclude, include, subtract, allow_unobserved)
         new_bases = {}
         for layer in self.layers.values():  # one kept sum alive at a time
+            if layer.name in self.sketch_rows:
+                new_bases[layer.name] = self._sketch_basis(layer.name, kept, subtracted, threshold).to(layer.weight.device)
+                continue
             covariance = self.store.kept_sum(layer.name, kept, subtracted)
             basis = ops.energy_bases([covariance], threshold, generator, method=method)[0]
             del covariance
@@ -260,6 +291,18 @@ class NullSpaceProjector:
         if keep_covariances == "none":
             self.reset()
         return self
+
+    def _sketch_basis(self, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:
+        present = [k for k in subtracted if name in self._sketches.get(k, {})]
+        if present:
+            raise ValueError(
+                f"layer {name!r} is sketched: its statistics cannot be subtracted from (keys {present}); "
+                "serve the request by excluding whole labels/groups, or observe the remaining data"
+            )
+        parts = [self._sketches[k][name] for k in kept if name in self._sketches.get(k, {})]
+        if not parts:
+            raise RuntimeError(f"layer {name!r} saw no input under keys {kept}")
+        return sketch.basis(parts, threshold, name)
 
     def _request(self, exclude: set, include, subtract: set, allow_unobserved: bool) -> tuple[list, list]:
         """``(kept, subtracted)`` keys of a build: what is summed, and what is taken away from it

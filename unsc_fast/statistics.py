@@ -150,3 +150,25 @@ class StatisticsRouter:
                     f"{needed:,} bytes, over memory_budget={self.budget:,} (use statistics='total')"
                 )
         self.store.add(key, name, delta, rows)
+
+
+def sketched_layers(sketch, layers: dict, labels: int, dtype, policy: str, budget: int | None) -> dict[str, int]:
+    """``{layer name: sketch rows}``: the user's choice, else (under a budget) every Linear layer
+    whose dense statistics alone would take over half of ``budget`` under the cheapest policy
+    allowed (so that "auto" prefers a dense total to a sketch)."""
+    from unsc_fast.sketch import DEFAULT_ROWS
+
+    if sketch is not None:
+        unknown = sorted(set(sketch) - set(layers))
+        if unknown:
+            raise KeyError(f"sketch names untracked layers {unknown}; tracked: {list(layers)}")
+        wrong = sorted(n for n in sketch if layers[n].kind != "linear")
+        if wrong:
+            raise ValueError(f"sketches support Linear layers only, not {wrong}")
+        return {name: int(rows) for name, rows in sketch.items()}
+    if budget is None:
+        return {}
+    plan = estimate({n: l.dim for n, l in layers.items()}, labels, dtype)
+    allowed = ("per_label", "total") if policy == "auto" else (policy,)
+    cost = {name: min(plan.per_layer(p)[name] for p in allowed) for name in layers}
+    return {name: DEFAULT_ROWS for name, layer in layers.items() if layer.kind == "linear" and cost[name] > budget / 2}
