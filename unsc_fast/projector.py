@@ -220,7 +220,10 @@ class NullSpaceProjector:
 
     def reset(self, keys: Iterable[Hashable] | None = None) -> None:
         """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
-        self.store.reset(None if keys is None else key_set(keys, "keys"))
+        keys = None if keys is None else key_set(keys, "keys")
+        self.store.reset(keys)
+        for key in list(self._sketches) if keys is None else keys:
+            self._sketches.pop(key, None)
 
     # -------------------------------------------------------------------- build
     def build(
