@@ -7,8 +7,9 @@ downloaded), briefly trained on random "documents", then asked to forget some of
   costs one pass over the forget documents, subtracted by the build.
 * labels="keep" + loss=causal_lm_loss + objective="ascent": relabelling (calibration) is a
   classifier idea, so for an LM we push the next-token loss on the forget tokens up instead.
-* untracked="freeze": embeddings and norms are not tracked yet (no adapter), so they must
-  not move; every tracked Linear moves only in the null space of the remaining tokens' inputs.
+* untracked="freeze": norms (and anything else without an adapter) must not move; every
+  tracked Linear moves only in the null space of the remaining tokens' inputs, and the token
+  embedding (tracked by its own adapter) only in rows no remaining token used.
 
 Run: python examples/unlearn_causal_lm.py
 """

@@ -39,7 +39,7 @@ from unsc_fast.bases import complement_if_cheaper, prefers_complement
 from unsc_fast.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.layers import TrackedLayer
+    from unsc_fast.adapters import Slot
 
 KEEP_COVARIANCES = ("all", "rank0", "none")
 LOCAL = "local"
@@ -145,11 +145,11 @@ def _global_rank(group, group_rank: int) -> int:
     return group_rank if group is dist.group.WORLD else dist.get_global_rank(group, group_rank)
 
 
-def _request(store: CovarianceStore, layers: dict, threshold, method, exclude, include, subtract, keep) -> dict:
+def _request(store: CovarianceStore, slots: dict, threshold, method, exclude, include, subtract, keep) -> dict:
     """What must be identical on every rank for the collectives below to line up."""
     keys = lambda values: None if values is None else sorted(repr(v) for v in values)  # noqa: E731
     return {
-        "layers": [(name, layer.kind, layer.dim) for name, layer in layers.items()],
+        "layers": [(name, slot.kind, slot.shape) for name, slot in slots.items()],
         "threshold": threshold,
         "method": method,
         "dtype": str(store.dtype),
@@ -196,7 +196,8 @@ def _owners(dims: list[int], world: int) -> list[int]:
 
 def build(
     store: CovarianceStore,
-    layers: dict[str, "TrackedLayer"],
+    slots: dict[str, "Slot"],
+    slot_devices: dict,
     group,
     *,
     exclude: set,
@@ -214,7 +215,7 @@ def build(
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     include = None if include is None else list(include)
-    mine = {"request": _request(store, layers, threshold, method, exclude, include, subtract, keep_covariances),
+    mine = {"request": _request(store, slots, threshold, method, exclude, include, subtract, keep_covariances),
             "groups": store.keys}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine, group=group)
@@ -225,9 +226,9 @@ def build(
     kept = store.kept_keys(union, exclude, set(include) if include is not None else None, subtract,
                            allow_unobserved=allow_unobserved)
 
-    names = list(layers)
-    layers = [layers[name] for name in names]
-    devices = [layer.weight.device for layer in layers]
+    names = list(slots)
+    layers = [slots[name] for name in names]
+    devices = [slot_devices[name] for name in names]
     counts = torch.tensor([sum(store.rows(k, n) for k in kept) for n in names], dtype=torch.int64)
     counts = counts.to(devices[0])
     dist.all_reduce(counts, group=group)
@@ -238,10 +239,11 @@ def build(
             "observe()? Leave them out with modules=[...] if the model never calls them"
         )
 
-    owners = _owners([layer.dim for layer in layers], world)
+    owners = _owners([layer.dim * layer.groups ** (1 / 3) if layer.kind != "diagonal" else 1 for layer in layers],
+                     world)
     owned: dict[int, torch.Tensor] = {}
     for index, name in enumerate(names):
-        local = store.kept_sum(name, kept, subtract, dim=layers[index].dim, device=devices[index], required=False)
+        local = store.kept_sum(name, kept, subtract, shape=layers[index].shape, device=devices[index], required=False)
         dist.reduce(local, dst=_global_rank(group, owners[index]), group=group)
         if owners[index] == rank:
             owned[index] = local
@@ -250,16 +252,14 @@ def build(
     solved: dict[int, torch.Tensor] = {}
     error = None
     try:
-        order = sorted(owned)
-        bases = ops.energy_bases([owned[i] for i in order], threshold, generator, method=method)
-        for index, basis in zip(order, bases):
-            solved[index] = basis
+        for index in sorted(owned):
+            solved[index] = layers[index].solve(owned[index], threshold, generator, method)
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
         error = exc
     owned.clear()
     status = torch.zeros(len(names) + 1, dtype=torch.int64, device=devices[0])
     for index, basis in solved.items():
-        status[index] = basis.shape[1]
+        status[index] = basis.shape[-1]  # k (kmax for grouped); the width d for a diagonal mask
     status[-1] = int(error is not None)
     dist.all_reduce(status, group=group)
     if int(status[-1]):
@@ -276,12 +276,18 @@ def build(
         if owners[index] == rank:
             basis = solved[index].to(devices[index]).contiguous()
         else:
-            basis = torch.empty(layer.dim, k, dtype=store.dtype, device=devices[index])
+            basis = torch.empty(_basis_shape(layer, k), dtype=torch.bool if layer.kind == "diagonal" else store.dtype,
+                                device=devices[index])
         if k:
-            dist.broadcast(basis, src=source, group=group)
+            if basis.dtype == torch.bool:  # not every backend reduces or sends bool
+                sent = basis.to(torch.uint8)
+                dist.broadcast(sent, src=source, group=group)
+                basis = sent.bool()
+            else:
+                dist.broadcast(basis, src=source, group=group)
         bases[name] = basis
         complements[name] = None
-        if prefers_complement(k, layer.dim):  # computed once, on the owner: bitwise equal everywhere
+        if layer.kind == "dense" and prefers_complement(k, layer.dim):  # computed once, on the owner: bitwise equal everywhere
             if owners[index] == rank:
                 complement = complement_if_cheaper(basis)
             else:
@@ -295,6 +301,14 @@ def build(
     elif keep_covariances == "none":
         store.reset()
     return bases, complements, kept
+
+
+def _basis_shape(slot, k: int) -> tuple[int, ...]:
+    if slot.kind == "diagonal":
+        return (slot.dim,)
+    if slot.kind == "grouped":
+        return (slot.groups, slot.dim, k)
+    return (slot.dim, k)
 
 
 def _gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, keys: list, names: list,
@@ -311,10 +325,9 @@ def _gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, ke
         for index, name in enumerate(names):
             if not int(count[index]):
                 continue
-            dim = layers[index].dim
             local, _ = store.pop(key, name)
             local = (
-                torch.zeros(dim, dim, dtype=store.dtype, device=devices[index])
+                torch.zeros(layers[index].shape, dtype=store.dtype, device=devices[index])
                 if local is None
                 else local.to(devices[index])
             )
@@ -331,9 +344,7 @@ def pooled_covariance(
     """Covariance of layer ``name`` over ``keys`` summed over all ranks, bitwise the same on
     every rank (one all-reduce). Every rank must call it with the same arguments."""
     group = resolve_group(process_group)
-    layer = projector.layers.get(name)
-    if layer is None:
-        raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(projector.layers)}")
+    slot = projector._slot(name)
     request = (name, None if keys is None else sorted(repr(k) for k in keys))
     keys = projector.groups if keys is None else list(keys)  # absent keys add zeros on this rank
     if group is not None:
@@ -341,7 +352,8 @@ def pooled_covariance(
         dist.all_gather_object(gathered, request, group=group)
         if any(entry != request for entry in gathered):
             raise ValueError(f"pooled_covariance(): ranks asked for different (layer, keys): {gathered}")
-    total = projector.store.kept_sum(name, keys, dim=layer.dim, device=layer.weight.device, required=False)
+    total = projector.store.kept_sum(slot.name, keys, shape=slot.shape, device=projector._slot_devices[slot.name],
+                                     required=False)
     if group is not None:
         dist.all_reduce(total, group=group)
     return total

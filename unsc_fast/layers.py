@@ -1,219 +1,214 @@
-"""Which modules the projector tracks, and how each one's inputs become covariance rows.
+"""Which modules the projector tracks, how tied parameters share their statistics, and what
+the projection covers.
 
-A tracked layer is an ``nn.Linear`` (input ``(..., d)``, one row per position) or an
-``nn.Conv2d`` (one row per kernel-sized patch, in ``F.unfold`` order, which is the order of
-``weight.flatten(1)``). Its weight is handled as a matrix ``(out, d)``.
+``find_layers`` picks an adapter for every weight-bearing module (``unsc_fast.adapters``).
+``Protection`` is the resolved plan: the slots whose statistics are collected, and per
+parameter the uses its projection composes (same side: one slot for all of them, the
+summed covariance; opposite sides: both projections, which commute). ``coverage`` says for
+every parameter of the model whether it is protected, frozen or trained unprotected.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from unsc_fast import ops
-
-# Weight-carrying modules that look like candidates but are not handled: warned about,
-# never skipped silently. Their parameters count as untracked.
-UNSUPPORTED_WEIGHT_LAYERS = (
-    nn.Embedding,
-    nn.EmbeddingBag,
-    nn.Conv1d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.RNNBase,
-    nn.MultiheadAttention,
-    nn.Bilinear,
-)
+from unsc_fast.adapters import ForwardOverridden, LayerAdapter, Slot, Use, adapter_for
 
 
-@dataclass
-class TrackedLayer:
-    """One Linear/Conv2d layer: its name, module, and the width ``d`` of its input rows."""
-
-    name: str
-    module: nn.Module
-    kind: str  # "linear" or "conv2d"
-    dim: int
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.module.weight
-
-    @property
-    def out_features(self) -> int:
-        return self.module.weight.shape[0]
-
-    def describe(self) -> str:
-        return f"{self.name!r} ({type(self.module).__name__}, d={self.dim})"
-
-    def batch_size(self, x: torch.Tensor) -> int:
-        """Samples in this input: dim 0 (an unbatched input is one sample)."""
-        unbatched = x.dim() == (1 if self.kind == "linear" else 3)
-        return 1 if unbatched else x.shape[0]
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = type(x).__name__ if not isinstance(x, torch.Tensor) else str(x.dtype)
-            raise TypeError(f"layer {self.name!r}: expected a floating-point input tensor, got {got}")
-        if self.kind == "linear":
-            if x.dim() == 0 or x.shape[-1] != self.dim:
-                raise ValueError(
-                    f"layer {self.name!r}: Linear input must end in {self.dim}, got shape {tuple(x.shape)}"
-                )
-        elif x.dim() not in (3, 4) or x.shape[-3] * _kernel_area(self.module) != self.dim:
-            raise ValueError(
-                f"layer {self.name!r}: Conv2d input must be (B, {self.module.in_channels}, H, W), "
-                f"got shape {tuple(x.shape)}"
+def _check_supported(adapter: LayerAdapter) -> None:
+    for use in adapter.uses():
+        weight = use.param
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {adapter.name!r}: lazy module is not initialised yet; run one forward pass first")
+        if not weight.is_floating_point():
+            raise TypeError(f"layer {adapter.name!r}: weight dtype {weight.dtype} is not a floating type")
+        if weight.device.type == "meta":
+            raise NotImplementedError(
+                f"layer {adapter.name!r}: weight is on the meta device; materialise the model (to_empty) first"
             )
 
-    def accumulate_(self, C: torch.Tensor, x: torch.Tensor) -> None:
-        """``C += rows^T rows`` for the rows this layer's weight multiplies."""
-        if self.kind == "linear":
-            ops.covariance_(C, x.reshape(-1, self.dim))
-            return
-        conv = self.module
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        padding = conv_zero_padding(conv)
-        if padding is None:  # asymmetric or non-zero padding: pad explicitly, then no padding
-            x = F.pad(x, conv_explicit_pads(conv), mode=_pad_mode(conv))
-            padding = (0, 0)
-        ops.conv_covariance_(C, x, conv.kernel_size, conv.stride, padding, conv.dilation)
 
-    def matrix_view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The weight-shaped ``tensor`` as the (out, d) matrix the basis acts on."""
-        return tensor.reshape(tensor.shape[0], self.dim)
+def find_layers(model: nn.Module, names=None) -> dict[str, LayerAdapter]:
+    """Adapters by ``named_modules()`` name: every module with one, or exactly ``names``.
 
-    @staticmethod
-    def matrix_is_view(tensor: torch.Tensor) -> bool:
-        """Whether ``matrix_view`` returns a view (writes reach ``tensor``) rather than a copy:
-        the trailing dims merge into one when each stride is the next one's stride times its
-        size (size-1 dims aside), e.g. not for a channels_last conv gradient. Read from sizes
-        and strides, not data pointers, so that torch.compile can trace it."""
-        inner = None
-        for size, stride in zip(reversed(tensor.shape[1:]), reversed(tensor.stride()[1:])):
-            if size == 1:
-                continue
-            if inner is not None and stride != inner:
-                return False
-            inner = stride * size
-        return True
-
-
-def _kernel_area(conv: nn.Conv2d) -> int:
-    return conv.kernel_size[0] * conv.kernel_size[1]
-
-
-def _pad_mode(conv: nn.Conv2d) -> str:
-    return "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-
-
-def conv_explicit_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding the conv applies, 'same' and 'valid' resolved."""
-    if conv.padding == "valid":
-        return (0, 0, 0, 0)
-    if conv.padding == "same":
-        pads = []
-        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def conv_zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The symmetric zero padding ``(ph, pw)`` of the conv, or None when it needs explicit padding."""
-    if conv.padding_mode != "zeros":
-        return None
-    left, right, top, bottom = conv_explicit_pads(conv)
-    if left != right or top != bottom:
-        return None
-    return (top, left)
-
-
-def _tracked_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    return None
-
-
-def _check_supported(name: str, module: nn.Module) -> None:
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"layer {name!r}: lazy module is not initialised yet; run one forward pass first")
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise NotImplementedError(
-            f"layer {name!r}: Conv2d with groups={module.groups} is not supported; "
-            "choose the layers to track with modules=[...] to leave it out"
-        )
-    if weight is None:
-        raise ValueError(f"layer {name!r}: has no weight to project")
-    if not weight.is_floating_point():
-        raise TypeError(f"layer {name!r}: weight dtype {weight.dtype} is not a floating type")
-    if weight.device.type == "meta":
-        raise NotImplementedError(
-            f"layer {name!r}: weight is on the meta device; materialise the model (to_empty) first"
-        )
-
-
-def find_layers(model: nn.Module, names=None) -> dict[str, TrackedLayer]:
-    """Tracked layers by ``named_modules()`` name: every Linear/Conv2d, or exactly ``names``.
-
-    Unsupported weight layers (Embedding, Conv1d, attention, ...) are listed in one warning.
+    A module inside a tracked module (attention's ``out_proj``) belongs to its parent's
+    adapter. A module whose class overrides a known layer's ``forward`` is refused.
     """
     modules = dict(model.named_modules())
-    inside_attention = {
-        f"{name}.{child}" if name else child
-        for name, module in modules.items()
-        if isinstance(module, nn.MultiheadAttention)
-        for child, _ in module.named_modules()
-        if child
-    }
     if names is not None:
         if isinstance(names, str):
             names = [names]
         names = list(dict.fromkeys(names))
         if not names:
-            raise ValueError("modules= is empty: name at least one nn.Linear or nn.Conv2d layer")
-        chosen = []
+            raise ValueError("modules= is empty: name at least one layer to track")
+        chosen = {}
         for name in names:
             if name not in modules:
-                known = [n for n, m in modules.items() if _tracked_kind(m)]
-                raise ValueError(f"unknown module name {name!r}; Linear/Conv2d layers are: {known}")
-            if _tracked_kind(modules[name]) is None:
+                known = [n for n, m in modules.items() if _safe_adapter(n, m) is not None]
+                raise ValueError(f"unknown module name {name!r}; layers with an adapter: {known}")
+            adapter = adapter_for(name, modules[name])
+            if adapter is None:
                 raise TypeError(
-                    f"module {name!r} is a {type(modules[name]).__name__}; only nn.Linear and nn.Conv2d are tracked"
+                    f"module {name!r} is a {type(modules[name]).__name__}, which has no adapter; register one "
+                    "with unsc_fast.adapters.register_adapter"
                 )
-            chosen.append(name)
+            chosen[name] = adapter
     else:
-        chosen = [n for n, m in modules.items() if _tracked_kind(m) and n not in inside_attention]
-        skipped = [
-            f"{n} ({type(m).__name__})"
-            for n, m in modules.items()
-            if isinstance(m, UNSUPPORTED_WEIGHT_LAYERS) and n not in inside_attention
-        ]
-        if skipped:
-            warnings.warn(
-                "NullSpaceProjector does not track these layers; their weights are treated as "
-                "untracked parameters: " + ", ".join(skipped),
-                UserWarning,
-                stacklevel=3,
-            )
+        chosen, inside = {}, set()
+        for name, module in modules.items():
+            if any(name.startswith(parent + ".") or parent == "" for parent in inside):
+                continue
+            adapter = adapter_for(name, module)
+            if adapter is not None:
+                chosen[name] = adapter
+                if any(True for _ in module.children()):
+                    inside.add(name)
         if not chosen:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to track")
-    layers = {}
-    for name in chosen:
-        module = modules[name]
-        _check_supported(name, module)
-        kind = _tracked_kind(module)
-        dim = module.in_features if kind == "linear" else module.in_channels * _kernel_area(module)
-        layers[name] = TrackedLayer(name, module, kind, dim)
-    return layers
+            raise ValueError(f"{type(model).__name__} has no layer that an adapter tracks")
+    for adapter in chosen.values():
+        _check_supported(adapter)
+    return chosen
+
+
+def _safe_adapter(name, module):
+    try:
+        return adapter_for(name, module)
+    except ForwardOverridden:
+        return None
+
+
+@dataclass
+class Protection:
+    """The projector's plan: slots to observe and, per parameter, the uses to project with."""
+
+    slots: dict[str, Slot]
+    alias: dict[str, str]  # an adapter's own slot name -> the slot it feeds (tied parameters)
+    uses: dict[nn.Parameter, list[Use]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> dict[nn.Parameter, str]:
+        """Each protected parameter's name (its first use's)."""
+        return {param: uses[0].name for param, uses in self.uses.items()}
+
+    def slot(self, name: str) -> Slot:
+        return self.slots[self.alias.get(name, name)]
+
+
+def plan_protection(adapters: dict[str, LayerAdapter]) -> Protection:
+    """Resolve tied parameters: a parameter used on the same side by several layers gets one
+    slot (every layer's inputs add to it); on opposite sides, both projections apply."""
+    slots: dict[str, Slot] = {}
+    alias: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for adapter in adapters.values():
+        for slot in adapter.slots():
+            slots[slot.name] = slot
+            owner[slot.name] = adapter.name
+    uses: dict[nn.Parameter, list[Use]] = {}
+    for adapter in adapters.values():
+        for use in adapter.uses():
+            previous = uses.setdefault(use.param, [])
+            same_side = next((u for u in previous if u.side == use.side), None)
+            if same_side is None:
+                previous.append(use)
+                continue
+            mine, theirs = slots[_root(alias, use.slot)], slots[_root(alias, same_side.slot)]
+            if (mine.kind, mine.dim, mine.groups) != (theirs.kind, theirs.dim, theirs.groups):
+                raise NotImplementedError(
+                    f"parameter {same_side.name!r} is shared by layers {owner[theirs.name]!r} and "
+                    f"{owner[mine.name]!r} on the same side but with different input statistics "
+                    f"({theirs.kind} d={theirs.dim} vs {mine.kind} d={mine.dim}); it cannot be protected "
+                    "against both. Untie it, or track only one of them with modules=[...]"
+                )
+            if mine.name != theirs.name:
+                alias[mine.name] = theirs.name  # both layers' rows add up in one slot
+    for name in list(alias):
+        alias[name] = _root(alias, name)
+    for name in alias:
+        slots.pop(name)
+    return Protection(slots, alias, uses)
+
+
+def _root(alias: dict[str, str], name: str) -> str:
+    while name in alias:
+        name = alias[name]
+    return name
+
+
+@dataclass
+class CoverageRow:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    status: str  # "protected", "frozen", "unprotected"
+    layers: tuple[str, ...] = ()
+
+
+@dataclass
+class Coverage:
+    """What the projection covers: every parameter of the model, once (tied ones once)."""
+
+    rows: list[CoverageRow]
+
+    def share(self, status: str, weights_only: bool = True) -> float:
+        """Fraction of the (trainable, if status != 'frozen') weight elements with ``status``."""
+        pool = [r for r in self.rows if (not weights_only or len(r.shape) >= 2)]
+        pool = [r for r in pool if r.status != "frozen"] if status != "frozen" else pool
+        total = sum(r.numel for r in pool)
+        return sum(r.numel for r in pool if r.status == status) / total if total else 1.0
+
+    @property
+    def unprotected_weights(self) -> list[CoverageRow]:
+        """Trainable weight parameters (2-D or more) that no adapter protects."""
+        return [r for r in self.rows if r.status == "unprotected" and len(r.shape) >= 2]
+
+    def __str__(self) -> str:
+        lines = [
+            f"protected {self.share('protected'):.2%} of trainable weight elements; "
+            f"{len(self.unprotected_weights)} trainable weight parameter(s) unprotected",
+            "| parameter | shape | status | layers |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {r.name} | {tuple(r.shape)} | {r.status} | {', '.join(r.layers)} |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def coverage(model: nn.Module, protection: Protection, adapters: dict[str, LayerAdapter]) -> Coverage:
+    users: dict[nn.Parameter, list[str]] = {}
+    for adapter in adapters.values():
+        for use in adapter.uses():
+            users.setdefault(use.param, []).append(adapter.name)
+    rows, seen = [], set()
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if not param.requires_grad:
+            status = "frozen"
+        elif param in protection.uses:
+            status = "protected"
+        else:
+            status = "unprotected"
+        rows.append(CoverageRow(name, tuple(param.shape), param.numel(), status, tuple(users.get(param, ()))))
+    return Coverage(rows)
+
+
+def warn_unprotected(report: Coverage, stacklevel: int = 4) -> None:
+    missing = report.unprotected_weights
+    if not missing:
+        return
+    total = sum(r.numel for r in report.rows if r.status != "frozen" and len(r.shape) >= 2)
+    share = sum(r.numel for r in missing) / total if total else 0.0
+    listed = ", ".join(f"{r.name} {tuple(r.shape)}" for r in missing[:12]) + (" ..." if len(missing) > 12 else "")
+    warnings.warn(
+        f"NullSpaceProjector: {len(missing)} trainable weight parameter(s), {share:.2%} of the trainable weight "
+        f"elements, have no adapter and are not protected: {listed}. See projector.coverage(); "
+        "strict=True refuses this; NullSpaceOptimizer freezes them by default (untracked='freeze')",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+

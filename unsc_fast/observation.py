@@ -8,13 +8,13 @@ leaves nothing behind: the next forward (or the end of the block) starts from cl
 from __future__ import annotations
 
 import functools
-import math
 from typing import Hashable, Iterable
 
 import torch
 from torch import nn
 
-from unsc_fast.layers import TrackedLayer
+from unsc_fast.adapters import LayerAdapter
+from unsc_fast.layers import Protection
 from unsc_fast.store import CovarianceStore
 
 
@@ -32,20 +32,21 @@ def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
 class Observation:
     """Pending per-(group, layer) covariance deltas of the forward in progress."""
 
-    def __init__(self, store: CovarianceStore, labels, group: Hashable) -> None:
+    def __init__(self, store: CovarianceStore, protection: Protection, labels, group: Hashable) -> None:
         self.store = store
+        self.protection = protection
         if labels is None:
             self.batch_size = None
             self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
         else:
             self.batch_size, self.groups = _label_groups(labels)
-        self.pending: dict[tuple[Hashable, str], list] = {}  # (key, name) -> [delta, rows]
+        self.pending: dict[tuple[Hashable, str], list] = {}  # (key, slot) -> [delta, rows]
         self.handles: list = []
         self.calls = 0  # layer forwards seen, committed or not
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # hooks -------------------------------------------------------------------
-    def attach(self, root: nn.Module, layers: Iterable[TrackedLayer]) -> None:
+    def attach(self, root: nn.Module, layers: Iterable[LayerAdapter]) -> None:
         for layer in layers:
             hook = functools.partial(self._accumulate, layer)
             self.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
@@ -62,29 +63,24 @@ class Observation:
         self.pending.clear()
 
     # accumulation -------------------------------------------------------------
-    def _accumulate(self, layer: TrackedLayer, module, args, kwargs, output) -> None:
-        x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+    def _accumulate(self, layer: LayerAdapter, module, args, kwargs, output) -> None:
+        if getattr(layer, "busy", False):
+            return  # the adapter re-running its own module (attention's out_proj inputs)
         self.calls += 1
-        layer.check_input(x)
-        batch = layer.batch_size(x)
+        batch = layer.batch_size(args, kwargs)
         if self.batch_size is not None and batch != self.batch_size:
             raise ValueError(
                 f"layer {layer.name!r}: labels has {self.batch_size} entries but the layer's input "
-                f"has batch size {batch} (shape {tuple(x.shape)}); labels need one entry per sample "
-                "along dim 0"
+                f"has batch size {batch}; labels need one entry per sample along the batch dimension"
             )
-        rows_per_sample = _rows_per_sample(layer, x, output)
+        device = layer.weight.device
         with torch.no_grad():
-            x = x.detach()
             for position, (key, index) in enumerate(self.groups):
-                part = x if index is None else x.index_select(0, self._index(position, index, x.device))
-                entry = self.pending.get((key, layer.name))
-                if entry is None:
-                    delta = torch.zeros(layer.dim, layer.dim, dtype=self.store.dtype, device=x.device)
-                    entry = self.pending[(key, layer.name)] = [delta, 0]
-                layer.accumulate_(entry[0], part)
-                samples = batch if index is None else index.numel()
-                entry[1] += samples * rows_per_sample
+                deltas = _SlotDeltas(self, key, device)
+                chosen = None if index is None else self._index(position, index, device)
+                rows = layer.accumulate_(deltas, args, kwargs, output, chosen)
+                for own_name, count in rows.items():
+                    self.pending[(key, self.protection.slot(own_name).name)][1] += count
 
     def _index(self, position: int, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         cached = self._indices_on.get((position, device))
@@ -98,7 +94,7 @@ class Observation:
         pending, self.pending = self.pending, {}
         if not pending:
             return
-        finite = _finite_flags([delta for delta, _ in pending.values()])
+        finite = _finite_flags([_diagonal(delta) for delta, _ in pending.values()])
         for (key, name), ok in zip(pending, finite):
             if not ok:
                 raise ValueError(
@@ -109,20 +105,38 @@ class Observation:
             self.store.add(key, name, delta, rows)
 
 
-def _rows_per_sample(layer: TrackedLayer, x: torch.Tensor, output) -> int:
-    if layer.kind == "linear":
-        return math.prod(x.shape[1:-1]) if x.dim() > 1 else 1
-    return output.shape[-1] * output.shape[-2]
+class _SlotDeltas(dict):
+    """The pending accumulators of one key, looked up by an adapter's own slot names (a tied
+    layer's slot resolves to the slot it shares); created on first use."""
+
+    def __init__(self, observation: Observation, key: Hashable, device: torch.device) -> None:
+        super().__init__()
+        self.observation, self.key, self.device = observation, key, device
+
+    def __missing__(self, own_name: str) -> torch.Tensor:
+        slot = self.observation.protection.slot(own_name)
+        entry = self.observation.pending.get((self.key, slot.name))
+        if entry is None:
+            entry = [slot.zeros(self.observation.store.dtype, self.device), 0]
+            self.observation.pending[(self.key, slot.name)] = entry
+        self[own_name] = entry[0]
+        return entry[0]
+
+
+def _diagonal(delta: torch.Tensor) -> torch.Tensor:
+    """Where a NaN/Inf anywhere in the inputs shows up: the diagonal of x^T x (per group),
+    or the counts themselves for a diagonal slot."""
+    return delta if delta.dim() == 1 else delta.diagonal(dim1=-2, dim2=-1)
 
 
 def _finite_flags(deltas: list[torch.Tensor]) -> list[bool]:
-    """One host sync per device: is the diagonal of every delta finite?"""
+    """One host sync per device: is every (diagonal) tensor finite?"""
     flags: list[bool | None] = [None] * len(deltas)
     by_device: dict[torch.device, list[int]] = {}
     for i, delta in enumerate(deltas):
         by_device.setdefault(delta.device, []).append(i)
     for device, positions in by_device.items():
-        checks = torch.stack([torch.isfinite(deltas[i].diagonal()).all() for i in positions]).tolist()
+        checks = torch.stack([torch.isfinite(deltas[i]).all() for i in positions]).tolist()
         for i, ok in zip(positions, checks):
             flags[i] = ok
     return flags

@@ -93,9 +93,6 @@ class NullSpaceOptimizer(Optimizer):
     def defaults(self, defaults):
         self.optimizer.defaults = defaults
 
-    def _tracked_names(self) -> dict:
-        return {layer.weight: name for name, layer in self.projector.layers.items()}
-
     def step(self, closure=None):
         """One inner step whose change to every tracked weight lies in the null space.
 
@@ -111,7 +108,7 @@ class NullSpaceOptimizer(Optimizer):
     @torch.no_grad()
     def _projected_step(self) -> None:
         self.projector._require_built()
-        names = self._tracked_names()
+        tracked = self.projector.protection.names
         before: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         held_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
@@ -120,13 +117,12 @@ class NullSpaceOptimizer(Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                name = names.get(param)
-                if name is not None:
-                    if self.projector.basis(name).shape[1] == 0:
+                if param in tracked:
+                    if not self.projector.protects(param):
                         continue  # nothing of the remaining data's to protect: plain step
                     if self.project_gradients:
-                        self.projector.project_tensor_(name, param.grad)
-                    before.append((name, param, param.detach().clone()))
+                        self.projector.project_parameter_(tracked[param], param.grad)
+                    before.append((tracked[param], param, param.detach().clone()))
                 elif self.untracked == "freeze":
                     held_back.append((param, param.grad))
                     param.grad = None  # the inner optimizer skips params without a gradient
@@ -136,7 +132,7 @@ class NullSpaceOptimizer(Optimizer):
             for param, grad in held_back:
                 param.grad = grad
         for name, param, start in before:
-            change = self.projector.project_tensor_(name, param.detach() - start)
+            change = self.projector.project_parameter_(name, param.detach() - start)
             param.copy_(start.add_(change))
 
     def zero_grad(self, set_to_none: bool = True) -> None:

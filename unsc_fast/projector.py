@@ -21,9 +21,11 @@ from unsc_fast import distributed, ops
 from unsc_fast import sketch
 from unsc_fast import statistics as policies
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
+from unsc_fast.adapters import LayerAdapter
 from unsc_fast.bases import complement_if_cheaper
-from unsc_fast.layers import TrackedLayer, find_layers
+from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
 from unsc_fast.observation import Observation
+from unsc_fast.projection import apply_uses_, protects_nothing, residual
 from unsc_fast.store import CovarianceStore, key_set
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
@@ -49,8 +51,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class NullSpaceProjector:
-    """Tracks every ``nn.Linear`` / ``nn.Conv2d`` weight of ``model`` (or those named in
-    ``modules``) and projects their updates onto the null space of the remaining data.
+    """Tracks every weight-bearing layer of ``model`` that an adapter covers (Linear, Conv1d/2d/3d
+    with any groups, transformers' Conv1D, MultiheadAttention, Embedding, RNN input weights;
+    see ``unsc_fast.adapters``), or those named in ``modules``, and projects their updates onto
+    the null space of the remaining data. A parameter shared by several layers is protected
+    against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
+    refuses a model with a trainable weight that no adapter protects.
 
     ``statistics`` is the storage policy (``unsc_fast.statistics``): ``"per_label"`` keeps a
     covariance per label/group (memory grows with the classes; ``build(exclude=...)`` needs
@@ -63,8 +69,8 @@ class NullSpaceProjector:
     subtraction cancels in fp32 when the forget data is a large share).
     ``sketch``: ``{layer name: rows}`` of Linear layers kept as a Frequent Directions sketch
     (``unsc_fast.sketch``: ``2 rows x d`` numbers, a stated energy guarantee, no subtraction)
-    instead of a ``d x d`` matrix; None: chosen automatically, under ``memory_budget``, for
-    the Linear layers whose dense statistics alone would take over half of it.
+    instead of a ``d x d`` matrix; None: with ``statistics="auto"`` and a ``memory_budget``,
+    chosen for the Linear layers whose dense statistics alone would take over half of it.
 
     Usage::
 
@@ -82,6 +88,7 @@ class NullSpaceProjector:
         *,
         modules: Iterable[str] | None = None,
         dtype: torch.dtype | None = None,
+        strict: bool = False,
         statistics: str = "per_label",
         memory_budget: int | None = None,
         num_labels: int = 1,
@@ -92,14 +99,25 @@ class NullSpaceProjector:
         self.model = unwrap_model(model)
         if self.model is not model:  # names as the user knows them, "module." prefix or not
             modules = distributed.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
-        self.layers: dict[str, TrackedLayer] = find_layers(self.model, modules)
-        dims = {name: layer.dim for name, layer in self.layers.items()}
+        self.layers: dict[str, LayerAdapter] = find_layers(self.model, modules)
+        self.protection = plan_protection(self.layers)
+        self._slot_devices = self._devices_of_slots()
+        report = self.coverage()
+        if strict and report.unprotected_weights:
+            raise ValueError(
+                "strict=True: these trainable weights have no adapter and would not be protected: "
+                + ", ".join(f"{r.name} {r.shape}" for r in report.unprotected_weights)
+            )
+        if modules is None:
+            warn_unprotected(report)
         self.memory_budget = memory_budget
         self._requested_dtype = dtype
-        self.sketch_rows = policies.sketched_layers(sketch, self.layers, num_labels, dtype, statistics, memory_budget)
-        dense = {name: d for name, d in dims.items() if name not in self.sketch_rows}
+        self.sketch_rows = policies.sketched_layers(sketch, self.layers, self.protection, num_labels, dtype,
+                                                    statistics, memory_budget)
+        self._sketch_slots = {self.protection.slot(self.layers[n].slot_name()).name: n for n in self.sketch_rows}
+        dense = {name: size for name, size in self._slot_sizes().items() if name not in self._sketch_slots}
         self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
-        self._sketches: dict = {}  # key -> layer name -> sketch.FrequentDirections
+        self._sketches: dict = {}  # key -> slot name -> sketch.FrequentDirections
         self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
         self._bases: dict[str, torch.Tensor] = {}
         self._complements: dict[str, torch.Tensor] = {}
@@ -128,7 +146,7 @@ class NullSpaceProjector:
         if self.statistics == "total":  # one matrix per layer: no per-label split in the hook
             labels, group = None, policies.TOTAL_KEY
         router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
-        observation = Observation(router, labels, DEFAULT_GROUP if group is None else group)
+        observation = Observation(router, self.protection, labels, DEFAULT_GROUP if group is None else group)
         sketching = self._sketch_observation(observation, router)
         self._observation = observation
         try:
@@ -156,8 +174,19 @@ class NullSpaceProjector:
         if not self.sketch_rows:
             return None
         groups = [(router.key(key), index) for key, index in observation.groups]
-        layers = [self.layers[name] for name in self.sketch_rows]
-        return sketch.SketchObservation(self._sketches, layers, self.sketch_rows, groups, torch.float64)
+        targets = [sketch.SketchTarget(slot, self.layers[name].module, self.sketch_rows[name])
+                   for slot, name in self._sketch_slots.items()]
+        return sketch.SketchObservation(self._sketches, targets, groups, torch.float64)
+
+    def _slot_sizes(self) -> dict[str, int]:
+        """Numbers each slot's statistics hold (d^2 for a dense slot)."""
+        sizes = {}
+        for slot in self.protection.slots.values():
+            count = 1
+            for extent in slot.shape:
+                count *= extent
+            sizes[slot.name] = count
+        return sizes
 
     def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
                 forget: bool = False, progress: bool | None = None):
@@ -181,7 +210,7 @@ class NullSpaceProjector:
     def memory_estimate(self, labels: int = 1, *, dtype: torch.dtype | None = None) -> "policies.MemoryEstimate":
         """Bytes the statistics of this model would take for ``labels`` labels, per policy and
         per layer, before observing anything (``print()`` it for a table)."""
-        return policies.estimate({n: l.dim for n, l in self.layers.items()}, labels, dtype or self._requested_dtype)
+        return policies.estimate(self._slot_sizes(), labels, dtype or self._requested_dtype)
 
     def reset_forget(self) -> None:
         """Drop the forget passes observed so far (a new request starts from none)."""
@@ -269,7 +298,7 @@ class NullSpaceProjector:
         group = distributed.resolve_group(process_group)
         if group is not None:
             new_bases, new_complements, kept = distributed.build(
-                self.store, self.layers, group, exclude=exclude, include=include, subtract=subtract,
+                self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
                 allow_unobserved=allow_unobserved,
             )
@@ -280,14 +309,15 @@ class NullSpaceProjector:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
         kept, subtracted = self._request(exclude, include, subtract, allow_unobserved)
         new_bases = {}
-        for layer in self.layers.values():  # one kept sum alive at a time
-            if layer.name in self.sketch_rows:
-                new_bases[layer.name] = self._sketch_basis(layer.name, kept, subtracted, threshold).to(layer.weight.device)
+        for slot in self.protection.slots.values():  # one kept sum alive at a time
+            if slot.name in self._sketch_slots:
+                basis = self._sketch_basis(slot.name, kept, subtracted, threshold)
+                new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
                 continue
-            covariance = self.store.kept_sum(layer.name, kept, subtracted)
-            basis = ops.energy_bases([covariance], threshold, generator, method=method)[0]
+            covariance = self.store.kept_sum(slot.name, kept, subtracted)
+            basis = slot.solve(covariance, threshold, generator, method)
             del covariance
-            new_bases[layer.name] = basis.to(layer.weight.device)
+            new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
         self._set_bases(new_bases)
         self.built_from = tuple(kept)
         self.built_threshold = threshold
@@ -325,7 +355,10 @@ class NullSpaceProjector:
     def _set_bases(self, bases: dict[str, torch.Tensor], complements: dict | None = None) -> None:
         """Install new bases (and the complements where they are cheaper) all at once."""
         if complements is None:
-            complements = {name: complement_if_cheaper(basis) for name, basis in bases.items()}
+            complements = {
+                name: complement_if_cheaper(basis) if self.protection.slots[name].kind == "dense" else None
+                for name, basis in bases.items()
+            }
         self._bases = bases
         self._complements = {name: q for name, q in complements.items() if q is not None}
 
@@ -335,43 +368,66 @@ class NullSpaceProjector:
         return bool(self._bases)
 
     def basis(self, name: str) -> torch.Tensor:
-        """The (d, k) orthonormal basis of the remaining data's inputs kept for layer ``name``."""
-        self._layer(name)
-        if name not in self._bases:
+        """The basis kept for layer (or slot) ``name``: (d, k) orthonormal for a dense slot,
+        (g, d, k) zero-padded per group for a grouped one, a bool mask of seen tokens for an
+        embedding."""
+        slot = self._slot(name)
+        if slot.name not in self._bases:
             raise RuntimeError(f"no basis for layer {name!r} yet: call build() first")
-        return self._bases[name]
+        return self._bases[slot.name]
 
-    def ranks(self) -> dict[str, int]:
-        """Kept dimensions per layer after the last build."""
-        return {name: basis.shape[1] for name, basis in self._bases.items()}
+    def ranks(self) -> dict[str, int | list[int]]:
+        """Kept dimensions per slot after the last build (one per group for grouped slots)."""
+        return {name: self.protection.slots[name].rank(basis) for name, basis in self._bases.items()}
+
+    def coverage(self) -> Coverage:
+        """Every parameter of the model: protected, frozen or trained unprotected, with shares."""
+        return coverage(self.model, self.protection, self.layers)
+
+    def protects(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is a tracked weight (after build: whether anything of it is kept)."""
+        uses = self.protection.uses.get(param)
+        if uses is None:
+            return False
+        return not self._bases or not protects_nothing(uses, self.protection, self._bases)
+
+    def residual(self, param: torch.Tensor, change: torch.Tensor) -> float:
+        """``||dW U|| / ||dW||`` for a change ``dW`` of ``param`` (worst over its uses): at
+        rounding level when the change respects the null space."""
+        self._require_built()
+        return residual(change, self.protection.uses[param], self.protection, self._bases)
 
     def project_(self) -> "NullSpaceProjector":
         """In place, for every tracked weight with a gradient: ``grad <- grad - grad U U^T``."""
         self._require_built()
-        for name, layer in self.layers.items():
-            if layer.weight.grad is not None:
-                self.project_tensor_(name, layer.weight.grad)
+        for param in self.protection.uses:
+            if param.grad is not None:
+                self.project_parameter_(param, param.grad)
         return self
 
     def project_tensor_(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Project a weight-shaped ``tensor`` of layer ``name`` onto its null space, in place."""
-        layer = self._layer(name)
+        """Project a tensor shaped like layer ``name``'s weight onto its null space, in place
+        (against every layer that shares that weight)."""
+        return self.project_parameter_(self._layer(name).weight, tensor)
+
+    def project_parameter_(self, param: torch.Tensor | str, tensor: torch.Tensor) -> torch.Tensor:
+        """Project a ``param``-shaped ``tensor`` onto the null space of all of ``param``'s uses.
+
+        ``param`` may be given by name (``"encoder.0.weight"``); the optimizer does so, which
+        lets torch.compile specialise one graph per layer instead of one with dynamic shapes.
+        """
         self._require_built()
-        if tensor.shape != layer.weight.shape:
+        if isinstance(param, str):
+            param = self._parameter(param)
+        uses = self.protection.uses.get(param)
+        if uses is None:
+            raise KeyError("the parameter is not tracked by this projector")
+        if tensor.shape != param.shape:
             raise ValueError(
-                f"layer {name!r}: tensor of shape {tuple(tensor.shape)} does not match the weight "
-                f"{tuple(layer.weight.shape)} (was the layer resized after build()?)"
+                f"parameter {uses[0].name!r}: tensor of shape {tuple(tensor.shape)} does not match "
+                f"{tuple(param.shape)} (was the layer resized after build()?)"
             )
-        rows = distributed.local_rows(tensor, name)  # a DTensor sharded by rows: this rank's rows
-        matrix = layer.matrix_view(rows)
-        complement = self._complements.get(name)
-        if complement is not None:
-            ops.restrict_(matrix, self._on_device(self._complements, name, rows.device))
-        else:
-            ops.project_(matrix, self._on_device(self._bases, name, rows.device))
-        if not layer.matrix_is_view(rows):
-            rows.copy_(matrix.view(rows.shape))  # reshape had to copy (e.g. channels_last)
-        return tensor
+        return apply_uses_(tensor, uses, self.protection, self._bases, self._complements, self._on_device)
 
     @staticmethod
     def _on_device(store: dict, name: str, device: torch.device) -> torch.Tensor:
@@ -379,20 +435,43 @@ class NullSpaceProjector:
             store[name] = store[name].to(device)
         return store[name]
 
-    def _layer(self, name: str) -> TrackedLayer:
+    def _layer(self, name: str) -> LayerAdapter:
         try:
             return self.layers[name]
         except KeyError:
             raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(self.layers)}") from None
 
+    def _parameter(self, name: str) -> torch.Tensor:
+        for param, uses in self.protection.uses.items():
+            if any(use.name == name for use in uses):
+                return param
+        raise KeyError(f"{name!r} is not a tracked parameter; tracked: {list(self.protection.names.values())}")
+
+    def _slot(self, name: str):
+        """A slot by layer name (its first slot) or by slot name."""
+        if name in self.layers:
+            name = self.layers[name].slots()[0].name
+        try:
+            return self.protection.slot(name)
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(self.layers)}") from None
+
+    def _devices_of_slots(self) -> dict:
+        devices = {}
+        for param, uses in self.protection.uses.items():
+            for use in uses:
+                devices.setdefault(self.protection.slot(use.slot).name, param.device)
+        return devices
+
     def _require_built(self) -> None:
         if not self._bases:
             raise RuntimeError("the projector has no bases yet: observe() data, then call build()")
-        for name, layer in self.layers.items():
-            if self._bases[name].shape[0] != layer.dim:
+        for name, slot in self.protection.slots.items():
+            width = self._bases[name].shape[0 if slot.kind != "grouped" else 1]
+            if width != slot.dim:
                 raise RuntimeError(
-                    f"layer {name!r} now takes inputs of width {layer.dim} but its basis was built "
-                    f"for {self._bases[name].shape[0]}: rebuild the projector"
+                    f"layer {name!r} now takes inputs of width {slot.dim} but its basis was built "
+                    f"for {width}: rebuild the projector"
                 )
 
     # -------------------------------------------------------------- persistence
@@ -402,7 +481,7 @@ class NullSpaceProjector:
             "format": STATE_FORMAT,
             "threshold": self.threshold,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "layers": {name: layer.dim for name, layer in self.layers.items()},
+            "layers": {name: list(slot.shape) for name, slot in self.protection.slots.items()},
             "groups": self.store.state_dict(),
             "bases": dict(self._bases),
             "built_from": list(self.built_from),
@@ -413,8 +492,9 @@ class NullSpaceProjector:
         """Restore a ``state_dict``; tensors follow each layer's weight device. All or nothing."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a NullSpaceProjector state (expected format {STATE_FORMAT!r})")
-        saved = dict(state["layers"])
-        mine = {name: layer.dim for name, layer in self.layers.items()}
+        saved = {name: list(shape) if isinstance(shape, (list, tuple)) else [shape, shape]
+                 for name, shape in dict(state["layers"]).items()}
+        mine = {name: list(slot.shape) for name, slot in self.protection.slots.items()}
         if saved != mine:
             missing = sorted(set(mine) - set(saved))
             extra = sorted(set(saved) - set(mine))
@@ -424,7 +504,7 @@ class NullSpaceProjector:
                 f"{extra}, different input widths {resized}"
             )
         dtype = getattr(torch, state["dtype"])
-        devices = {name: layer.weight.device for name, layer in self.layers.items()}
+        devices = self._slot_devices
         matrices, rows = CovarianceStore.parse_state(state["groups"], dtype, devices)
         bases = {n: t.to(devices[n]) for n, t in state["bases"].items()}
         threshold = ops.check_threshold(state["threshold"])

@@ -25,8 +25,10 @@ layers sum the kept keys' sketches (class-wise requests, named groups). Linear l
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 DEFAULT_ROWS = 256
 
@@ -103,6 +105,19 @@ def basis(sketches: list[FrequentDirections], threshold: float, name: str = "") 
     return vh[:k].T.contiguous().to(sketches[0].buffer.dtype)
 
 
+@dataclass
+class SketchTarget:
+    """One sketched statistics slot: its name, the Linear whose inputs feed it, the sketch rows."""
+
+    name: str
+    module: nn.Linear
+    rows: int
+
+    @property
+    def dim(self) -> int:
+        return self.module.in_features
+
+
 class SketchObservation:
     """Forward hooks that feed the sketched layers' input rows into per-key sketches.
 
@@ -110,9 +125,10 @@ class SketchObservation:
     finiteness check (all or nothing, like ``observation.Observation``).
     """
 
-    def __init__(self, sketches: dict, layers, rows: dict[str, int], groups: list, dtype: torch.dtype) -> None:
+    def __init__(self, sketches: dict, targets: list[SketchTarget], groups: list, dtype: torch.dtype) -> None:
         """``groups``: ``[(key, sample_indices or None)]``, as ``observation._label_groups`` makes."""
-        self.sketches, self.layers, self.rows, self.groups, self.dtype = sketches, list(layers), rows, groups, dtype
+        self.sketches, self.layers, self.groups, self.dtype = sketches, list(targets), groups, dtype
+        self.rows = {target.name: target.rows for target in self.layers}
         self.pending: list[tuple] = []
         self.handles: list = []
         self.calls = 0  # sketched layer forwards seen
@@ -124,11 +140,10 @@ class SketchObservation:
         self.handles.append(root.register_forward_pre_hook(lambda *_: self.pending.clear()))
         self.handles.append(root.register_forward_hook(lambda *_: self.commit()))
 
-    def _record(self, layer, x) -> None:
-        if layer.kind != "linear":
-            raise ValueError(f"layer {layer.name!r}: sketches support Linear layers only")
+    def _record(self, layer: SketchTarget, x) -> None:
         self.calls += 1
-        layer.check_input(x)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape[-1] != layer.dim:
+            raise ValueError(f"layer {layer.name!r}: expected a floating-point input ending in {layer.dim}")
         x = x.detach()
         for key, index in self.groups:
             part = x if index is None else x.index_select(0, index.to(x.device))

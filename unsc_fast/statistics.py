@@ -56,35 +56,36 @@ class MemoryEstimate:
     """
 
     labels: int
-    dims: dict[str, int]
+    sizes: dict[str, int]  # numbers per statistics slot (d^2 for a dense layer input)
     itemsizes: dict[str, int]
 
     def per_layer(self, policy: str) -> dict[str, int]:
         copies = self.labels + 1 if policy == "per_label" else 2
-        return {name: copies * d * d * self.itemsizes[policy] for name, d in self.dims.items()}
+        return {name: copies * size * self.itemsizes[policy] for name, size in self.sizes.items()}
 
     def total(self, policy: str) -> int:
         return sum(self.per_layer(policy).values()) + self.build_extra(policy)
 
     def build_extra(self, policy: str) -> int:
-        return max((d * d for d in self.dims.values()), default=0) * self.itemsizes[policy]
+        return max(self.sizes.values(), default=0) * self.itemsizes[policy]
 
     def as_dict(self) -> dict:
         return {p: {"total": self.total(p), "layers": self.per_layer(p)} for p in ("per_label", "total")}
 
     def __str__(self) -> str:
-        header = f"{'layer':<32}{'d':>8}{'per_label':>16}{'total':>16}"
+        header = f"{'layer':<32}{'numbers':>12}{'per_label':>16}{'total':>16}"
         lines = [f"statistics memory for {self.labels} labels (bytes)", header]
         per_label, total = self.per_layer("per_label"), self.per_layer("total")
-        for name, d in self.dims.items():
-            lines.append(f"{name:<32}{d:>8}{per_label[name]:>16,}{total[name]:>16,}")
-        lines.append(f"{'all (+ one build sum)':<40}{self.total('per_label'):>16,}{self.total('total'):>16,}")
+        for name, size in self.sizes.items():
+            lines.append(f"{name:<32}{size:>12,}{per_label[name]:>16,}{total[name]:>16,}")
+        lines.append(f"{'all (+ one build sum)':<44}{self.total('per_label'):>16,}{self.total('total'):>16,}")
         return "\n".join(lines)
 
 
-def estimate(dims: dict[str, int], labels: int, dtype: torch.dtype | None) -> MemoryEstimate:
+def estimate(sizes: dict[str, int], labels: int, dtype: torch.dtype | None) -> MemoryEstimate:
+    """``sizes``: numbers per statistics slot (``d * d`` for a dense layer input)."""
     itemsizes = {p: _itemsize(dtype or default_dtype(p)) for p in ("per_label", "total")}
-    return MemoryEstimate(int(labels), dict(dims), itemsizes)
+    return MemoryEstimate(int(labels), dict(sizes), itemsizes)
 
 
 def over_budget(per_layer: dict[str, int], budget: int) -> str | None:
@@ -99,7 +100,7 @@ def over_budget(per_layer: dict[str, int], budget: int) -> str | None:
     )
 
 
-def choose(policy: str, dims: dict[str, int], labels: int, dtype: torch.dtype | None, budget: int | None) -> str:
+def choose(policy: str, sizes: dict[str, int], labels: int, dtype: torch.dtype | None, budget: int | None) -> str:
     """Resolve ``"auto"`` (per-label when it fits the budget, else total) and check the fit."""
     if policy not in POLICIES:
         raise ValueError(f"statistics must be one of {POLICIES}, got {policy!r}")
@@ -107,7 +108,7 @@ def choose(policy: str, dims: dict[str, int], labels: int, dtype: torch.dtype | 
         if policy == "auto":
             raise ValueError('statistics="auto" needs memory_budget= (bytes) to choose against')
         return policy
-    plan = estimate(dims, labels, dtype)
+    plan = estimate(sizes, labels, dtype)
     candidates = ("per_label", "total") if policy == "auto" else (policy,)
     reasons = []
     for candidate in candidates:
@@ -152,23 +153,32 @@ class StatisticsRouter:
         self.store.add(key, name, delta, rows)
 
 
-def sketched_layers(sketch, layers: dict, labels: int, dtype, policy: str, budget: int | None) -> dict[str, int]:
-    """``{layer name: sketch rows}``: the user's choice, else (under a budget) every Linear layer
-    whose dense statistics alone would take over half of ``budget`` under the cheapest policy
-    allowed (so that "auto" prefers a dense total to a sketch)."""
+def sketched_layers(sketch, layers: dict, protection, labels: int, dtype, policy: str,
+                    budget: int | None) -> dict[str, int]:
+    """``{layer name: sketch rows}``: the user's choice, else (``statistics="auto"`` under a
+    budget) every Linear layer whose dense statistics alone would take over half of ``budget``
+    under the cheapest policy (so that "auto" prefers a dense total to a sketch). Only a plain ``nn.Linear``
+    with its own slot can be sketched (the sketch hooks read its input rows directly)."""
+    from torch import nn
+
     from unsc_fast.sketch import DEFAULT_ROWS
+
+    def sketchable(name: str) -> bool:
+        layer = layers[name]
+        own = protection.slot(layer.slot_name())
+        shared = sum(1 for other in layers.values() if protection.slot(other.slot_name()).name == own.name) > 1
+        return type(layer.module) is nn.Linear and own.kind == "dense" and not shared
 
     if sketch is not None:
         unknown = sorted(set(sketch) - set(layers))
         if unknown:
             raise KeyError(f"sketch names untracked layers {unknown}; tracked: {list(layers)}")
-        wrong = sorted(n for n in sketch if layers[n].kind != "linear")
+        wrong = sorted(n for n in sketch if not sketchable(n))
         if wrong:
-            raise ValueError(f"sketches support Linear layers only, not {wrong}")
+            raise ValueError(f"sketches support Linear layers only (with their own statistics), not {wrong}")
         return {name: int(rows) for name, rows in sketch.items()}
-    if budget is None:
+    if budget is None or policy != "auto":  # an explicit policy is kept, or refused
         return {}
-    plan = estimate({n: l.dim for n, l in layers.items()}, labels, dtype)
-    allowed = ("per_label", "total") if policy == "auto" else (policy,)
-    cost = {name: min(plan.per_layer(p)[name] for p in allowed) for name in layers}
-    return {name: DEFAULT_ROWS for name, layer in layers.items() if layer.kind == "linear" and cost[name] > budget / 2}
+    sizes = {name: layer.module.in_features**2 for name, layer in layers.items() if sketchable(name)}
+    plan = estimate(sizes, labels, dtype)
+    return {name: DEFAULT_ROWS for name in sizes if min(plan.per_layer(p)[name] for p in ("per_label", "total")) > budget / 2}

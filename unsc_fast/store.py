@@ -128,12 +128,13 @@ class CovarianceStore:
             )
         return kept
 
-    def kept_sum(self, name: str, keys: Iterable[Key], subtract: Iterable[Key] = (), *, dim: int | None = None,
-                 device: torch.device | None = None, required: bool = True) -> torch.Tensor | None:
+    def kept_sum(self, name: str, keys: Iterable[Key], subtract: Iterable[Key] = (), *,
+                 shape: tuple[int, ...] | None = None, device: torch.device | None = None,
+                 required: bool = True) -> torch.Tensor | None:
         """``sum_{k in keys} C_k - sum_{k in subtract} C_k`` for layer ``name``, as a new tensor.
 
         A running sum: one extra ``d x d`` matrix whatever the number of keys. With no data
-        for ``name`` in ``keys``: an error when ``required``, else zeros of ``(dim, dim)``
+        for ``name`` in ``keys``: an error when ``required``, else zeros of ``shape``
         (a rank that saw none of the layer's data still takes part in a reduction).
         """
         total = None
@@ -151,7 +152,7 @@ class CovarianceStore:
                     f"layer {name!r} saw no input under keys {list(keys)}: did its forward run inside "
                     "observe()? Leave it out with modules=[...] if the model never calls it"
                 )
-            total = torch.zeros(dim, dim, dtype=self.dtype, device=device)
+            total = torch.zeros(shape, dtype=self.dtype, device=device)
         for key in subtract:
             part = self.matrix(key, name)
             if part is not None:

@@ -240,7 +240,7 @@ def _ddp_scenario(rank: int, world: int) -> dict:
         F.cross_entropy(ddp(forget_x), forget_y).backward()
         optimizer.step()
         for name, layer in projector.layers.items():
-            change = layer.matrix_view(layer.weight.detach() - before[name])
+            change = layer.matrix(layer.weight.detach() - before[name])
             worst = max(worst, float((change @ projector.basis(name)).abs().max()))
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "worst": worst,
             "bases": {n: projector.basis(n) for n in projector.layers}}

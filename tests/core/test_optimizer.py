@@ -404,13 +404,13 @@ def test_gradient_accumulation_projects_once_per_step(monkeypatch):  # RELIABILI
     projector = built_projector(model)
     model.eval(), twin.eval()  # no BatchNorm batch statistics: micro-batches sum exactly
     calls = []
-    project = NullSpaceProjector.project_tensor_
+    project = NullSpaceProjector.project_parameter_
 
-    def counting(self, name, tensor):
-        calls.append(name)
-        return project(self, name, tensor)
+    def counting(self, param, tensor):
+        calls.append(param.removesuffix(".weight"))
+        return project(self, param, tensor)
 
-    monkeypatch.setattr(NullSpaceProjector, "project_tensor_", counting)
+    monkeypatch.setattr(NullSpaceProjector, "project_parameter_", counting)
     optimizer = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), projector)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(16, 3, 6, 6, dtype=torch.float64, generator=generator)

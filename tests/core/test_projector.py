@@ -422,19 +422,19 @@ def test_layer_never_called_is_named_at_build():
 
 
 def test_module_selection_and_unsupported_layers():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
-    with pytest.warns(UserWarning, match=r"0 \(Embedding\), 2 \(Conv1d\)"):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Bilinear(4, 4, 2))
+    with pytest.warns(UserWarning, match=r"2\.weight \(2, 4, 4\)") as caught:
         projector = NullSpaceProjector(model)
-    assert list(projector.layers) == ["1"]
+    assert "1 trainable weight parameter(s)" in str(caught[0].message)
+    assert list(projector.layers) == ["0", "1"]
+    with pytest.raises(ValueError, match="strict=True.*2.weight"):
+        NullSpaceProjector(model, strict=True)
     with pytest.raises(ValueError, match="unknown module name 'nope'"):
         NullSpaceProjector(model, modules=["nope"])
-    with pytest.raises(TypeError, match=r"'0' is a Embedding"):
-        NullSpaceProjector(model, modules=["0"])
-    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
-    with pytest.raises(NotImplementedError, match=r"layer '0'.*groups=2"):
-        NullSpaceProjector(grouped)
-    assert list(NullSpaceProjector(grouped, modules=["1"]).layers) == ["1"]
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+    with pytest.raises(TypeError, match=r"'2' is a Bilinear, which has no adapter"):
+        NullSpaceProjector(model, modules=["2"])
+    assert list(NullSpaceProjector(model, modules=["1"]).layers) == ["1"]
+    with pytest.raises(ValueError, match="no layer that an adapter tracks"):
         NullSpaceProjector(nn.ReLU())
 
 
@@ -453,10 +453,8 @@ def test_resized_layer_is_named():
     with projector.observe():
         model(torch.randn(4, 3))
     projector.build()
-    model[1] = nn.Linear(3, 2)  # same shape: fine
-    projector.layers["1"].module = model[1]
     projector.project_tensor_("1", torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=r"layer '1'.*does not match the weight"):
+    with pytest.raises(ValueError, match=r"parameter '1.weight'.*does not match"):
         projector.project_tensor_("1", torch.zeros(2, 4))
 
 
@@ -608,12 +606,12 @@ def test_refit_accumulates_and_reset_forgets():
     ids=["contiguous", "channels_last", "permuted", "sliced_channels", "1x1_channels_last", "sliced_rows", "linear"],
 )
 def test_matrix_is_view_tells_when_reshape_copies(make):
-    from unsc_fast.layers import TrackedLayer
+    from unsc_fast.adapters.base import trailing_dims_merge_as_view
 
     tensor = make()
     matrix = tensor.reshape(tensor.shape[0], -1)
     shares = matrix.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
-    assert TrackedLayer.matrix_is_view(tensor) == shares
+    assert trailing_dims_merge_as_view(tensor) == shares
 
 
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode", "eval"])

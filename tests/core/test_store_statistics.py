@@ -143,7 +143,9 @@ def test_auto_chooses_by_the_budget_and_refusals_name_the_layer_and_bytes():
     with pytest.raises(MemoryError, match=r"'2'.*45,[0-9]{3} bytes"):
         NullSpaceProjector(model, statistics="per_label", num_labels=10, memory_budget=40_000)
     with pytest.raises(MemoryError, match="statistics=\"total\""):
-        NullSpaceProjector(model, statistics="auto", num_labels=10, memory_budget=1000)
+        NullSpaceProjector(model, statistics="total", num_labels=10, memory_budget=1000)
+    # auto under a budget too small for any dense matrix sketches the Linear layers instead
+    assert NullSpaceProjector(model, statistics="auto", memory_budget=1000).sketch_rows == {"0": 256, "2": 256}
     with pytest.raises(ValueError, match="memory_budget"):
         NullSpaceProjector(model, statistics="auto")
 

@@ -12,6 +12,7 @@ from unsc_fast.evaluation import cli
 from unsc_fast.evaluation.compare import CompareConfig, build_model, load_checkpoint, parse_settings, run_comparison
 from unsc_fast.evaluation.image_folder import load_image_folder
 from unsc_fast.evaluation.methods import METHODS
+from unsc_fast.evaluation.divergence import DIVERGENCE_TITLES
 from unsc_fast.evaluation.metrics import METRIC_TITLES
 from unsc_fast.evaluation.report import format_report
 
@@ -78,7 +79,7 @@ def test_compare_json_has_every_method_seed_and_metric(digits_run):
             assert set(run["gap"]) == set(METRIC_TITLES) | {"avg_gap"}
             assert run["seconds"] > 0
         summary = results["summary"][name]
-        assert set(summary["metrics"]) == set(METRIC_TITLES)
+        assert set(summary["metrics"]) == set(METRIC_TITLES) | set(DIVERGENCE_TITLES)  # U-LiRA is off by default
         for key in METRIC_TITLES:
             values = [run["metrics"][key] for run in runs]
             assert summary["metrics"][key]["mean"] == pytest.approx(np.mean(values))
@@ -93,24 +94,32 @@ def test_compare_json_has_every_method_seed_and_metric(digits_run):
         for run, reference in zip(results["runs"][name], results["runs"]["retrain"]):
             assert run["gap"]["mia_svc"] == pytest.approx(abs(run["metrics"]["mia_svc"] - reference["metrics"]["mia_svc"]))
     # the original is one model, the same for every seed, and it knows class 3; the retrained one does not
-    assert results["runs"]["original"][0]["metrics"] == results["runs"]["original"][1]["metrics"]
+    first, second = (run["metrics"] for run in results["runs"]["original"])
+    assert all(first[key] == second[key] for key in [*METRIC_TITLES, "per_class_test"])  # its distances vary by seed
     assert results["original"]["metrics"]["acc_forget_test"] > 80
     assert results["summary"]["retrain"]["metrics"]["acc_forget_test"]["mean"] == 0.0
     assert len(results["runs"]["unsc"][0]["info"]["forget_labels"]) == results["scenario"]["forget_train"]
+    # every model's outputs are compared with the same seed's retrained model: retrain itself is at distance 0
+    assert results["distance_titles"] == DIVERGENCE_TITLES and results["membership"] is None
+    for run in results["runs"]["retrain"]:
+        assert run["metrics"]["tow"] == 1.0 and run["metrics"]["kl_forget"] == 0.0
+    for run in results["runs"]["original"]:  # the original still knows class 3: far on the forget set
+        assert run["metrics"]["tow"] < 0.2 and run["metrics"]["js_forget"] > 10 * run["metrics"]["js_remain"]
 
 
 @pytest.mark.slow  # shares one ~13 s end-to-end run on the digits
 def test_compare_markdown_has_mean_and_std_for_every_method(digits_run):
     output, _ = digits_run
     text = (output / "comparison.md").read_text()
-    header = "| method | " + " | ".join(METRIC_TITLES.values()) + " | avg gap | time s |"
+    header = "| method | " + " | ".join(METRIC_TITLES.values()) + " | ToW | avg gap | time s |"
     assert header in text
     assert "Mean ± std over 2 seed(s) (0, 1)" in text
     table = text.split("\n\n")[2].splitlines()
     for name, label in ROWS.items():
         row = next(line for line in table if line.startswith(f"| {label} |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
-        assert len(cells) == len(METRIC_TITLES) + 2, name
+        assert len(cells) == len(METRIC_TITLES) + 3, name
+        assert re.fullmatch(r"[01]\.\d{3} ± \d\.\d{3}", cells[len(METRIC_TITLES)]), row  # ToW
         assert all(re.fullmatch(r"\d+\.\d ± \d+\.\d", cell) for cell in cells[:len(METRIC_TITLES)]), row
         assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cells[-1]), row
         if name == "retrain":
@@ -118,6 +127,7 @@ def test_compare_markdown_has_mean_and_std_for_every_method(digits_run):
         else:  # the average gap has two decimals
             assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cells[-2]), row
     assert "### Gap to the retrained model" in text and "### Per-class test accuracy (%)" in text
+    assert "### Distance to the retrained model" in text and "| JS forget |" in text
 
 
 @pytest.mark.slow  # shares one ~13 s end-to-end run on the digits

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Plain names, so that building the parser imports neither torch nor the harness.
+DATASET_NAMES = ("digits", "mnist1d", "cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "folder")
+MODEL_NAMES = ("digits_cnn", "allcnn", "vgg11", "alexnet", "resnet18", "mnist1d_cnn", "mnist1d_mlp")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unsc-fast", description="Machine unlearning by null-space calibration")
@@ -39,15 +43,25 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--methods", default=None,
                          help="comma-separated methods (default: all; see --list-methods); retrain always runs")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S")
+    compare.add_argument("--dataset", default=None, choices=DATASET_NAMES,
+                         help="digits (bundled, default) and mnist1d (generated locally) need no files; cifar10, "
+                              "cifar100, svhn, mnist, fashionmnist read their standard distribution files and folder "
+                              "an ImageFolder layout, all from --data-root (nothing is downloaded)")
+    compare.add_argument("--data-root", default=None, metavar="DIR",
+                         help="folder holding the dataset's files, e.g. the unpacked cifar-10-batches-bin/ or its parent")
     compare.add_argument("--data", default=None, metavar="DIR",
-                         help="image folder, one sub-folder per class (ImageFolder layout, optional train/ test/); "
-                              "default: the bundled sklearn digits")
-    compare.add_argument("--image-size", type=int, default=None, help="resize images from --data to this square size")
+                         help="image folder, one sub-folder per class (ImageFolder layout, optional train/ test/): "
+                              "the same as --dataset folder --data-root DIR")
+    compare.add_argument("--image-size", type=int, default=None,
+                         help="resize images to this square size (folder, and the file datasets: e.g. 32 for "
+                              "FashionMNIST as the official code does)")
     compare.add_argument("--checkpoint", default=None, metavar="PATH",
                          help="original model: a state_dict for --model, or a whole pickled nn.Module (trusted files "
                               "only); default: train one")
-    compare.add_argument("--model", default="digits_cnn", choices=("digits_cnn", "allcnn", "resnet18"),
-                         help="architecture to train or to load a state_dict into")
+    compare.add_argument("--model", default=None, choices=MODEL_NAMES,
+                         help="architecture to train or to load a state_dict into; default: the dataset's (digits: "
+                              "digits_cnn, mnist1d: mnist1d_cnn, cifar10: allcnn, cifar100: resnet18, svhn: vgg11, "
+                              "mnist/fashionmnist: alexnet, folder: digits_cnn)")
     compare.add_argument("--train-epochs", type=int, default=30,
                          help="epochs for the original model and (unless retrain.epochs is set) the retrained one")
     compare.add_argument("--set", action="append", default=[], metavar="METHOD.SETTING=VALUE",
@@ -59,6 +73,11 @@ def add_compare_parser(commands) -> None:
                          help="torch CPU threads (default: 1 on the bundled digits, whose tiny convolutions run "
                               "fastest single-threaded; torch's default otherwise)")
     compare.add_argument("--quiet", action="store_true", help="no progress lines")
+    compare.add_argument("--ulira-shadows", type=int, default=0, metavar="N",
+                         help="per-example membership attack (U-LiRA style) with N shadow models, an even number "
+                              "(e.g. 8); default 0: off")
+    compare.add_argument("--ulira-epochs", type=int, default=None, metavar="E",
+                         help="epochs of each shadow model (default: twice --train-epochs, as they see half the data)")
 
 
 def main(argv=None) -> int:

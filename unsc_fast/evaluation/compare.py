@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from unsc_fast.evaluation.data import DatasetSplit, load_digits_split
+from unsc_fast.evaluation.data import DatasetSplit
+from unsc_fast.evaluation.datasets import get_dataset, load_dataset
 from unsc_fast.evaluation.methods import METHODS, get_method
 from unsc_fast.evaluation.metrics import METRIC_TITLES, gap_to_reference, unlearning_metrics
-from unsc_fast.evaluation.models import AllCNN, DigitsCNN, ResNet18
+from unsc_fast.evaluation.models import MODELS, create_model  # noqa: F401 (MODELS: kept for callers)
 from unsc_fast.evaluation.scenario import make_scenario
 from unsc_fast.evaluation.recipes import train
 from unsc_fast.training import Progress
 
-MODELS = {"digits_cnn": DigitsCNN, "allcnn": AllCNN, "resnet18": ResNet18}
 REFERENCE = "retrain"
 
 
@@ -39,15 +39,27 @@ class CompareConfig:
     forget_fraction: float = 0.1
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
-    data: str | None = None          # an ImageFolder-style directory; None = bundled digits
+    dataset: str = "digits"          # a name of datasets.DATASETS
+    data_root: str | None = None     # the folder its files are read from (the paper's datasets, folder)
+    data: str | None = None          # kept for old configs: an image folder, i.e. dataset="folder"
     image_size: int | None = None
     checkpoint: str | None = None    # the original model; None = train one
-    model: str = "digits_cnn"        # architecture to train, or to load a state_dict into
+    model: str | None = None         # architecture to train or load into; None = the dataset's default
     train_epochs: int = 30
     base_seed: int = 0               # data split, original model, random forget set
     settings: dict[str, dict] = field(default_factory=dict)  # method -> {setting: value}
     output: str = "compare_results"
     save_original: str | None = None  # where a freshly trained original's state_dict is saved
+
+    def __post_init__(self) -> None:
+        """``data`` alone means the image folder (the old ``--data DIR``); ``model=None`` becomes
+        the dataset's default, so the saved config names the model that really ran."""
+        if self.data is not None:
+            if self.dataset not in ("digits", "folder") or self.data_root not in (None, self.data):
+                raise ValueError("data= is the image-folder path: use dataset/data_root for other datasets")
+            self.dataset, self.data_root = "folder", self.data
+        if self.model is None:
+            self.model = get_dataset(self.dataset).default_model
 
 
 def parse_settings(assignments) -> dict[str, dict]:
@@ -81,17 +93,13 @@ def method_settings(config: CompareConfig, name: str) -> dict:
 
 
 def load_data(config: CompareConfig) -> DatasetSplit:
-    if config.data is None:
-        return load_digits_split(seed=config.base_seed)
-    from unsc_fast.evaluation.image_folder import load_image_folder
-
-    return load_image_folder(config.data, image_size=config.image_size, seed=config.base_seed)
+    """The dataset of ``config`` (see ``datasets.DATASETS``), split and standardised."""
+    return load_dataset(config.dataset, config.data_root, image_size=config.image_size, seed=config.base_seed)
 
 
 def build_model(name: str, split: DatasetSplit) -> nn.Module:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    return MODELS[name](num_classes=split.num_classes, channels=split.image_shape[0])
+    """Model ``name`` for the split's sample shape (channels, image size or signal length) and classes."""
+    return create_model(name, split.num_classes, split.image_shape)
 
 
 def load_checkpoint(path: str, model_name: str, split: DatasetSplit) -> nn.Module:
@@ -157,8 +165,17 @@ def _mean_std(values) -> dict:
     return {"mean": float(np.nanmean(values)), "std": std}
 
 
-def run_comparison(config: CompareConfig, progress: Progress | None = None) -> dict:
-    """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready)."""
+def run_comparison(config: CompareConfig, progress: Progress | None = None, membership=None) -> dict:
+    """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready).
+
+    Every model (the original's row included) is also compared with the same seed's
+    retrained model output by output (``divergence.distance_to_retrain``: KL, JS, ToW).
+    ``membership`` (a ``membership.ShadowSettings``) turns on the per-example U-LiRA-style
+    attack: its shadow models are trained once, then every model is scored on the forget set.
+    """
+    from unsc_fast.evaluation.divergence import DIVERGENCE_TITLES, distance_to_retrain
+    from unsc_fast.evaluation.membership import MEMBERSHIP_TITLES, ULiRA
+
     say = progress or (lambda message: None)
     names = [get_method(name).name for name in config.methods]
     names = [REFERENCE] + [name for name in names if name != REFERENCE]
@@ -172,6 +189,17 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
     original, original_seconds, source = original_model(config, split, progress)
     original_metrics = unlearning_metrics(original, scenario, seed=config.base_seed)
     say(f"original ({source}): " + _brief(original_metrics))
+    attack = None
+    if membership is not None:
+        say(f"u-lira: training {membership.shadows} shadow models ({membership.epochs} epochs each)")
+        attack = ULiRA.train_shadows(original, scenario, membership, progress)
+
+    def against_reference(model, metrics, reference_model):
+        """``metrics`` plus the distance to the retrained model and, if on, the U-LiRA figures."""
+        extra = distance_to_retrain(model, reference_model, scenario)
+        if attack is not None:
+            extra.update(attack.evaluate(model, reference_model))
+        return {**metrics, **extra}
 
     runs: dict[str, list[dict]] = {}
     skipped = {name: get_method(name).unsupported_message(scenario.kind)
@@ -180,13 +208,14 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
         say(f"not run: {reason}")
     active = [name for name in names if name not in skipped]
     for seed in config.seeds:
-        references = None
+        references = reference_model = None
         for name in active:
             say(f"seed {seed}: {name} ...")
             result = get_method(name)(original, scenario, method_settings(config, name), seed, progress)
             metrics = unlearning_metrics(result.model, scenario, seed=seed)
             if name == REFERENCE:
-                references = metrics
+                references, reference_model = metrics, result.model
+            metrics = against_reference(result.model, metrics, reference_model)
             runs.setdefault(name, []).append({
                 "seed": seed,
                 "seconds": result.seconds,
@@ -197,7 +226,8 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
             })
             say(f"seed {seed}: {name} done in {result.seconds:.1f} s: " + _brief(metrics))
         runs.setdefault("original", []).append({
-            "seed": seed, "seconds": original_seconds, "metrics": original_metrics,
+            "seed": seed, "seconds": original_seconds,
+            "metrics": against_reference(original, original_metrics, reference_model),
             "gap": gap_to_reference(original_metrics, references), "settings": {}, "info": {"source": source},
         })
 
@@ -218,6 +248,9 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None) -> d
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "python": sys.version.split()[0], "platform": platform.platform()},
         "metric_titles": METRIC_TITLES,
+        "distance_titles": DIVERGENCE_TITLES,
+        "membership_titles": MEMBERSHIP_TITLES if attack is not None else {},
+        "membership": _jsonable(asdict(membership)) if membership is not None else None,
     }
 
 
@@ -230,6 +263,22 @@ def timestamped_progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def dataset_choice(args) -> tuple[str, str | None]:
+    """(dataset, data root) from ``--dataset``/``--data-root``; ``--data DIR`` (the older flag)
+    means ``--dataset folder --data-root DIR``. No flag at all is the bundled digits."""
+    data = getattr(args, "data", None)
+    dataset, root = getattr(args, "dataset", None), getattr(args, "data_root", None)
+    if data is not None:
+        if dataset not in (None, "folder") or root not in (None, data):
+            raise SystemExit("--data DIR is the image folder (= --dataset folder --data-root DIR); "
+                             "use --dataset NAME --data-root DIR for the other datasets")
+        return "folder", data
+    dataset = dataset or "digits"
+    if root is None and get_dataset(dataset).needs_root:
+        raise SystemExit(f"--dataset {dataset} reads local files: give --data-root DIR (nothing is downloaded)")
+    return dataset, root
+
+
 def main(args) -> int:
     """``unsc-fast compare``: run, print the table, write table/plots/JSON under ``--output``."""
     from unsc_fast.evaluation.report import format_report, write_outputs
@@ -239,7 +288,8 @@ def main(args) -> int:
             scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)
             print(f"{method.name:20s} {method.summary} [{scenarios}]\n{'':20s} defaults: {method.defaults}")
         return 0
-    if args.threads is None and args.data is None:
+    dataset, data_root = dataset_choice(args)
+    if args.threads is None and dataset in ("digits", "mnist1d"):  # tiny layers: fastest on one thread
         torch.set_num_threads(1)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else tuple(METHODS)
     config = CompareConfig(
@@ -248,7 +298,8 @@ def main(args) -> int:
         forget_fraction=args.forget_fraction,
         methods=methods,
         seeds=tuple(args.seeds),
-        data=args.data,
+        dataset=dataset,
+        data_root=data_root,
         image_size=args.image_size,
         checkpoint=args.checkpoint,
         model=args.model,
@@ -257,7 +308,9 @@ def main(args) -> int:
         output=args.output,
         save_original=None if args.checkpoint else str(Path(args.output) / "original.pt"),
     )
-    results = run_comparison(config, None if args.quiet else timestamped_progress)
+    from unsc_fast.evaluation.membership import settings_from_arguments
+
+    results = run_comparison(config, None if args.quiet else timestamped_progress, settings_from_arguments(args))
     print("\n" + format_report(results))
     paths = write_outputs(results, config.output)
     print("\nwritten: " + ", ".join(str(path) for path in paths.values()))

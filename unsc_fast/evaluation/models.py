@@ -1,8 +1,16 @@
-"""Models: a small CNN for the bundled digits, and the official code's 32x32 models
-(All-CNN and a CIFAR-style ResNet-18) for the benchmarks."""
+"""Models by name for the harness: a small CNN for the bundled digits (defined here), the
+official UNSC code's models (``paper_models``) and MNIST-1D's reference models
+(``mnist1d_models``).
+
+``create_model(name, num_classes, input_shape)`` is the one place that turns a name and the
+data's sample shape into a model, so every caller gets the right input channels and size.
+"""
 from __future__ import annotations
 
 from torch import nn
+
+from unsc_fast.evaluation.mnist1d_models import MNIST1DCNN, MNIST1DMLP
+from unsc_fast.evaluation.paper_models import AlexNet, AllCNN, ResNet18, VGG11
 
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
@@ -36,59 +44,37 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class AllCNN(nn.Module):
-    """All-CNN-C (Springenberg et al. 2015) with batch norm, as in the UNSC code, for 32x32 inputs."""
-
-    def __init__(self, num_classes: int = 10, channels: int = 3, width: int = 96) -> None:
-        super().__init__()
-        wide = 2 * width
-        self.features = nn.Sequential(
-            _conv_bn(channels, width),
-            _conv_bn(width, width),
-            _conv_bn(width, width, stride=2),
-            _conv_bn(width, wide),
-            _conv_bn(wide, wide),
-            _conv_bn(wide, wide, stride=2),
-            _conv_bn(wide, wide, padding=0),
-            _conv_bn(wide, wide, kernel_size=1, padding=0),
-        )
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(wide, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+def _image(factory):
+    """For models of (C, H, W) images; the image size is checked by the model itself."""
+    def build(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+        if len(input_shape) != 3:
+            raise ValueError(f"this model takes (C, H, W) images, the data has samples of shape {input_shape}")
+        return factory(num_classes, input_shape)
+    return build
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            _conv_bn(in_channels, out_channels, stride=stride),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        return self.relu(self.body(x) + self.shortcut(x))
+def _signal(factory):
+    """For models of (C, L) signals such as MNIST-1D."""
+    def build(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+        if len(input_shape) != 2:
+            raise ValueError(f"this model takes (C, L) signals, the data has samples of shape {input_shape}")
+        return factory(num_classes, input_shape)
+    return build
 
 
-class ResNet18(nn.Module):
-    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), as used on CIFAR."""
+MODELS = {
+    "digits_cnn": _image(lambda n, s: DigitsCNN(num_classes=n, channels=s[0])),
+    "allcnn": _image(lambda n, s: AllCNN(num_classes=n, channels=s[0])),
+    "vgg11": _image(lambda n, s: VGG11(num_classes=n, channels=s[0])),
+    "alexnet": _image(lambda n, s: AlexNet(num_classes=n, channels=s[0], image_size=s[1])),
+    "resnet18": _image(lambda n, s: ResNet18(num_classes=n, channels=s[0])),
+    "mnist1d_cnn": _signal(lambda n, s: MNIST1DCNN(num_classes=n, channels=s[0], length=s[1])),
+    "mnist1d_mlp": _signal(lambda n, s: MNIST1DMLP(num_classes=n, channels=s[0], length=s[1])),
+}
 
-    def __init__(self, num_classes: int = 10, channels: int = 3) -> None:
-        super().__init__()
-        layers, in_channels = [_conv_bn(channels, 64)], 64
-        for out_channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels)]
-            in_channels = out_channels
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
 
-    def forward(self, x):
-        return self.classifier(self.features(x))
+def create_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """The model ``name`` for samples of ``input_shape`` ((C, H, W) or (C, L)) and ``num_classes``."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return MODELS[name](num_classes, tuple(input_shape))

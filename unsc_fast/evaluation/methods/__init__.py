@@ -10,14 +10,20 @@ original untouched and returns a ``MethodResult``. ``METHODS`` lists them in tab
 from __future__ import annotations
 
 from unsc_fast.evaluation.methods import (
+    amnesiac,
+    bad_teacher,
     boundary,
     finetune,
+    fisher,
     gradient_ascent,
     l1_sparse,
     natmu,
+    neggrad_plus,
     random_labels,
     retrain,
     salun,
+    scrub,
+    ssd,
     unsc,
 )
 from unsc_fast.evaluation.methods.base import MethodResult, UnlearningMethod, UnsupportedScenario
@@ -36,6 +42,12 @@ METHODS: dict[str, UnlearningMethod] = {
         boundary.METHOD,
         l1_sparse.METHOD,
         salun.METHOD,
+        scrub.METHOD,
+        bad_teacher.METHOD,
+        ssd.METHOD,
+        fisher.METHOD,
+        neggrad_plus.METHOD,
+        amnesiac.METHOD,
     )
 }
 
