@@ -35,10 +35,10 @@ def test_subtracting_everything_leaves_no_rows():
     x = torch.randn(4, 3)
     with projector.observe(group="all"):
         model(x)
-    with projector.observe(group="forget"):
+    with projector.observe(group="request"):
         model(x)
-    with pytest.raises(RuntimeError, match=r"0 input rows in groups \['all'\] less \['forget'\]"):
-        projector.build(include=["all"], subtract=["forget"])
+    with pytest.raises(RuntimeError, match=r"0 input rows in groups \['all'\] less \['request'\]"):
+        projector.build(include=["all"], subtract=["request"])
 
 
 def two_coordinate_projector(kept_rows, subtracted_rows):
