@@ -82,9 +82,11 @@ def test_the_lock_pins_every_package_exactly():
         assert needed in locked, needed
 
 
-def test_the_core_needs_torch_and_numpy_only_and_eval_is_an_extra():
+def test_the_core_needs_torch_numpy_and_tqdm_only_and_eval_is_an_extra():
+    """scikit-learn and matplotlib belong to the harness (the eval extra); the core needs torch,
+    numpy and tqdm (progress bars on long observation and training passes)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert sorted(re.split(r"[<>=!~ ]", dep)[0] for dep in project["dependencies"]) == ["numpy", "torch"]
+    assert sorted(re.split(r"[<>=!~ ]", dep)[0] for dep in project["dependencies"]) == ["numpy", "torch", "tqdm"]
     extra = {re.split(r"[<>=!~ ]", dep)[0] for dep in project["optional-dependencies"]["eval"]}
     assert {"scikit-learn", "matplotlib"} <= extra
     assert '-e ".[eval]"' in (ROOT / "scripts" / "setup.sh").read_text()
