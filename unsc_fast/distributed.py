@@ -29,18 +29,20 @@ projects its own rows with the full basis and no communication.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import TYPE_CHECKING, Hashable, Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from unsc_fast import ops
 from unsc_fast.bases import complement_if_cheaper, prefers_complement
 from unsc_fast.build_checks import check_definite, subtracted_diagonal
 from unsc_fast.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
     from unsc_fast.adapters import Slot
+    from unsc_fast.projector import NullSpaceProjector
 
 KEEP_COVARIANCES = ("all", "rank0", "none")
 LOCAL = "local"
@@ -107,6 +109,24 @@ def unprefixed_names(names, inner_names: Iterable[str]):
         names = [names]
     inner = set(inner_names)
     return [n if n in inner or not n.startswith(WRAPPER_PREFIX) else n[len(WRAPPER_PREFIX):] for n in names]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside a DataParallel/DDP wrapper or a ``torch.compile`` module."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if isinstance(model, wrappers):
+        return model.module
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module):  # torch.compile's OptimizedModule
+        warnings.warn(
+            "the model is compiled: hooks added after compilation do not fire in the compiled "
+            "graph (pytorch#117758), so run the original module (model._orig_mod) inside "
+            "observe(), or create the projector before compiling",
+            UserWarning,
+            stacklevel=3,
+        )
+        return original
+    return model
 
 
 def reshard(model) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from unsc_fast.adapters import ForwardOverridden, LayerAdapter, Slot, Use, adapter_for

@@ -11,6 +11,7 @@ request only needs a sum/subtraction and a fresh basis, not another pass over th
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Hashable, Iterable
 
@@ -22,37 +23,18 @@ from unsc_fast import sketch
 from unsc_fast import statistics as policies
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.adapters import LayerAdapter
-from unsc_fast.bases import complement_if_cheaper
-from unsc_fast.build_checks import check_rows, check_subtraction, warn_if_everything_blocked
+from unsc_fast.bases import NullSpaceBases
+from unsc_fast import solve
+from unsc_fast.build_checks import check_rows, warn_if_everything_blocked
+from unsc_fast.persistence import PersistenceMixin
 from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
 from unsc_fast.observation import Observation
-from unsc_fast.projection import apply_uses_, protects_nothing, residual
-from unsc_fast.state_validation import parse_projector_state
+from unsc_fast.persistence import STATE_FORMAT  # noqa: F401 - where users found it
 from unsc_fast.store import CovarianceStore, key_set
-
-STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
 DEFAULT_GROUP = "all"
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside a DataParallel/DDP wrapper or a ``torch.compile`` module."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    if isinstance(model, wrappers):
-        return model.module
-    original = getattr(model, "_orig_mod", None)
-    if isinstance(original, nn.Module):  # torch.compile's OptimizedModule
-        warnings.warn(
-            "the model is compiled: hooks added after compilation do not fire in the compiled "
-            "graph (pytorch#117758), so run the original module (model._orig_mod) inside "
-            "observe(), or create the projector before compiling",
-            UserWarning,
-            stacklevel=3,
-        )
-        return original
-    return model
-
-
-class NullSpaceProjector:
+class NullSpaceProjector(PersistenceMixin):
     """Tracks every weight-bearing layer of ``model`` that an adapter covers (Linear, Conv1d/2d/3d
     with any groups, transformers' Conv1D, MultiheadAttention, Embedding, RNN input weights;
     see ``unsc_fast.adapters``), or those named in ``modules``, and projects their updates onto
@@ -98,7 +80,7 @@ class NullSpaceProjector:
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
         distributed.check_model(model)
-        self.model = unwrap_model(model)
+        self.model = distributed.unwrap_model(model)
         if self.model is not model:  # names as the user knows them, "module." prefix or not
             modules = distributed.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
         self.layers: dict[str, LayerAdapter] = find_layers(self.model, modules)
@@ -121,10 +103,7 @@ class NullSpaceProjector:
         self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
         self._sketches: dict = {}  # key -> slot name -> sketch.FrequentDirections
         self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
-        self._bases: dict[str, torch.Tensor] = {}
-        self._complements: dict[str, torch.Tensor] = {}
-        self.built_from: tuple = ()
-        self.built_threshold: float | None = None
+        self.solution = NullSpaceBases(self.protection)  # the bases of the last build
         self._observation: Observation | None = None
 
     # ------------------------------------------------------------------ observe
@@ -192,13 +171,7 @@ class NullSpaceProjector:
 
     def _slot_sizes(self) -> dict[str, int]:
         """Numbers each slot's statistics hold (d^2 for a dense slot)."""
-        sizes = {}
-        for slot in self.protection.slots.values():
-            count = 1
-            for extent in slot.shape:
-                count *= extent
-            sizes[slot.name] = count
-        return sizes
+        return {slot.name: math.prod(slot.shape) for slot in self.protection.slots.values()}
 
     def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
                 forget: bool = False, progress: bool | None = None):
@@ -318,73 +291,42 @@ class NullSpaceProjector:
                 allow_unobserved=allow_unobserved,
             )
             warn_if_everything_blocked(self.protection.slots, new_bases)
-            self._set_bases(new_bases, new_complements)
-            self.built_from, self.built_threshold = tuple(kept), threshold
+            self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)
             return self
         if not self.groups:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
-        kept, subtracted = self._request(exclude, include, subtract, allow_unobserved)
+        kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
+                                              include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
-        new_bases = {}
-        for slot in self.protection.slots.values():  # one kept sum alive at a time
-            if slot.name in self._sketch_slots:
-                basis = self._sketch_basis(slot.name, kept, subtracted, threshold)
-                new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
-                continue
-            covariance = self.store.kept_sum(slot.name, kept, subtracted)
-            check_subtraction(self.store, slot.name, covariance, subtracted)
-            basis = slot.solve(covariance, threshold, generator, method)
-            del covariance
-            new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
+        new_bases = solve.local_bases(self.store, self.protection.slots, self._sketches, self._sketch_slots,
+                                      self._slot_devices, kept, subtracted, threshold, generator, method)
         warn_if_everything_blocked(self.protection.slots, new_bases)
-        self._set_bases(new_bases)
-        self.built_from = tuple(kept)
-        self.built_threshold = threshold
+        self.solution.install(new_bases, built_from=kept, threshold=threshold)
         if keep_covariances == "none":
             self.reset()
         return self
 
-    def _sketch_basis(self, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:
-        present = [k for k in subtracted if name in self._sketches.get(k, {})]
-        if present:
-            raise ValueError(
-                f"layer {name!r} is sketched: its statistics cannot be subtracted from (keys {present}); "
-                "serve the request by excluding whole labels/groups, or observe the remaining data"
-            )
-        parts = [self._sketches[k][name] for k in kept if name in self._sketches.get(k, {})]
-        if not parts:
-            raise RuntimeError(f"layer {name!r} saw no input under keys {kept}")
-        return sketch.basis(parts, threshold, name)
-
-    def _request(self, exclude: set, include, subtract: set, allow_unobserved: bool) -> tuple[list, list]:
-        """``(kept, subtracted)`` keys of a build: what is summed, and what is taken away from it
-        (the user's ``subtract`` plus the forget passes whose rows sit inside the kept keys)."""
-        forget = self.forget_keys
-        if self.statistics == "total":
-            if (exclude or include is not None or subtract) and not forget:
-                raise ValueError(
-                    'statistics="total" keeps no per-label covariance: observe the request\'s forget data '
-                    "with observe(forget=True) or collect(loader, forget=True), then build()"
-                )
-            return [policies.TOTAL_KEY], forget
-        kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
-        inside = [k for k in forget if policies.forget_label(k) is None or policies.forget_label(k) in kept]
-        return kept, list(subtract) + inside
-
-    def _set_bases(self, bases: dict[str, torch.Tensor], complements: dict | None = None) -> None:
-        """Install new bases (and the complements where they are cheaper) all at once."""
-        if complements is None:
-            complements = {
-                name: complement_if_cheaper(basis) if self.protection.slots[name].kind == "dense" else None
-                for name, basis in bases.items()
-            }
-        self._bases = bases
-        self._complements = {name: q for name, q in complements.items() if q is not None}
-
     # ------------------------------------------------------------------ project
     @property
     def built(self) -> bool:
-        return bool(self._bases)
+        return bool(self.solution)
+
+    @property
+    def built_from(self) -> tuple:
+        """The keys the current bases were built from."""
+        return self.solution.built_from
+
+    @property
+    def built_threshold(self) -> float | None:
+        return self.solution.threshold
+
+    @property
+    def _bases(self) -> dict:
+        return self.solution.bases
+
+    @property
+    def _complements(self) -> dict:
+        return self.solution.complements
 
     def basis(self, name: str) -> torch.Tensor:
         """The basis kept for layer (or slot) ``name``: (d, k) orthonormal for a dense slot,
@@ -397,7 +339,7 @@ class NullSpaceProjector:
 
     def ranks(self) -> dict[str, int | list[int]]:
         """Kept dimensions per slot after the last build (one per group for grouped slots)."""
-        return {name: self.protection.slots[name].rank(basis) for name, basis in self._bases.items()}
+        return self.solution.ranks()
 
     def coverage(self) -> Coverage:
         """Every parameter of the model: protected, frozen or trained unprotected, with shares."""
@@ -406,15 +348,13 @@ class NullSpaceProjector:
     def protects(self, param: torch.Tensor) -> bool:
         """Whether ``param`` is a tracked weight (after build: whether anything of it is kept)."""
         uses = self.protection.uses.get(param)
-        if uses is None:
-            return False
-        return not self._bases or not protects_nothing(uses, self.protection, self._bases)
+        return uses is not None and self.solution.protects(uses)
 
     def residual(self, param: torch.Tensor, change: torch.Tensor) -> float:
         """``||dW U|| / ||dW||`` for a change ``dW`` of ``param`` (worst over its uses): at
         rounding level when the change respects the null space."""
         self._require_built()
-        return residual(change, self.protection.uses[param], self.protection, self._bases)
+        return self.solution.residual(change, self.protection.uses[param])
 
     def project_(self) -> "NullSpaceProjector":
         """In place, for every tracked weight with a gradient: ``grad <- grad - grad U U^T``."""
@@ -446,13 +386,7 @@ class NullSpaceProjector:
                 f"parameter {uses[0].name!r}: tensor of shape {tuple(tensor.shape)} does not match "
                 f"{tuple(param.shape)} (was the layer resized after build()?)"
             )
-        return apply_uses_(tensor, uses, self.protection, self._bases, self._complements, self._on_device)
-
-    @staticmethod
-    def _on_device(store: dict, name: str, device: torch.device) -> torch.Tensor:
-        if store[name].device != device:
-            store[name] = store[name].to(device)
-        return store[name]
+        return self.solution.apply_(tensor, uses)
 
     def _layer(self, name: str) -> LayerAdapter:
         try:
@@ -483,56 +417,7 @@ class NullSpaceProjector:
         return devices
 
     def _require_built(self) -> None:
-        if not self._bases:
-            raise RuntimeError("the projector has no bases yet: observe() data, then call build()")
-        for name, slot in self.protection.slots.items():
-            width = self._bases[name].shape[0 if slot.kind != "grouped" else 1]
-            if width != slot.dim:
-                raise RuntimeError(
-                    f"layer {name!r} now takes inputs of width {slot.dim} but its basis was built "
-                    f"for {width}: rebuild the projector"
-                )
-
-    # -------------------------------------------------------------- persistence
-    def state_dict(self) -> dict:
-        """Everything needed to resume, as tensors and plain values (``weights_only`` loads it)."""
-        return {
-            "format": STATE_FORMAT,
-            "threshold": self.threshold,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "layers": {name: list(slot.shape) for name, slot in self.protection.slots.items()},
-            "groups": self.store.state_dict(),
-            "bases": dict(self._bases),
-            "built_from": list(self.built_from),
-            "built_threshold": self.built_threshold,
-        }
-
-    def load_state_dict(self, state: dict) -> "NullSpaceProjector":
-        """Restore a ``state_dict``; tensors follow each layer's weight device.
-
-        All or nothing: the whole state is checked first (``unsc_fast.state_validation``:
-        layer names and shapes, tensor shapes, dtypes, finite values, orthonormal bases,
-        counts, thresholds) and nothing changes unless every check passes.
-        """
-        parsed = parse_projector_state(
-            state,
-            STATE_FORMAT,
-            slots={name: (slot.kind, tuple(slot.shape)) for name, slot in self.protection.slots.items()},
-            devices=self._slot_devices,
-        )
-        self._set_bases(parsed.bases)  # computes every complement before it assigns anything
-        store = CovarianceStore(parsed.dtype)
-        store.replace(parsed.matrices, parsed.rows)
-        self.threshold, self.store = parsed.threshold, store
-        self.built_from = parsed.built_from
-        self.built_threshold = parsed.built_threshold
-        return self
-
-    def save(self, path) -> None:
-        torch.save(self.state_dict(), path)
-
-    def load(self, path) -> "NullSpaceProjector":
-        return self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.solution.require_built()
 
     def __repr__(self) -> str:
         status = f"built from {list(self.built_from)}" if self._bases else "not built"

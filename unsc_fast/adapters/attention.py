@@ -77,16 +77,14 @@ class MultiheadAttentionAdapter(LayerAdapter):
         rows = {}
         if self.packed:
             name = self.slot_name("in_proj")
+            increments = {}  # one covariance per distinct input tensor (self-attention: one)
             for block, x in enumerate((query, key, value)):
-                if block and x is query:
-                    deltas[name][block].add_(deltas_increment)
-                    continue
-                part = self._rows(x, index)
-                increment = torch.zeros_like(deltas[name][block])
-                ops.covariance_(increment, part)
-                deltas[name][block].add_(increment)
-                if block == 0:
-                    deltas_increment, rows[name] = increment, part.shape[0]
+                if id(x) not in increments:
+                    part = self._rows(x, index)
+                    increments[id(x)] = torch.zeros_like(deltas[name][block])
+                    ops.covariance_(increments[id(x)], part)
+                    rows.setdefault(name, part.shape[0])
+                deltas[name][block].add_(increments[id(x)])
         else:
             for letter, x in zip("qkv", (query, key, value)):
                 part = self._rows(x, index)

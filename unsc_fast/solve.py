@@ -1,0 +1,59 @@
+"""Solving one request on this process: which keys it sums and subtracts, and a basis per slot.
+
+The statistics policy decides the keys (per label: the kept labels, less ``subtract`` and the
+forget passes inside them; total: the one total, less every forget pass). Each slot's kept
+sum is solved on its own (one sum alive at a time, so a build peaks at one extra matrix per
+slot); sketched layers take their basis from the Frequent Directions sketch instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from unsc_fast import sketch
+from unsc_fast import statistics as policies
+from unsc_fast.build_checks import check_subtraction
+
+
+def request_keys(store, statistics: str, groups: list, forget: list, exclude: set, include, subtract: set,
+                 allow_unobserved: bool) -> tuple[list, list]:
+    """``(kept, subtracted)`` keys of a build: what is summed, and what is taken away from it
+    (the user's ``subtract`` plus the forget passes whose rows sit inside the kept keys)."""
+    if statistics == "total":
+        if (exclude or include is not None or subtract) and not forget:
+            raise ValueError(
+                'statistics="total" keeps no per-label covariance: observe the request\'s forget data '
+                "with observe(forget=True) or collect(loader, forget=True), then build()"
+            )
+        return [policies.TOTAL_KEY], forget
+    kept = store.kept_keys(groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
+    inside = [k for k in forget if policies.forget_label(k) is None or policies.forget_label(k) in kept]
+    return kept, list(subtract) + inside
+
+
+def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices: dict, kept: list, subtracted: list,
+                threshold: float, generator, method: str) -> dict:
+    """A basis per slot from this process's statistics, each on its parameter's device."""
+    bases = {}
+    for slot in slots.values():  # one kept sum alive at a time
+        if slot.name in sketch_slots:
+            bases[slot.name] = sketch_basis(sketches, slot.name, kept, subtracted, threshold).to(devices[slot.name])
+            continue
+        covariance = store.kept_sum(slot.name, kept, subtracted)
+        check_subtraction(store, slot.name, covariance, subtracted)
+        basis = slot.solve(covariance, threshold, generator, method)
+        del covariance
+        bases[slot.name] = basis.to(devices[slot.name])
+    return bases
+
+
+def sketch_basis(sketches: dict, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:
+    present = [k for k in subtracted if name in sketches.get(k, {})]
+    if present:
+        raise ValueError(
+            f"layer {name!r} is sketched: its statistics cannot be subtracted from (keys {present}); "
+            "serve the request by excluding whole labels/groups, or observe the remaining data"
+        )
+    parts = [sketches[k][name] for k in kept if name in sketches.get(k, {})]
+    if not parts:
+        raise RuntimeError(f"layer {name!r} saw no input under keys {kept}")
+    return sketch.basis(parts, threshold, name)
