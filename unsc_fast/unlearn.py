@@ -22,7 +22,18 @@ from torch import nn
 from unsc_fast.calibration import calibrated_labels, random_labels
 from unsc_fast.optimizer import NullSpaceOptimizer
 from unsc_fast.projector import NullSpaceProjector
+from unsc_fast.room import NoRoomError, selectivity
 from unsc_fast.training import Progress, fit, make_loader, model_device, predict_logits
+
+
+PRESETS = {
+    # the library's own, from benchmarks/sweep_unsc_defaults.py on a validation split
+    "default": dict(threshold=0.99, epochs=10, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
+                    class_thresholds=None),
+    # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb)
+    "official": dict(threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
+                     class_thresholds=None),
+}
 
 
 @dataclass
@@ -44,14 +55,16 @@ def unlearn(
     forget_classes: Iterable[int] | None = None,
     num_classes: int | None = None,
     projector: NullSpaceProjector | None = None,
-    threshold: float = 0.99,
-    epochs: int = 10,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    batch_size: int = 32,
+    preset: str = "default",
+    threshold: float | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    momentum: float | None = None,
+    batch_size: int | None = None,
     calibrate: bool = True,
     project: bool = True,
     seed: int = 0,
+    min_selectivity: float = 1.5,
     progress: Progress | None = None,
 ) -> UnlearnResult:
     """Unlearn ``forget = (x, y)`` from ``model`` in place with UNSC; returns an ``UnlearnResult``.
@@ -61,8 +74,23 @@ def unlearn(
     sample-wise. ``remain = (x, y)`` is observed to build the projector unless a
     ``projector`` (already observed, or built) is given: a second request then needs no
     pass over the remaining data.
+
+    ``preset`` fills the hyperparameters left as ``None`` (``PRESETS``): ``"default"`` the
+    library's own (chosen on a validation split, docs/fidelity.md), ``"official"`` the
+    official code's CIFAR-10 run (plain SGD, batch 512, 25 epochs, lr 0.04, the basis grown
+    class by class with rising thresholds: ``NullSpaceProjector.build_incremental``).
+
+    A sample-wise request (no ``forget_classes``) is refused with ``NoRoomError`` when in no
+    layer the forget samples have ``min_selectivity`` times more of their input energy outside
+    the protected subspace than the remaining samples (``unsc_fast.room``): the remaining
+    samples of the same classes usually span the same inputs, and the projected fine-tuning
+    would then change nothing (a silent no-op). ``min_selectivity=0`` disables the check.
     """
     start = time.perf_counter()
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    given = dict(threshold=threshold, epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size)
+    hp = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}, "explicit_threshold": threshold}
     x_forget, y_forget = forget
     if len(x_forget) != len(y_forget):
         raise ValueError(f"forget inputs ({len(x_forget)}) and labels ({len(y_forget)}) differ in length")
@@ -78,18 +106,28 @@ def unlearn(
         labels = random_labels(y_forget, num_classes, forget_classes, generator)
 
     if project:
-        projector = _ready_projector(model, projector, remain, forget_classes, threshold, progress)
-        inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        projector = _ready_projector(model, projector, remain, forget_classes, hp, progress)
+        if not forget_classes and min_selectivity > 0:
+            ratios = selectivity(model, projector, x_forget)
+            best = max(ratios.values(), default=0.0)
+            if best < min_selectivity:
+                raise NoRoomError(
+                    "sample-wise UNSC would be a no-op: the remaining samples span the same layer inputs as the "
+                    f"forget samples (forget/remaining energy outside the protected subspace: at most {best:.2f}x "
+                    f"in any layer, min_selectivity={min_selectivity}), so the null-space updates cannot move the "
+                    "forget samples without moving the remaining ones. Forget whole classes (forget_classes=...), "
+                    "or pass min_selectivity=0 to run anyway")
+        inner = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"])
         optimizer: torch.optim.Optimizer = NullSpaceOptimizer(inner, projector)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"])
 
-    loader = make_loader(x_forget, labels, batch_size, shuffle=True, seed=seed)
-    losses = fit(model, loader, optimizer, epochs=epochs, freeze_batchnorm=True, progress=progress, label="unlearn")
+    loader = make_loader(x_forget, labels, hp["batch_size"], shuffle=True, seed=seed)
+    losses = fit(model, loader, optimizer, epochs=hp["epochs"], freeze_batchnorm=True, progress=progress, label="unlearn")
     return UnlearnResult(model, projector if project else None, labels, time.perf_counter() - start, losses)
 
 
-def _ready_projector(model, projector, remain, forget_classes, threshold, progress) -> NullSpaceProjector:
+def _ready_projector(model, projector, remain, forget_classes, hp, progress) -> NullSpaceProjector:
     """Observe ``remain`` if given, then (re)build for this request's forgotten classes.
 
     A built projector with no new data and no class to exclude is used as it is.
@@ -97,7 +135,7 @@ def _ready_projector(model, projector, remain, forget_classes, threshold, progre
     if projector is None:
         if remain is None:
             raise ValueError("project=True needs remain=(x, y) to observe, or an observed projector")
-        projector = NullSpaceProjector(model, threshold=threshold)
+        projector = NullSpaceProjector(model, threshold=hp["threshold"])
     if remain is not None:
         if progress is not None:
             progress(f"observing {len(remain[0])} remaining samples")
@@ -105,5 +143,9 @@ def _ready_projector(model, projector, remain, forget_classes, threshold, progre
     elif projector.built and not forget_classes:
         return projector
     observed = set(projector.groups)
-    projector.build(exclude=[c for c in forget_classes if c in observed])
+    exclude = [c for c in forget_classes if c in observed]
+    if hp["basis"] == "incremental":
+        projector.build_incremental(exclude=exclude, class_thresholds=hp["class_thresholds"])
+    else:
+        projector.build(exclude=exclude, threshold=hp["explicit_threshold"])  # None: the projector's own
     return projector

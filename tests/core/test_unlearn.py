@@ -113,15 +113,33 @@ def test_a_second_request_reuses_the_observed_projector(digits_model):
         assert class_accuracies(model, split, forget_class)[1] < 5.0
 
 
-def test_sample_wise_request_runs_and_keeps_test_accuracy(digits_model):
+def test_sample_wise_request_is_refused_not_a_silent_no_op(digits_model):
+    """Random samples of classes that stay: the remaining samples span the same inputs, so the
+    projected fine-tuning could not move them; unlearn says so instead of returning the model
+    untouched. A class-wise request on the same model passes the same check."""
+    from unsc_fast.room import NoRoomError, selectivity
+
     split, original = digits_model
     model = copy.deepcopy(original)
     forget = torch.zeros(len(split.y_train), dtype=torch.bool)
-    forget[torch.randperm(len(forget), generator=torch.Generator().manual_seed(0))[:40]] = True
+    forget[torch.randperm(len(forget), generator=torch.Generator().manual_seed(0))[:100]] = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NoRoomError, match="span the same layer inputs"):
+        unlearn(model, forget=(split.x_train[forget], split.y_train[forget]),
+                remain=(split.x_train[~forget], split.y_train[~forget]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # min_selectivity=0 runs it anyway (the caller asked for it)
     result = unlearn(model, forget=(split.x_train[forget], split.y_train[forget]),
-                     remain=(split.x_train[~forget], split.y_train[~forget]))
+                     remain=(split.x_train[~forget], split.y_train[~forget]), min_selectivity=0, epochs=1)
     assert not (result.labels == split.y_train[forget]).any()
-    assert accuracy(model, split.x_test, split.y_test) >= accuracy(original, split.x_test, split.y_test) - 3
+
+    projector = NullSpaceProjector(original, threshold=0.99)
+    from unsc_fast.training import make_loader
+
+    projector.collect(make_loader(split.x_train, split.y_train, 256))
+    projector.build(exclude=[3])
+    ratios = selectivity(original, projector, split.x_train[class_mask(split.y_train, [3])])
+    assert max(ratios.values()) > 2.0
 
 
 def test_unlearn_argument_errors(digits_model):

@@ -153,9 +153,9 @@ def test_a_saved_original_is_reused_with_checkpoint(digits_run, tmp_path):
 
 
 def test_parse_settings_reads_python_literals_and_method_aliases():
-    settings = parse_settings(["natmu.epochs=3", "natmu.reset_classifier=True", "unsc.lr = 0.02",
+    settings = parse_settings(["natmu.epochs=3", "natmu.init_linear=True", "unsc.lr = 0.02",
                                "gradient-ascent.lr=1e-3", "salun.saliency_fraction=0.3"])
-    assert settings == {"natmu": {"epochs": 3, "reset_classifier": True}, "unsc": {"lr": 0.02},
+    assert settings == {"natmu": {"epochs": 3, "init_linear": True}, "unsc": {"lr": 0.02},
                         "gradient_ascent": {"lr": 1e-3}, "salun": {"saliency_fraction": 0.3}}
     assert isinstance(settings["natmu"]["epochs"], int)
     assert parse_settings([]) == {} and parse_settings(None) == {}

@@ -168,10 +168,23 @@ def test_unsc_ablations_differ_in_labels_only_where_they_should(tiny):
     assert torch.equal(calibrated, logits.argmax(1))
 
 
-def test_unsc_does_random_sample_forgetting_too(tiny):
+@pytest.mark.parametrize("name", ["unsc", "unsc_official", "unsc_random_labels"])
+def test_projected_unsc_refuses_random_sample_forgetting_with_the_reason(tiny, name):
     _, model, _, random_sample = tiny
-    result = get_method("unsc")(model, random_sample, {"epochs": 1})
+    assert not get_method(name).supports("random_sample")
+    with pytest.raises(UnsupportedScenario, match="span the same layer inputs"):
+        get_method(name)(model, random_sample, {"epochs": 1})
+    # calibration alone still does it
+    result = get_method("unsc_no_projection")(model, random_sample, {"epochs": 1})
     assert (result.info["forget_labels"] != random_sample.forget[1]).all()
+
+
+def test_unsc_official_runs_the_official_pipeline_and_forgets(tiny):
+    _, model, scenario, _ = tiny
+    result = get_method("unsc_official")(model, scenario, {"epochs": 10, "batch_size": 64})
+    assert result.settings["momentum"] == 0.0 and result.settings["lr"] == 0.04
+    assert accuracy(result.model, *scenario.forget) <= 20
+    assert accuracy(result.model, *scenario.remain_test) >= accuracy(model, *scenario.remain_test) - 10
 
 
 # --------------------------------------------------------------------------- gradient ascent
