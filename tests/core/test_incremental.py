@@ -33,11 +33,15 @@ def gpm_reference(representations, thresholds):
 
 def test_matches_gpm_svd_criterion_on_representation_matrices():
     rng = np.random.default_rng(0)
-    d = 12
-    # classes with decaying spectra, partly overlapping directions
-    mixing = [rng.standard_normal((d, d)) * np.linspace(3, 0.05, d) for _ in range(4)]
-    reps = [m @ rng.standard_normal((d, 80)) for m in mixing]
-    thresholds = [0.97, 0.973, 0.976, 0.979]
+    d = 30
+    shared = rng.standard_normal((d, 4))
+    # each class: its own 6 directions, 4 shared ones, a little isotropic noise; flat spectra,
+    # so every direction counts against the threshold
+    reps = []
+    for _ in range(4):
+        own = rng.standard_normal((d, 6))
+        reps.append(np.hstack([own, shared]) @ rng.standard_normal((10, 200)) + 0.05 * rng.standard_normal((d, 200)))
+    thresholds = [0.9, 0.93, 0.96, 0.99]
     ours = incremental_basis([torch.tensor(r @ r.T) for r in reps], thresholds).numpy()
     ref = gpm_reference(reps, thresholds)
     assert ours.shape == ref.shape

@@ -221,21 +221,25 @@ def test_unlearning_metrics_attacks_use_remaining_train_as_members_and_test_as_n
 
 
 def test_entropy_attack_is_a_balanced_fit_on_all_members_and_non_members():
-    """NatMU's attack: class_weight='balanced' on the full sets. With 90 confident members and
-    10 unsure non-members an unbalanced fit would call everything a member; the balanced one
-    still calls unsure targets non-members."""
+    """NatMU's attack: class_weight='balanced' on the full sets. 90 members with margins 1..5
+    against 10 non-members with margins 0..2 (two-class logits [margin, 0]): an unbalanced fit
+    calls a margin-1.3 target a member (the prior of 9:1 wins), the balanced one does not;
+    a clearly confident target is a member either way."""
     from unsc_fast.evaluation.metrics import entropy_membership_inference
 
     class Fixed(torch.nn.Module):
         def forward(self, x):
             return x
 
-    sharp = torch.tensor([[9.0, 0.0, 0.0]]).repeat(90, 1) + 0.5 * torch.rand(90, 3)
-    flat = 0.3 * torch.rand(10, 3)
-    y = torch.zeros(100, dtype=torch.long)
-    members, nonmembers = (sharp, y[:90]), (flat, y[:10])
-    assert entropy_membership_inference(Fixed(), members, nonmembers, (0.3 * torch.rand(20, 3), y[:20])) == 0.0
-    assert entropy_membership_inference(Fixed(), members, nonmembers, (sharp[:20], y[:20])) == 100.0
+    def logits(margins):
+        return torch.stack([margins, torch.zeros_like(margins)], 1)
+
+    g = torch.Generator().manual_seed(0)
+    members = (logits(1 + 4 * torch.rand(90, generator=g)), torch.zeros(90, dtype=torch.long))
+    nonmembers = (logits(2 * torch.rand(10, generator=g)), torch.zeros(10, dtype=torch.long))
+    target = torch.zeros(5, dtype=torch.long)
+    assert entropy_membership_inference(Fixed(), members, nonmembers, (logits(torch.full((5,), 1.3)), target)) == 0.0
+    assert entropy_membership_inference(Fixed(), members, nonmembers, (logits(torch.full((5,), 4.0)), target)) == 100.0
 
 
 def test_macro_accuracy_is_the_mean_over_present_classes():
