@@ -71,6 +71,7 @@ def test_unsc_forgets_the_class_and_keeps_the_rest(digits_model, forget_class):
         forget=(split.x_train[forget_train], split.y_train[forget_train]),
         remain=(split.x_train[~forget_train], split.y_train[~forget_train]),
         forget_classes=[forget_class],
+        threshold=0.99,  # the mechanism at a tight subspace; the 0.97 default trades ~2 points here
     )
     remain_after, forget_after = class_accuracies(model, split, forget_class)
     # ~50 test images per class: "near 0" allows a few of them (over 6 initialisations
