@@ -152,3 +152,30 @@ def test_unlearn_argument_errors(digits_model):
         unlearn(model, forget=(split.x_train[:3], split.y_train[:2]))
     with pytest.raises(ValueError, match="remain="):
         unlearn(model, forget=(split.x_train[:3], split.y_train[:3]))
+
+
+def test_official_preset_sets_plain_sgd_and_the_class_by_class_basis(digits_model, monkeypatch):
+    from unsc_fast import unlearn as unlearn_module
+    from unsc_fast.incremental import class_thresholds
+
+    split, original = digits_model
+    model = copy.deepcopy(original)
+    seen = {}
+    real_sgd = torch.optim.SGD
+
+    def recording_sgd(params, lr, momentum):
+        seen.update(lr=lr, momentum=momentum)
+        return real_sgd(params, lr=lr, momentum=momentum)
+
+    monkeypatch.setattr(unlearn_module.torch.optim, "SGD", recording_sgd)
+    forget = class_mask(split.y_train, [3])
+    result = unlearn(model, (split.x_train[forget], split.y_train[forget]), (split.x_train[~forget], split.y_train[~forget]),
+                     forget_classes=[3], preset="official", epochs=1)
+    assert seen == {"lr": 0.04, "momentum": 0.0}
+    kept = tuple(c for c in range(10) if c != 3)
+    assert result.projector.built_from == kept
+    assert result.projector.built_threshold == pytest.approx(max(class_thresholds(list(kept), None)))
+    ranks = dict(result.projector.ranks())
+    assert ranks != dict(result.projector.build(threshold=0.99).ranks())  # not the one-shot energy basis
+    with pytest.raises(ValueError, match="preset"):
+        unlearn(model, (split.x_train[forget], split.y_train[forget]), preset="fastest")
