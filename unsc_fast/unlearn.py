@@ -146,7 +146,9 @@ def _ready_projector(model, projector, remain, forget_classes, hp, progress) -> 
     observed = set(projector.groups)
     exclude = [c for c in forget_classes if c in observed]
     if hp["basis"] == "incremental":
-        projector.build_incremental(exclude=exclude, class_thresholds=hp["class_thresholds"])
+        # an explicit threshold= becomes every class's threshold rather than being ignored
+        rule = hp["class_thresholds"] if hp["explicit_threshold"] is None else hp["explicit_threshold"]
+        projector.build_incremental(exclude=exclude, class_thresholds=rule)
     else:
         projector.build(exclude=exclude, threshold=hp["explicit_threshold"])  # None: the projector's own
     return projector
