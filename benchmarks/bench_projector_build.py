@@ -9,7 +9,7 @@ samples; the table compares time, the energy each basis keeps (over trace(C)) an
 subspaces found (largest principal-angle sine, which is large wherever eigenvalues cluster at
 the cut: such directions are interchangeable, and the energy column is what UNSC relies on).
 
-    python benchmarks/bench_projector_build.py [--quick] [--samples N] [--json PATH]
+    python benchmarks/bench_projector_build.py [--quick] [--samples N] [--threads N] [--json PATH]
 """
 from __future__ import annotations
 
@@ -108,7 +108,10 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=None, help="images observed (default 125, quick 16)")
     parser.add_argument("--threshold", type=float, default=0.97)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     samples = args.samples or (16 if args.quick else 125)
     torch.manual_seed(0)
     model = AllCNN(width=32 if args.quick else 96).eval()

@@ -70,6 +70,32 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int, repeat: int) -> 
     return statistics.median(samples)
 
 
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: str, warmup: int, repeat: int) -> dict:
+    """(min, median) wall time in ms of each of ``fns``, timed in turn within every repeat
+    (A B A B ...), so that load on a shared machine hits every contender alike; the
+    median resists the spikes, the min shows the undisturbed speed."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    samples = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (min(values), statistics.median(values)) for name, values in samples.items()}
+
+
+def cpu_extension_backend() -> str | None:
+    """"ext" when the C++ extension is built (the CPU kernels to compare), else None."""
+    from unsc_fast.ops.dispatch import extension_available
+
+    return "ext" if extension_available() else None
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: str) -> int | None:
     """Bytes allocated by one call of ``fn`` above what was live before it (GPU only)."""
     if not device.startswith("cuda"):

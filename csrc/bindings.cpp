@@ -1,6 +1,7 @@
 // The door of the extension unsc_fast._C: Python bindings (pybind11) for csrc/.
 #include <torch/extension.h>
 
+#include "covariance_cpu.h"
 #include "energy_basis.h"
 
 namespace {
@@ -16,7 +17,7 @@ unsc_fast::RandomizedOptions make_options(int64_t power_iterations, int64_t over
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "unsc_fast C++/CUDA extension: adaptive randomized energy-threshold basis";
+  module.doc() = "unsc_fast C++/CUDA extension: randomized energy basis, CPU covariance kernels";
   module.def(
       "energy_basis",
       [](const at::Tensor& C, double threshold, const at::Tensor& sketch,
@@ -47,6 +48,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       pybind11::arg("power_iterations") = 2, pybind11::arg("oversampling") = 10,
       pybind11::arg("block_size") = 32, pybind11::arg("orthonormalization") = "auto",
       pybind11::call_guard<pybind11::gil_scoped_release>());
-  module.def("has_cuda_kernels", &unsc_fast::has_cuda_kernels,
-             "True when the CUDA kernels were compiled into this build.");
+  module.def(
+      "covariance_",
+      [](at::Tensor C, const at::Tensor& x) { unsc_fast::covariance_cpu_(C, x); },
+      "C += x^T x on CPU, upper-triangle blocks only, mirrored (C: fp32/fp64, x: (N, d)).",
+      pybind11::arg("C"), pybind11::arg("x"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def(
+      "conv_covariance_",
+      [](at::Tensor C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
+         std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+         std::array<int64_t, 2> dilation) {
+        unsc_fast::conv_covariance_cpu_(C, x, kernel_size, stride, padding, dilation);
+      },
+      "C += P^T P over the conv patches of x (B, Cin, H, W) on CPU, without an unfold buffer.",
+      pybind11::arg("C"), pybind11::arg("x"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
+      pybind11::arg("padding"), pybind11::arg("dilation"),
+      pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("conv_covariance_workspace_bytes", &unsc_fast::conv_covariance_workspace_bytes,
+             "Bytes conv_covariance_ allocates besides C (increment + one patch panel).",
+             pybind11::arg("d"), pybind11::arg("out_w"), pybind11::arg("total_rows"),
+             pybind11::arg("element_size"));
 }

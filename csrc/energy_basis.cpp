@@ -25,6 +25,23 @@ double machine_epsilon(at::ScalarType dtype) {
                               : static_cast<double>(std::numeric_limits<float>::epsilon());
 }
 
+// Exact symmetry, checked tile by tile: comparing C with C^T whole would copy C^T.
+bool is_symmetric(const at::Tensor& C) {
+  constexpr int64_t kTile = 1024;
+  const int64_t d = C.size(0);
+  for (int64_t i = 0; i < d; i += kTile) {
+    const int64_t rows = std::min(kTile, d - i);
+    for (int64_t j = i; j < d; j += kTile) {
+      const int64_t cols = std::min(kTile, d - j);
+      if (!at::equal(C.narrow(0, i, rows).narrow(1, j, cols),
+                     C.narrow(0, j, cols).narrow(1, i, rows).mT())) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 // (C + C^T) / 2. On CUDA one tiled pass of our kernel, bitwise equal to the ATen ops.
 at::Tensor symmetrize(const at::Tensor& C) {
 #ifdef UNSC_WITH_CUDA
@@ -43,6 +60,12 @@ at::Tensor symmetrize(const at::Tensor& C) {
     return result;
   }
 #endif
+  // An exactly symmetric C is its own (C + C^T) / 2, bitwise: no d x d copies (the projector
+  // hands over symmetrised sums; a 25,088-wide layer's matrix is 2.5 GB). Same rule as
+  // randomized.symmetrized in the reference.
+  if (is_symmetric(C)) {
+    return C;
+  }
   return (C + C.mT()) / 2;
 }
 
@@ -250,14 +273,6 @@ std::vector<std::optional<at::Tensor>> energy_bases_randomized(
     bases.push_back(energy_basis_randomized(covariances[i], threshold, sketches[i], options));
   }
   return bases;
-}
-
-bool has_cuda_kernels() {
-#ifdef UNSC_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
 }
 
 }  // namespace unsc_fast

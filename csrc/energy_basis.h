@@ -29,7 +29,5 @@ std::vector<std::optional<at::Tensor>> energy_bases_randomized(
     const std::vector<at::Tensor>& covariances, double threshold,
     const std::vector<at::Tensor>& sketches, const RandomizedOptions& options);
 
-// True when the CUDA kernels were compiled in.
-bool has_cuda_kernels();
 
 }  // namespace unsc_fast

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from unsc_fast import distributed, ops
-from unsc_fast.training import eval_mode
+from unsc_fast import sketch
+from unsc_fast import statistics as policies
+from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.adapters import LayerAdapter
 from unsc_fast.bases import complement_if_cheaper
 from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
@@ -56,6 +58,20 @@ class NullSpaceProjector:
     against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
     refuses a model with a trainable weight that no adapter protects.
 
+    ``statistics`` is the storage policy (``unsc_fast.statistics``): ``"per_label"`` keeps a
+    covariance per label/group (memory grows with the classes; ``build(exclude=...)`` needs
+    no pass over any data), ``"total"`` keeps one total per layer and serves every request
+    from one pass over its forget data (``collect(forget_loader, forget=True)``, then
+    ``build()``), ``"auto"`` takes per-label when ``num_labels`` labels fit ``memory_budget``
+    bytes, else total. A policy that does not fit ``memory_budget`` is refused up front, and
+    a store that would outgrow it while observing stops with the layer and the bytes.
+    ``dtype``: accumulation dtype; default float32 per label, float64 for the total (its
+    subtraction cancels in fp32 when the forget data is a large share).
+    ``sketch``: ``{layer name: rows}`` of Linear layers kept as a Frequent Directions sketch
+    (``unsc_fast.sketch``: ``2 rows x d`` numbers, a stated energy guarantee, no subtraction)
+    instead of a ``d x d`` matrix; None: with ``statistics="auto"`` and a ``memory_budget``,
+    chosen for the Linear layers whose dense statistics alone would take over half of it.
+
     Usage::
 
         proj = NullSpaceProjector(model, threshold=0.99)
@@ -71,11 +87,14 @@ class NullSpaceProjector:
         threshold: float = 0.99,
         *,
         modules: Iterable[str] | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         strict: bool = False,
+        statistics: str = "per_label",
+        memory_budget: int | None = None,
+        num_labels: int = 1,
+        sketch: dict[str, int] | None = None,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
-        self.store = CovarianceStore(dtype)
         distributed.check_model(model)
         self.model = unwrap_model(model)
         if self.model is not model:  # names as the user knows them, "module." prefix or not
@@ -91,6 +110,15 @@ class NullSpaceProjector:
             )
         if modules is None:
             warn_unprotected(report)
+        self.memory_budget = memory_budget
+        self._requested_dtype = dtype
+        self.sketch_rows = policies.sketched_layers(sketch, self.layers, self.protection, num_labels, dtype,
+                                                    statistics, memory_budget)
+        self._sketch_slots = {self.protection.slot(self.layers[n].slot_name()).name: n for n in self.sketch_rows}
+        dense = {name: size for name, size in self._slot_sizes().items() if name not in self._sketch_slots}
+        self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
+        self._sketches: dict = {}  # key -> slot name -> sketch.FrequentDirections
+        self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
         self._bases: dict[str, torch.Tensor] = {}
         self._complements: dict[str, torch.Tensor] = {}
         self.built_from: tuple = ()
@@ -99,26 +127,35 @@ class NullSpaceProjector:
 
     # ------------------------------------------------------------------ observe
     @contextlib.contextmanager
-    def observe(self, labels: torch.Tensor | None = None, *, group: Hashable | None = None):
+    def observe(self, labels: torch.Tensor | None = None, *, group: Hashable | None = None, forget: bool = False):
         """Accumulate the tracked layers' input covariances for the forwards run inside.
 
         ``labels`` (batch,) files each sample's rows under its label; ``group`` files the
-        whole batch under one name; with neither, under ``"all"``. Each forward of the model
-        is committed whole or not at all: a batch that fails (label count mismatch,
-        non-finite activations) leaves the stored covariances exactly as they were.
-        The hooks are removed on exit, also when the body raises.
+        whole batch under one name; with neither, under ``"all"``. Under
+        ``statistics="total"`` every batch goes into the one total (labels and groups are
+        not kept apart). ``forget=True`` marks a pass over a request's forget data: the next
+        ``build()`` subtracts it from the data it sums (see ``build``).
+        Each forward of the model is committed whole or not at all: a batch that fails
+        (label count mismatch, non-finite activations) leaves the stored covariances exactly
+        as they were. The hooks are removed on exit, also when the body raises.
         """
         if self._observation is not None:
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
-        observation = Observation(self.store, self.protection, labels, DEFAULT_GROUP if group is None else group)
+        if self.statistics == "total":  # one matrix per layer: no per-label split in the hook
+            labels, group = None, policies.TOTAL_KEY
+        router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
+        observation = Observation(router, self.protection, labels, DEFAULT_GROUP if group is None else group)
+        sketching = self._sketch_observation(observation, router)
         self._observation = observation
         try:
-            observation.attach(self.model, self.layers.values())
+            observation.attach(self.model, [l for n, l in self.layers.items() if n not in self.sketch_rows])
+            if sketching is not None:
+                sketching.attach(self.model)
             yield self
             observation.commit()
-            if not observation.calls:
+            if not observation.calls and not (sketching is not None and sketching.calls):
                 warnings.warn(
                     "observe(): no tracked layer ran inside the block, so nothing was recorded "
                     "(was the model called, and not a compiled copy of it?)",
@@ -127,22 +164,68 @@ class NullSpaceProjector:
                 )
         finally:
             observation.detach()
+            if sketching is not None:
+                sketching.detach()
             self._observation = None
             distributed.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
-    def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None):
-        """Observe every ``(inputs, targets, ...)`` batch of ``loader`` in eval mode, without grad.
+    def _sketch_observation(self, observation: Observation, router) -> "sketch.SketchObservation | None":
+        """Hooks for the sketched layers, filing rows under the same keys as the dense ones."""
+        if not self.sketch_rows:
+            return None
+        groups = [(router.key(key), index) for key, index in observation.groups]
+        targets = [sketch.SketchTarget(slot, self.layers[name].module, self.sketch_rows[name])
+                   for slot, name in self._sketch_slots.items()]
+        return sketch.SketchObservation(self._sketches, targets, groups, torch.float64)
 
+    def _slot_sizes(self) -> dict[str, int]:
+        """Numbers each slot's statistics hold (d^2 for a dense slot)."""
+        sizes = {}
+        for slot in self.protection.slots.values():
+            count = 1
+            for extent in slot.shape:
+                count *= extent
+            sizes[slot.name] = count
+        return sizes
+
+    def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
+                forget: bool = False, progress: bool | None = None):
+        """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
+
+        A batch is ``(inputs, targets, ...)`` (targets are the labels when ``labels``), a
+        tensor, or a dict of keyword inputs (no labels). Inputs are moved to ``device``
+        (default: the model's). ``forget=True``: this is a request's forget data (see
+        ``observe``). ``progress``: a tqdm bar (None: only on a terminal, after 2 s).
         The model's train/eval modes are restored afterwards.
         """
+        device = model_device(self.model) if device is None else device
+        bar = progress_bar(loader, "observing forget data" if forget else "observing", progress)
         with eval_mode(self.model), torch.no_grad():
-            for batch in loader:
-                inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-                if device is not None:
-                    inputs = inputs.to(device)
-                with self.observe(labels=targets if labels else None, group=group):
-                    self.model(inputs)
+            for batch in bar:
+                args, kwargs, targets = batch_parts(to_device(batch, device))
+                with self.observe(labels=targets if labels else None, group=group, forget=forget):
+                    self.model(*args, **kwargs)
         return self
+
+    def memory_estimate(self, labels: int = 1, *, dtype: torch.dtype | None = None) -> "policies.MemoryEstimate":
+        """Bytes the statistics of this model would take for ``labels`` labels, per policy and
+        per layer, before observing anything (``print()`` it for a table)."""
+        return policies.estimate(self._slot_sizes(), labels, dtype or self._requested_dtype)
+
+    def reset_forget(self) -> None:
+        """Drop the forget passes observed so far (a new request starts from none)."""
+        for key in self.forget_keys:
+            self.store.reset([key])
+            self._sketches.pop(key, None)
+
+    @property
+    def forget_keys(self) -> list:
+        """Keys of the forget passes observed and not reset (subtracted by ``build``)."""
+        return [k for k in self._keys() if policies.is_forget_key(k)]
+
+    def _keys(self) -> list:
+        """Keys observed in the dense store or the sketches, in first-seen order."""
+        return list(dict.fromkeys([*self.store.keys, *self._sketches]))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,8 +234,8 @@ class NullSpaceProjector:
 
     @property
     def groups(self) -> list:
-        """The labels / group names observed so far."""
-        return self.store.keys
+        """The labels / group names observed so far (forget passes aside, see ``forget_keys``)."""
+        return [k for k in self._keys() if not policies.is_forget_key(k)]
 
     def count(self, key: Hashable, name: str) -> int:
         """Rows accumulated for layer ``name`` under label/group ``key``."""
@@ -166,7 +249,10 @@ class NullSpaceProjector:
 
     def reset(self, keys: Iterable[Hashable] | None = None) -> None:
         """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
-        self.store.reset(None if keys is None else key_set(keys, "keys"))
+        keys = None if keys is None else key_set(keys, "keys")
+        self.store.reset(keys)
+        for key in list(self._sketches) if keys is None else keys:
+            self._sketches.pop(key, None)
 
     # -------------------------------------------------------------------- build
     def build(
@@ -219,12 +305,16 @@ class NullSpaceProjector:
             self._set_bases(new_bases, new_complements)
             self.built_from, self.built_threshold = tuple(kept), threshold
             return self
-        if not self.store:
+        if not self.groups:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
-        kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
+        kept, subtracted = self._request(exclude, include, subtract, allow_unobserved)
         new_bases = {}
         for slot in self.protection.slots.values():  # one kept sum alive at a time
-            covariance = self.store.kept_sum(slot.name, kept, subtract)
+            if slot.name in self._sketch_slots:
+                basis = self._sketch_basis(slot.name, kept, subtracted, threshold)
+                new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
+                continue
+            covariance = self.store.kept_sum(slot.name, kept, subtracted)
             basis = slot.solve(covariance, threshold, generator, method)
             del covariance
             new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
@@ -244,6 +334,9 @@ class NullSpaceProjector:
         covariance) stays the default. Returns ``self``."""
         from unsc_fast import incremental
 
+        if self.statistics == "total" or self._sketches:
+            raise ValueError('build_incremental() grows the basis from per-label covariances: it needs '
+                             'statistics="per_label" and no sketched layer')
         if not self.store:
             raise RuntimeError("build_incremental() needs observed data: run the model inside observe() first")
         kept = self.store.kept_keys(self.groups, key_set(exclude, "exclude"), None, set())
@@ -253,6 +346,33 @@ class NullSpaceProjector:
         self._set_bases({name: b.to(self._slot_devices[name]) for name, b in bases.items()})
         self.built_from, self.built_threshold = tuple(kept), max(thresholds)
         return self
+
+    def _sketch_basis(self, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:
+        present = [k for k in subtracted if name in self._sketches.get(k, {})]
+        if present:
+            raise ValueError(
+                f"layer {name!r} is sketched: its statistics cannot be subtracted from (keys {present}); "
+                "serve the request by excluding whole labels/groups, or observe the remaining data"
+            )
+        parts = [self._sketches[k][name] for k in kept if name in self._sketches.get(k, {})]
+        if not parts:
+            raise RuntimeError(f"layer {name!r} saw no input under keys {kept}")
+        return sketch.basis(parts, threshold, name)
+
+    def _request(self, exclude: set, include, subtract: set, allow_unobserved: bool) -> tuple[list, list]:
+        """``(kept, subtracted)`` keys of a build: what is summed, and what is taken away from it
+        (the user's ``subtract`` plus the forget passes whose rows sit inside the kept keys)."""
+        forget = self.forget_keys
+        if self.statistics == "total":
+            if (exclude or include is not None or subtract) and not forget:
+                raise ValueError(
+                    'statistics="total" keeps no per-label covariance: observe the request\'s forget data '
+                    "with observe(forget=True) or collect(loader, forget=True), then build()"
+                )
+            return [policies.TOTAL_KEY], forget
+        kept = self.store.kept_keys(self.groups, exclude, include, subtract, allow_unobserved=allow_unobserved)
+        inside = [k for k in forget if policies.forget_label(k) is None or policies.forget_label(k) in kept]
+        return kept, list(subtract) + inside
 
     def _set_bases(self, bases: dict[str, torch.Tensor], complements: dict | None = None) -> None:
         """Install new bases (and the complements where they are cheaper) all at once."""

@@ -27,26 +27,34 @@ class NoRoomError(ValueError):
     """The forget samples look like remaining samples to every layer: unlearning would be a no-op."""
 
 
-def selectivity(model: nn.Module, projector, x_forget: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> dict[str, float]:
     """Per dense slot of a built ``projector``: ``r_forget / r_remain`` (module docstring).
 
-    The forget inputs are observed by a throw-away projector on the same layers (the
-    caller's covariance store is not touched). ``r_remain`` comes from the kept groups'
-    covariances when the projector still holds them, else ``1 - threshold``.
+    ``forget``: the forget inputs as a tensor, or an iterable of batches (as ``unlearn``
+    takes them). They are observed by a throw-away per-label projector on the same layers
+    (the caller's statistics are not touched). ``r_remain`` comes from the kept groups'
+    covariances when the projector holds them, else ``1 - threshold``.
     """
     from unsc_fast.projector import NullSpaceProjector
-    from unsc_fast.training import model_device
+    from unsc_fast.training import batch_parts, model_device
 
     probe = NullSpaceProjector(model, modules=list(projector.layers))
     device = model_device(model)
-    with torch.no_grad(), probe.observe(group="forget"):
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(x_forget), batch_size):
-                model(x_forget[start:start + batch_size].to(device))
-        finally:
-            model.train(was_training)
+    if isinstance(forget, torch.Tensor):
+        forget = [forget[start:start + batch_size] for start in range(0, len(forget), batch_size)]
+
+    def moved(value):
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), probe.observe(group="forget"):
+            for batch in forget:
+                args, kwargs, _ = batch_parts(batch)
+                model(*map(moved, args), **{k: moved(v) for k, v in kwargs.items()})
+    finally:
+        model.train(was_training)
     ratios = {}
     for name, slot in projector.protection.slots.items():
         if slot.kind != "dense" or probe.store.matrix("forget", name) is None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 Progress = Callable[[str], None]
 # loss(outputs, targets) -> scalar; objective(loss, fraction_of_training_done) -> what is minimised
@@ -21,6 +22,46 @@ def make_loader(x, y, batch_size: int = 64, shuffle: bool = False, seed: int = 0
     """A DataLoader over in-memory tensors; shuffling is seeded so runs repeat."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def to_device(batch, device: torch.device):
+    """``batch`` (a tensor, or a tuple/list/dict of them, nested) with every tensor on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_parts(batch) -> tuple[tuple, dict, torch.Tensor | None]:
+    """``(args, kwargs, targets)`` of one batch: ``(inputs, targets, ...)`` calls ``model(inputs)``;
+    a bare tensor is inputs without targets; a dict is the model's keyword inputs, with its
+    ``"labels"`` entry (if any) as the targets (the Hugging Face convention)."""
+    if isinstance(batch, (tuple, list)):
+        return (batch[0],), {}, (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, dict):
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        return (), kwargs, batch.get("labels")
+    return (batch,), {}, None
+
+
+def progress_bar(iterable, description: str, enabled: bool | None = None, **kwargs):
+    """A tqdm bar over ``iterable``: ``enabled=None`` shows it only on a terminal and only once
+    the pass has taken 2 s (so short passes and test runs print nothing); False never."""
+    return tqdm(iterable, desc=description, disable=None if enabled is None else not enabled, delay=2,
+                leave=False, **kwargs)
+
+
+def causal_lm_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts ``targets[:, t + 1]``; ``-100`` is ignored.
+
+    ``outputs`` are logits ``(B, T, V)`` or a model output with ``.logits`` (transformers)."""
+    logits = getattr(outputs, "logits", outputs)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -78,6 +119,14 @@ def frozen_batchnorm(model: nn.Module):
         yield model
 
 
+def _steps(batches, epochs: int) -> int | None:
+    """Batches in the whole run, or None for an iterable that does not know its length."""
+    try:
+        return max(1, epochs * len(batches))
+    except TypeError:
+        return None
+
+
 def fit(
     model: nn.Module,
     batches,
@@ -92,6 +141,7 @@ def fit(
     progress: Progress | None = None,
     label: str = "train",
     report_every: int = 1,
+    progress_bar_enabled: bool | None = None,
 ) -> list[float]:
     """Train ``model`` in place over ``batches`` (re-iterated each epoch; ``(inputs, targets)``
     pairs, moved to the model's device) and return the mean loss of each epoch.
@@ -101,18 +151,20 @@ def fit(
     ``after_backward`` edits gradients before the step (SalUn's mask); ``scheduler`` steps
     once per batch. ``freeze_batchnorm`` keeps BatchNorm running statistics as they are
     (UNSC: the remaining data's statistics must not move). The model's train/eval flags are
-    restored afterwards. ``progress`` hears every ``report_every`` epochs.
+    restored afterwards. ``progress`` hears every ``report_every`` epochs. Batches may
+    also be dicts of keyword inputs (see ``batch_parts``). A tqdm bar counts the epochs on a
+    terminal once they take 2 s (``progress_bar_enabled=False``: never; True: always).
     """
     device = model_device(model)
-    total_steps = max(1, epochs * len(batches)) if hasattr(batches, "__len__") else None
+    total_steps = _steps(batches, epochs)
     losses, step = [], 0
     with frozen_batchnorm(model) if freeze_batchnorm else train_mode(model):
-        for epoch in range(epochs):
+        for epoch in progress_bar(range(epochs), label, progress_bar_enabled):
             total, count = 0.0, 0
-            for inputs, targets in batches:
-                inputs, targets = inputs.to(device), targets.to(device)
+            for batch in batches:
+                args, kwargs, targets = batch_parts(to_device(batch, device))
                 optimizer.zero_grad(set_to_none=True)
-                value = loss(model(inputs), targets)
+                value = loss(model(*args, **kwargs), targets)
                 minimised = value if objective is None else objective(value, step / total_steps if total_steps else 0.0)
                 minimised.backward()
                 if after_backward is not None:
@@ -121,8 +173,9 @@ def fit(
                 if scheduler is not None:
                     scheduler.step()
                 step += 1
-                total += value.item() * len(inputs)
-                count += len(inputs)
+                size = len(targets) if targets is not None else len((args or tuple(kwargs.values()))[0])
+                total += value.item() * size
+                count += size
             losses.append(total / max(count, 1))
             if progress is not None and ((epoch + 1) % report_every == 0 or epoch + 1 == epochs):
                 progress(f"{label}: epoch {epoch + 1}/{epochs}, loss {losses[-1]:.4f}")

@@ -24,9 +24,7 @@ FORGET = 3
 BASELINES = ("scrub", "bad_teacher", "ssd", "fisher", "neggrad_plus", "amnesiac")
 
 
-def _per_class(x, y, count):
-    index = torch.cat([torch.nonzero(y == c).flatten()[:count] for c in range(10)])
-    return x[index], y[index]
+from evaluation_helpers import per_class as _per_class  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ def demo_rows():
 
 def test_demo_rows_tell_the_story(demo_rows):
     by_method = {row.method: row for row in demo_rows}
-    assert list(by_method) == ["original", "retrain (gold standard)", "UNSC", "random labels"]
+    assert list(by_method) == ["original", "retrain (gold standard)", "UNSC", "random labels, forget data only"]
     original, retrained, unsc, random = (by_method[name] for name in by_method)
     assert original.forget_test > 80 and retrained.forget_test == 0.0
     assert unsc.forget_test < 10 and unsc.forget_train < 5

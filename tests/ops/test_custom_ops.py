@@ -16,9 +16,12 @@ from torch import nn
 
 from unsc_fast import NullSpaceProjector, ops
 from unsc_fast.ops import custom_ops  # noqa: F401  (registers torch.ops.unsc_fast.*)
-from unsc_fast.ops.dispatch import triton_available, triton_interpreting
+from unsc_fast.ops.dispatch import extension_available, triton_available, triton_interpreting
 
 BACKENDS = ["torch", "triton"]
+# The covariance ops also have the extension's CPU kernels (skipped where it is not built,
+# except under UNSC_FAST_REQUIRE_EXT=1, as in CI).
+COVARIANCE_BACKENDS = BACKENDS + ["ext"]
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
@@ -26,7 +29,10 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_for(backend: str) -> str:
-    """Where a test of ``backend`` runs; skips "triton" where the kernels cannot run."""
+    """Where a test of ``backend`` runs; skips "triton" where the kernels cannot run and
+    "ext" where the extension is not built."""
+    if backend == "ext" and not extension_available() and os.environ.get("UNSC_FAST_REQUIRE_EXT") != "1":
+        pytest.skip("unsc_fast._C is not built")
     if backend != "triton":
         return "cpu"
     if not triton_available() or (TRITON_DEVICE == "cpu" and not triton_interpreting()):
@@ -65,7 +71,7 @@ def covariance_samples(device="cpu"):
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COVARIANCE_BACKENDS)
 @pytest.mark.parametrize("sample", list(covariance_samples()))
 def test_opcheck_covariance(sample, backend):
     C, x = covariance_samples(device_for(backend))[sample]
@@ -85,7 +91,7 @@ def conv_covariance_samples(device="cpu"):
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COVARIANCE_BACKENDS)
 @pytest.mark.parametrize("sample", list(conv_covariance_samples()))
 def test_opcheck_conv_covariance(sample, backend):
     args = conv_covariance_samples(device_for(backend))[sample]

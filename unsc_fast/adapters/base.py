@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from unsc_fast import ops
+from unsc_fast.ops.reference import symmetrize_
 
 KINDS = ("dense", "grouped", "diagonal")
 SIDES = ("in", "out")
@@ -58,13 +59,17 @@ class Slot:
         if self.kind == "diagonal":
             return covariance > 0
         if self.kind == "grouped":
+            for matrix in covariance.unbind(0):
+                symmetrize_(matrix)
             bases = ops.energy_bases(list(covariance.unbind(0)), threshold, generator, method=method)
             width = max(b.shape[1] for b in bases)
             padded = covariance.new_zeros((self.groups, self.dim, width))
             for index, basis in enumerate(bases):
                 padded[index, :, : basis.shape[1]] = basis
             return padded
-        return ops.energy_bases([covariance], threshold, generator, method=method)[0]
+        # The kept sum is the projector's own temporary: symmetrised in place, the solver then
+        # makes no d x d copy of it (build peaks at the sum plus the solver's sketch).
+        return ops.energy_bases([symmetrize_(covariance)], threshold, generator, method=method)[0]
 
     def rank(self, basis: torch.Tensor) -> int | list[int]:
         """Kept dimensions: an int, or one per group."""

@@ -56,8 +56,12 @@ def add_compare_parser(commands) -> None:
                          help="resize images to this square size (folder, and the file datasets: e.g. 32 for "
                               "FashionMNIST as the official code does)")
     compare.add_argument("--checkpoint", default=None, metavar="PATH",
-                         help="original model: a state_dict for --model, or a whole pickled nn.Module (trusted files "
-                              "only); default: train one")
+                         help="original model: a state_dict for --model (bare or under 'state_dict'), loaded with "
+                              "torch.load(weights_only=True); default: train one")
+    compare.add_argument("--trust-checkpoint", action="store_true",
+                         help="also accept a checkpoint that holds Python objects (e.g. a whole pickled nn.Module): "
+                              "it is unpickled in full, which runs any code the file names. Only for files you "
+                              "made or whose source you trust")
     compare.add_argument("--model", default=None, choices=MODEL_NAMES,
                          help="architecture to train or to load a state_dict into; default: the dataset's (digits: "
                               "digits_cnn, mnist1d: mnist1d_cnn, cifar10: allcnn, cifar100: resnet18, svhn: vgg11, "

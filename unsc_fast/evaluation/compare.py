@@ -8,6 +8,8 @@ metric's gap is measured against, per seed). Results are a plain JSON-ready dict
 from __future__ import annotations
 
 import ast
+import os
+import pickle
 import platform
 import sys
 import time
@@ -46,6 +48,7 @@ class CompareConfig:
     image_size: int | None = None
     checkpoint: str | None = None    # the original model; None = train one
     model: str | None = None         # architecture to train or load into; None = the dataset's default
+    trust_checkpoint: bool = False   # unpickle arbitrary objects from the checkpoint (runs its code)
     train_epochs: int = 30
     base_seed: int = 0               # data split, original model, random forget set
     settings: dict[str, dict] = field(default_factory=dict)  # method -> {setting: value}
@@ -101,6 +104,72 @@ def method_settings(config: CompareConfig, name: str) -> dict:
     return get_method(name).settings(chosen)
 
 
+class ConfigError(ValueError):
+    """An argument that would make the run fail (or mean nothing) later, found before any training."""
+
+
+def check_config(config: CompareConfig) -> None:
+    """Raise ``ConfigError`` listing every problem the run would otherwise hit after the
+    training: a missing input file, an output that cannot be written, an empty seed list.
+
+    Only cheap checks on the file system and the values; settings are checked by
+    ``method_settings`` and the classes by ``make_scenario``, both also before training.
+    """
+    problems = _value_problems(config) + _input_problems(config) + _output_problems(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _value_problems(config: CompareConfig) -> list[str]:
+    """Values the API accepts but that would make an empty or meaningless run."""
+    problems = []
+    if not config.seeds:
+        problems.append("no seeds: give at least one (--seeds 0 1 2)")
+    if config.scenario == "full_class" and not config.forget_classes:
+        problems.append("full-class forgetting needs at least one class (--forget-classes)")
+    if config.scenario == "random_sample" and not 0 < config.forget_fraction < 1:
+        problems.append(f"--forget-fraction must be in (0, 1), got {config.forget_fraction}")
+    if config.checkpoint is None and config.train_epochs < 1:
+        problems.append(f"--train-epochs must be at least 1 to train the original, got {config.train_epochs}")
+    if config.image_size is not None and config.image_size < 1:
+        problems.append(f"--image-size must be positive, got {config.image_size}")
+    return problems
+
+
+def _input_problems(config: CompareConfig) -> list[str]:
+    """Input paths that do not exist: found now, not after the original's training."""
+    problems = []
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        problems.append(f"checkpoint {config.checkpoint} is not a file")
+    root = config.data_root if config.data_root is not None else config.data
+    if root is not None and not Path(root).is_dir():
+        problems.append(f"data directory {root} does not exist or is not a directory")
+    return problems
+
+
+def _output_problems(config: CompareConfig) -> list[str]:
+    """The output directory (and the saved original's folder) must be creatable and writable."""
+    folders = [config.output] + ([str(Path(config.save_original).parent)] if config.save_original else [])
+    problems = []
+    for folder in dict.fromkeys(folders):
+        problem = _unwritable_folder(Path(folder))
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _unwritable_folder(folder: Path) -> str | None:
+    """Why ``folder`` could not be created or written into, or None if it can."""
+    if folder.exists() and not folder.is_dir():
+        return f"output {folder} exists and is not a directory"
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"output {folder} cannot be created: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output {folder} cannot be written: no write permission on {existing}"
+    return None
+
+
 def load_data(config: CompareConfig) -> DatasetSplit:
     """The dataset of ``config`` (see ``datasets.DATASETS``), split and standardised."""
     return load_dataset(config.dataset, config.data_root, image_size=config.image_size, seed=config.base_seed)
@@ -111,11 +180,28 @@ def build_model(name: str, split: DatasetSplit) -> nn.Module:
     return create_model(name, split.num_classes, split.image_shape)
 
 
-def load_checkpoint(path: str, model_name: str, split: DatasetSplit) -> nn.Module:
-    """A whole pickled ``nn.Module``, or a state_dict (bare or under "state_dict") for ``model_name``."""
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that only the full pickle unpickler can read, loaded without ``trust_pickle``.
+
+    Unpickling arbitrary objects runs whatever code the file names (``__reduce__``), so such
+    a file is refused by default: a state dict never needs it.
+    """
+
+
+def load_checkpoint(path: str, model_name: str, split: DatasetSplit, *, trust_pickle: bool = False) -> nn.Module:
+    """A state_dict (bare or under "state_dict") for ``model_name``; a whole pickled
+    ``nn.Module`` only with ``trust_pickle=True``.
+
+    Tensors and plain containers load with ``weights_only=True``, which cannot run code.
+    Anything else (a pickled module, or any object in the file) needs the full unpickler,
+    which executes what the file tells it to; that is the caller's explicit decision,
+    never a silent fallback.
+    """
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled module needs the full unpickler: only load checkpoints you trust
+    except pickle.UnpicklingError as error:
+        if not trust_pickle:
+            raise UntrustedCheckpointError(_untrusted_message(path, error)) from error
         saved = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(saved, nn.Module):
         return saved.eval()
@@ -126,12 +212,29 @@ def load_checkpoint(path: str, model_name: str, split: DatasetSplit) -> nn.Modul
     raise TypeError(f"{path} holds a {type(saved).__name__}, not a model or a state_dict")
 
 
+def _untrusted_message(path: str, error: Exception) -> str:
+    """What was refused, why, and the two ways forward (re-save as a state dict, or opt in)."""
+    return (f"refused to load checkpoint {path}: it holds Python objects, not only tensors "
+            f"({_unpickler_reason(error)}). Unpickling them could run arbitrary code. Save the model as "
+            f"torch.save(model.state_dict(), FILE) and pass that file, or, only if you trust "
+            f"where {path} came from, pass --trust-checkpoint (load_checkpoint(..., trust_pickle=True)).")
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The one line of torch's long weights-only message that names the refused object."""
+    for line in str(error).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
+    return type(error).__name__
+
+
 def original_model(config: CompareConfig, split: DatasetSplit, progress: Progress | None, seed: int | None = None):
     """(model, seconds, source): the checkpoint if one is given, else a model trained on all data
     with ``seed`` (default ``base_seed``); only the ``base_seed`` one is saved."""
     start = time.perf_counter()
     if config.checkpoint:
-        return load_checkpoint(config.checkpoint, config.model, split), time.perf_counter() - start, config.checkpoint
+        model = load_checkpoint(config.checkpoint, config.model, split, trust_pickle=config.trust_checkpoint)
+        return model, time.perf_counter() - start, config.checkpoint
     seed = config.base_seed if seed is None else seed
     torch.manual_seed(seed)  # before building: the initial weights are part of the run
     model = build_model(config.model, split)
@@ -190,6 +293,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
     from unsc_fast.evaluation.membership import MEMBERSHIP_TITLES, ULiRA
 
     say = progress or (lambda message: None)
+    check_config(config)  # fail on a missing file or an unwritable output before any training
     names = [get_method(name).name for name in config.methods]
     names = [REFERENCE] + [name for name in names if name != REFERENCE]
     for name in names:  # fail on a bad setting before hours of training, not after
@@ -268,6 +372,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
         "summary": {name: summarise(method_runs) for name, method_runs in runs.items()},
         "titles": {name: ("original" if name == "original" else get_method(name).title) for name in runs},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 and AVX512 round differently
                         "python": sys.version.split()[0], "platform": platform.platform()},
         "metric_titles": METRIC_TITLES,
         "distance_titles": DIVERGENCE_TITLES,
@@ -324,6 +429,7 @@ def main(args) -> int:
         data_root=data_root,
         image_size=args.image_size,
         checkpoint=args.checkpoint,
+        trust_checkpoint=args.trust_checkpoint,
         model=args.model,
         train_epochs=args.train_epochs,
         settings=parse_settings(args.set),
@@ -333,8 +439,17 @@ def main(args) -> int:
     )
     from unsc_fast.evaluation.membership import settings_from_arguments
 
-    results = run_comparison(config, None if args.quiet else timestamped_progress, settings_from_arguments(args))
+    try:
+        results = run_comparison(config, None if args.quiet else timestamped_progress, settings_from_arguments(args))
+    except (ConfigError, UntrustedCheckpointError) as error:
+        return _refuse(error)
     print("\n" + format_report(results))
     paths = write_outputs(results, config.output)
     print("\nwritten: " + ", ".join(str(path) for path in paths.values()))
     return 0
+
+
+def _refuse(error: Exception) -> int:
+    """A usage error, printed the way argparse prints one (no traceback), and exit status 2."""
+    print(f"unsc-fast compare: error: {error}", file=sys.stderr)
+    return 2

@@ -19,12 +19,13 @@ The projector, the optimizer wrapper and the methods only ever call this module.
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
 
 from unsc_fast.ops import custom_ops, randomized, reference
-from unsc_fast.ops.dispatch import check_devices, load_extension, resolve
+from unsc_fast.ops.dispatch import ENV_VAR, check_devices, load_extension, resolve
 
 __all__ = [
     "covariance_",
@@ -74,18 +75,53 @@ def _check_not_differentiated(op: str, name: str, tensor: torch.Tensor) -> None:
         )
 
 
+# Below this width the extension's symmetric update is a single block (no FLOPs saved) and
+# plain addmm is as fast or faster on CPU; measured in benchmarks/RESULTS.md ("CPU covariance
+# kernels"), as is the thread rule of ``_dense_ext_faster``.
+EXT_MIN_COVARIANCE_DIM = 512
+
+
+def _dense_ext_faster(d: int) -> bool:
+    """Where the extension's dense update beat addmm on this project's 2-core CPU: from
+    ``EXT_MIN_COVARIANCE_DIM`` columns on, single-threaded (1.3-1.7x). With 2 threads MKL's
+    own threading of one addmm won (0.3-1.0x), so ``auto`` keeps addmm there."""
+    return d >= EXT_MIN_COVARIANCE_DIM and torch.get_num_threads() == 1
+
+
+def _fp32_kernel(chosen: str, accumulator: torch.Tensor, data: torch.Tensor) -> str:
+    """The Triton kernels are fp32-only: an fp64 accumulator/basis or fp64 data takes the
+    reference instead (one rule for every op)."""
+    if chosen == "triton" and (accumulator.dtype != torch.float32 or data.dtype == torch.float64):
+        return "torch"
+    return chosen
+
+
+def _covariance_backends(device: torch.device) -> tuple[str, ...]:
+    """The covariance ops' implementations on ``device``: the extension's kernels are CPU-only."""
+    return ("triton", "ext", "torch") if device.type == "cpu" else ("triton", "torch")
+
+
+def _keep_ext(backend: str, chosen: str, faster: bool) -> str:
+    """``auto`` takes the extension only where it was measured faster than the reference;
+    an explicit request (argument or ``UNSC_FAST_BACKEND=ext``) is always honoured."""
+    requested = os.environ.get(ENV_VAR, "").strip().lower()
+    if chosen == "ext" and backend == "auto" and requested != "ext" and not faster:
+        return "torch"
+    return chosen
+
+
 def covariance_(C: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``C += x^T x`` in place, accumulated in ``C``'s precision (fp32 or fp64).
 
-    ``x``: (N, d) in fp16/bf16/fp32/fp64, any strides. Returns ``C``.
+    ``x``: (N, d) in fp16/bf16/fp32/fp64, any strides. Returns ``C``. On CPU, ``auto``
+    takes the extension's symmetric update where it was measured faster (``_dense_ext_faster``).
     """
     _check_activation("covariance_", x, 2)
     _check_accumulator("covariance_", C, x.shape[1])
     device = check_devices("covariance_", C, x)
     _check_not_differentiated("covariance_", "C", C)
-    chosen = resolve("covariance_", backend, device, ("triton", "torch"))
-    if C.dtype != torch.float32 or x.dtype == torch.float64:
-        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    chosen = resolve("covariance_", backend, device, _covariance_backends(device))
+    chosen = _fp32_kernel(_keep_ext(backend, chosen, _dense_ext_faster(x.shape[1])), C, x)
     custom_ops.covariance_(C, x, chosen)
     return C
 
@@ -103,8 +139,8 @@ def conv_covariance_(
     """``C += P^T P`` over every conv patch of ``x`` (B, Cin, H, W): ``F.unfold`` + ``covariance_``.
 
     Zero padding only; ``C`` is (Cin*kh*kw, Cin*kh*kw) in ``F.unfold``'s column order,
-    which is the order of ``conv.weight.flatten(1)``. The Triton backend never builds the
-    unfolded tensor.
+    which is the order of ``conv.weight.flatten(1)``. Neither the Triton backend nor the
+    C++ one (``"ext"``, CPU) builds the unfolded tensor.
     """
     kernel_size = _pair(kernel_size, "kernel_size")
     stride = _pair(stride, "stride")
@@ -119,9 +155,7 @@ def conv_covariance_(
     _check_accumulator("conv_covariance_", C, x.shape[1] * kernel_size[0] * kernel_size[1])
     device = check_devices("conv_covariance_", C, x)
     _check_not_differentiated("conv_covariance_", "C", C)
-    chosen = resolve("conv_covariance_", backend, device, ("triton", "torch"))
-    if C.dtype != torch.float32 or x.dtype == torch.float64:
-        chosen = "torch"  # the kernel is fp32-only: fp64 C or x take the reference
+    chosen = _fp32_kernel(resolve("conv_covariance_", backend, device, _covariance_backends(device)), C, x)
     custom_ops.conv_covariance_(C, x, kernel_size, stride, padding, dilation, chosen)
     return C
 
@@ -148,9 +182,7 @@ def project_(G: torch.Tensor, U: torch.Tensor, *, backend: str = "auto") -> torc
     device = _check_projection("project_", G, U)
     if U.shape[1] == 0 or G.numel() == 0:
         return G
-    chosen = resolve("project_", backend, device, ("triton", "torch"))
-    if U.dtype != torch.float32 or G.dtype == torch.float64:
-        chosen = "torch"  # the kernel is fp32-only: fp64 G or U take the reference
+    chosen = _fp32_kernel(resolve("project_", backend, device, ("triton", "torch")), U, G)
     custom_ops.project_(G, U, chosen)
     return G
 
@@ -166,9 +198,7 @@ def restrict_(G: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") -> tor
         return G
     if Q.shape[1] == 0:
         return G.zero_()
-    chosen = resolve("restrict_", backend, device, ("triton", "torch"))
-    if Q.dtype != torch.float32 or G.dtype == torch.float64:
-        chosen = "torch"  # the kernel is fp32-only: fp64 G or Q take the reference
+    chosen = _fp32_kernel(resolve("restrict_", backend, device, ("triton", "torch")), Q, G)
     custom_ops.restrict_(G, Q, chosen)
     return G
 
@@ -185,7 +215,8 @@ def _check_covariance_matrix(C: torch.Tensor, name: str = "C") -> None:
         )
     if C.device.type == "meta":
         raise NotImplementedError(f"energy_basis: {name} is a meta tensor")
-    if not bool(torch.isfinite(C).all()):
+    # Row blocks: a full boolean mask would cost a quarter of C again on a wide layer.
+    if not all(bool(torch.isfinite(C[i : i + 1024]).all()) for i in range(0, C.shape[0], 1024)):
         raise ValueError(f"energy_basis: {name} has NaN or Inf entries")
 
 
@@ -262,7 +293,7 @@ def energy_bases(
     bases: list[torch.Tensor | None] = [None] * len(covariances)
     jobs = {"ext": [], "torch": []}
     for index, C in enumerate(covariances):
-        if not bool(C.any()):
+        if not any(bool(C[i : i + 1024].any()) for i in range(0, C.shape[0], 1024)):  # row blocks: no d x d mask
             bases[index] = C.new_zeros((C.shape[0], 0))
         elif _energy_method(method, C.shape[0]) == "randomized":
             width = randomized.sketch_width(C.shape[0], budget)

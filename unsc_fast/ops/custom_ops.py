@@ -1,7 +1,8 @@
 """The in-place ops as PyTorch custom operators (``torch.ops.unsc_fast.*``).
 
 ``unsc_fast.ops`` validates the arguments and resolves the backend in Python, then calls
-one of these operators with the *resolved* backend name (``"torch"`` or ``"triton"``) as
+one of these operators with the *resolved* backend name (``"torch"``, ``"triton"``, or
+``"ext"`` for the covariance ops' C++ CPU kernels) as
 a string argument; each operator's implementation runs exactly that one implementation.
 Being real operators (``torch.library.custom_op`` with a declared ``mutates_args`` and a
 ``register_fake``), they pass ``torch.library.opcheck`` and ``torch.compile`` traces them
@@ -33,13 +34,16 @@ from typing import Sequence
 import torch
 
 from unsc_fast.ops import reference
+from unsc_fast.ops.dispatch import load_extension
 
 NAMESPACE = "unsc_fast"
-IMPLEMENTATIONS = ("torch", "triton")
+IMPLEMENTATIONS = ("torch", "triton", "ext")
+# The ops that have a C++ ("ext") implementation; the others refuse that name.
+EXT_OPS = ("covariance_", "conv_covariance_")
 
 
 def _check_backend(op: str, backend: str) -> None:
-    if backend not in IMPLEMENTATIONS:
+    if backend not in IMPLEMENTATIONS or (backend == "ext" and op not in EXT_OPS):
         raise ValueError(
             f"torch.ops.{NAMESPACE}.{op}: backend must be a resolved name, one of {IMPLEMENTATIONS}, "
             f"got {backend!r} (call unsc_fast.ops.{op}, which resolves 'auto')"
@@ -48,9 +52,11 @@ def _check_backend(op: str, backend: str) -> None:
 
 @torch.library.custom_op(f"{NAMESPACE}::covariance_", mutates_args=("C",))
 def covariance_(C: torch.Tensor, x: torch.Tensor, backend: str) -> None:
-    """``C += x^T x`` with the resolved ``backend`` ("torch" or "triton")."""
+    """``C += x^T x`` with the resolved ``backend`` ("torch", "triton" or "ext")."""
     _check_backend("covariance_", backend)
-    if backend == "triton":
+    if backend == "ext":
+        load_extension().covariance_(C, x)
+    elif backend == "triton":
         from unsc_fast.kernels import covariance
 
         covariance.covariance_(C, x)
@@ -78,7 +84,9 @@ def conv_covariance_(
     kernel_size, stride, padding, dilation = (
         tuple(int(v) for v in pair) for pair in (kernel_size, stride, padding, dilation)
     )
-    if backend == "triton":
+    if backend == "ext":
+        load_extension().conv_covariance_(C, x, kernel_size, stride, padding, dilation)
+    elif backend == "triton":
         from unsc_fast.kernels import conv_covariance
 
         conv_covariance.conv_covariance_(C, x, kernel_size, stride, padding, dilation)

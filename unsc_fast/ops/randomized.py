@@ -41,7 +41,6 @@ BLOCK_SIZE = 32
 MAX_RANK_FRACTION = 0.4
 # Auto mode: below this width a dense eigh is as fast as anything (measured, same script).
 MIN_RANDOMIZED_DIM = 512
-ORTHONORMALIZATIONS = ("householder", "cholesky")
 
 
 def default_orthonormalization(device: torch.device) -> str:
@@ -68,6 +67,24 @@ def next_block(filled: int, block_size: int, width: int) -> int:
     """Width of the next sketch block: grows with the basis (about x1.5 a round) so a large
     rank takes O(log k) rounds, yet never runs past the sketch."""
     return min(max(block_size, filled // 2), width - filled)
+
+
+def symmetrized(C: torch.Tensor) -> torch.Tensor:
+    """``(C + C^T) / 2``, or ``C`` itself when it is exactly symmetric (bitwise the same value,
+    without two ``d x d`` temporaries). The C++ extension follows the same rule."""
+    if is_symmetric(C):
+        return C
+    return (C + C.mT) / 2
+
+
+def is_symmetric(C: torch.Tensor, tile: int = 1024) -> bool:
+    """Exact symmetry, checked tile by tile (comparing C with C^T whole would copy C^T)."""
+    d = C.shape[0]
+    return all(
+        torch.equal(C[i : i + tile, j : j + tile], C[j : j + tile, i : i + tile].mT)
+        for i in range(0, d, tile)
+        for j in range(i, d, tile)
+    )
 
 
 def householder_orthonormalize(Y: torch.Tensor) -> torch.Tensor:
@@ -183,7 +200,7 @@ def energy_basis_randomized(
     d = C.shape[0]
     width = sketch.shape[1]
     eps = torch.finfo(C.dtype).eps
-    A = (C + C.mT) / 2
+    A = symmetrized(C)
     trace = float(A.diagonal().sum(dtype=torch.float64))
     if not trace > 0.0:
         return None  # zero is caught earlier; an indefinite input goes to the dense path

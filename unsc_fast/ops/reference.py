@@ -61,6 +61,23 @@ def energy_rank(eigenvalues: torch.Tensor, threshold: float, eps: float) -> int:
     return min(k, numerical_rank) if threshold >= 1.0 else min(k, d)
 
 
+def symmetrize_(C: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``C <- (C + C^T) / 2`` in place, one tile pair at a time: the same values as the
+    out-of-place expression (IEEE addition commutes), with one tile of extra memory instead
+    of two ``d x d`` temporaries."""
+    d = C.shape[0]
+    for i in range(0, d, block):
+        rows = slice(i, min(i + block, d))
+        diagonal = C[rows, rows]
+        diagonal.copy_((diagonal + diagonal.mT) / 2)
+        for j in range(i + block, d, block):
+            cols = slice(j, min(j + block, d))
+            average = (C[rows, cols] + C[cols, rows].mT) / 2
+            C[rows, cols] = average
+            C[cols, rows] = average.mT
+    return C
+
+
 def symmetric_eigh(C: torch.Tensor):
     """Eigenpairs of the symmetrised matrix in float64, eigenvalues descending and >= 0.
 

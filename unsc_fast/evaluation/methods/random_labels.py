@@ -28,5 +28,5 @@ def run(model, scenario, settings, seed, progress):
     return {"forget_labels": labels}
 
 
-METHOD = UnlearningMethod("random_labels", "random labels", run, DEFAULTS,
+METHOD = UnlearningMethod("random_labels", "random labels + remaining data", run, DEFAULTS,
                           summary="forget data with random wrong labels + remaining data")

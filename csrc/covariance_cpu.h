@@ -1,0 +1,28 @@
+// CPU covariance kernels: C += X^T X and C += P^T P over conv patches, computing only the
+// blocks on and above the diagonal (the result is symmetric) and never materialising the
+// unfolded (B*L, Cin*kh*kw) patch matrix. See docs/extension.md, "CPU covariance".
+#pragma once
+
+#include <array>
+
+#include <ATen/ATen.h>
+
+namespace unsc_fast {
+
+// C += x^T x in C's precision (float32 or float64); x: (N, d), any float dtype and strides.
+void covariance_cpu_(at::Tensor& C, const at::Tensor& x);
+
+// C += P^T P where the rows of P are the conv patches of x (B, Cin, H, W), in F.unfold's
+// column order (c * kh * kw + i * kw + j); zero padding. Pairs are (height, width).
+void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
+                          std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+                          std::array<int64_t, 2> dilation);
+
+// Bytes conv_covariance_cpu_ allocates besides C (per worker thread: a d x d partial sum
+// and one patch panel, at the current torch thread count),
+// for total_rows = B * out_h output rows of out_w positions: what benchmarks report
+// beside the unfold buffer (B * out_h * out_w * d elements) that it replaces.
+int64_t conv_covariance_workspace_bytes(int64_t d, int64_t out_w, int64_t total_rows,
+                                        int64_t element_size);
+
+}  // namespace unsc_fast

@@ -1,0 +1,160 @@
+"""Storage policies: one total less a forget pass serves class- and sample-wise requests with
+the same basis as the remaining data alone; memory estimates, the auto choice and the budget."""
+import pytest
+import torch
+from torch import nn
+
+from unsc_fast import NullSpaceProjector
+from unsc_fast.statistics import FORGET_KEY, TOTAL_KEY
+
+
+def spectrum_data(n, d=24, rank=6, seed=0):
+    """Rows with a clear energy cut: ``rank`` strong directions (a gap of 100x in energy below
+    them), so the basis at the threshold is well defined and a rounding-level change of the
+    covariance cannot move the cut."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    scales = torch.cat([torch.linspace(10, 5, rank), torch.full((d - rank,), 0.05)])
+    return (torch.randn(n, d, generator=g) * scales) @ mixing.T
+
+
+def model_and_data(n=1200, labels=10, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, labels))
+    x = spectrum_data(n, seed=seed)
+    y = torch.arange(n) % labels
+    return model, x, y
+
+
+def projectors(proj):
+    return {name: proj.basis(name) @ proj.basis(name).T for name in proj.layers}
+
+
+def batches(x, y, size=100):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def remaining_only(model, x, y):
+    """Reference: fp64 statistics of the remaining data alone, observed directly."""
+    ref = NullSpaceProjector(model, threshold=0.99, dtype=torch.float64)
+    ref.collect(batches(x, y), labels=False)
+    return ref.build()
+
+
+# Bound: both sides are fp64 sums of the same rows in different orders, so the covariances
+# agree to ~n * eps64 * ||C||; with a 100x energy gap at the cut the projectors U U^T then
+# agree to far below 1e-8 (Davis-Kahan: ||dP|| <= ||dC|| / gap).
+PROJECTOR_TOL = 1e-8
+
+
+@pytest.mark.parametrize("share", [0.1, 0.9])
+def test_total_minus_forget_equals_remaining_sample_wise(share):
+    model, x, y = model_and_data()
+    forget = torch.rand(len(x), generator=torch.Generator().manual_seed(1)) < share
+    proj = NullSpaceProjector(model, threshold=0.99, statistics="total")
+    assert proj.dtype == torch.float64  # the subtraction needs it
+    proj.collect(batches(x, y))
+    proj.collect(batches(x[forget], y[forget]), forget=True)
+    proj.build()
+    ref = remaining_only(model, x[~forget], y[~forget])
+    assert proj.ranks() == ref.ranks()
+    for name, p in projectors(proj).items():
+        assert (p - projectors(ref)[name]).abs().max() < PROJECTOR_TOL, name
+    C = proj.store.kept_sum(name, [TOTAL_KEY], [FORGET_KEY])
+    assert torch.allclose(C, ref.covariance(name), rtol=0, atol=1e-9 * C.abs().max())
+
+
+def test_total_minus_forget_class_wise_at_a_90_percent_share():
+    model, x, y = model_and_data(labels=10)
+    forget = y != 0  # 9 of 10 classes forgotten: the forget data is 90 % of the total
+    proj = NullSpaceProjector(model, threshold=0.99, statistics="total")
+    proj.collect(batches(x, y))
+    proj.collect(batches(x[forget], y[forget]), forget=True)
+    proj.build(exclude=range(1, 10))  # exclude is implied by the forget pass, and accepted
+    ref = remaining_only(model, x[~forget], y[~forget])
+    for name, p in projectors(proj).items():
+        assert (p - projectors(ref)[name]).abs().max() < PROJECTOR_TOL, name
+
+
+def test_fp32_total_cancels_at_a_large_share_which_is_why_total_defaults_to_fp64():
+    model, x, y = model_and_data()
+    forget = y != 0
+    errors = {}
+    for dtype in (torch.float32, torch.float64):
+        proj = NullSpaceProjector(model, statistics="total", dtype=dtype)
+        proj.collect(batches(x, y))
+        proj.collect(batches(x[forget], y[forget]), forget=True)
+        C = proj.store.kept_sum("0", [TOTAL_KEY], [FORGET_KEY]).double()
+        R = x[~forget].double().T @ x[~forget].double()
+        errors[dtype] = ((C - R).norm() / R.norm()).item()
+    assert errors[torch.float64] < 1e-12
+    assert errors[torch.float32] > 1e3 * errors[torch.float64]
+
+
+def test_total_refuses_exclude_without_a_forget_pass():
+    model, x, y = model_and_data()
+    proj = NullSpaceProjector(model, statistics="total")
+    proj.collect(batches(x, y))
+    with pytest.raises(ValueError, match="forget=True"):
+        proj.build(exclude=(3,))
+    proj.build()  # no request: the basis of everything observed
+
+
+def test_total_keeps_one_matrix_per_layer_whatever_the_labels():
+    model, x, y = model_and_data(labels=10)
+    proj = NullSpaceProjector(model, statistics="total")
+    proj.collect(batches(x, y))
+    assert proj.groups == [TOTAL_KEY]
+    assert proj.store.nbytes() == sum(8 * l.dim**2 for l in proj.layers.values())
+
+
+def test_per_label_forget_pass_serves_a_sample_wise_request_and_skips_excluded_labels():
+    model, x, y = model_and_data()
+    g = torch.Generator().manual_seed(2)
+    forget = (torch.rand(len(x), generator=g) < 0.3) | (y == 4)
+    proj = NullSpaceProjector(model, threshold=0.99, dtype=torch.float64)
+    proj.collect(batches(x, y))
+    proj.collect(batches(x[forget], y[forget]), forget=True)  # per label: (forget, label) keys
+    assert (FORGET_KEY, 4) in proj.forget_keys and FORGET_KEY not in proj.groups
+    proj.build(exclude=(4,))  # class 4 left out whole: its forget rows are not subtracted again
+    ref = remaining_only(model, x[~forget], y[~forget])
+    for name, p in projectors(proj).items():
+        assert (p - projectors(ref)[name]).abs().max() < PROJECTOR_TOL, name
+    proj.reset_forget()
+    assert proj.forget_keys == []
+
+
+def test_memory_estimate_counts_bytes_per_policy_and_layer():
+    model, _, _ = model_and_data()
+    proj = NullSpaceProjector(model)
+    plan = proj.memory_estimate(labels=100)
+    assert plan.per_layer("per_label") == {"0": 101 * 24 * 24 * 4, "2": 101 * 32 * 32 * 4}
+    assert plan.per_layer("total") == {"0": 2 * 24 * 24 * 8, "2": 2 * 32 * 32 * 8}
+    assert plan.total("total") == 2 * 8 * (24 * 24 + 32 * 32) + 8 * 32 * 32
+    assert "per_label" in str(plan) and "'2'" not in str(plan)
+
+
+def test_auto_chooses_by_the_budget_and_refusals_name_the_layer_and_bytes():
+    model, x, y = model_and_data()
+    roomy = NullSpaceProjector(model, statistics="auto", num_labels=10, memory_budget=10**7)
+    assert roomy.statistics == "per_label"
+    tight = NullSpaceProjector(model, statistics="auto", num_labels=10, memory_budget=40_000)
+    assert tight.statistics == "total"
+    with pytest.raises(MemoryError, match=r"'2'.*45,[0-9]{3} bytes"):
+        NullSpaceProjector(model, statistics="per_label", num_labels=10, memory_budget=40_000)
+    with pytest.raises(MemoryError, match="statistics=\"total\""):
+        NullSpaceProjector(model, statistics="total", num_labels=10, memory_budget=1000)
+    # auto under a budget too small for any dense matrix sketches the Linear layers instead
+    assert NullSpaceProjector(model, statistics="auto", memory_budget=1000).sketch_rows == {"0": 256, "2": 256}
+    with pytest.raises(ValueError, match="memory_budget"):
+        NullSpaceProjector(model, statistics="auto")
+
+
+def test_observing_more_labels_than_the_budget_holds_stops_with_the_layer():
+    model, x, y = model_and_data(labels=10)
+    per_label = 4 * (24 * 24 + 32 * 32)
+    proj = NullSpaceProjector(model, statistics="per_label", num_labels=1, memory_budget=2 * per_label + 10)
+    proj.collect(batches(x[y < 2], y[y < 2]))
+    with pytest.raises(MemoryError, match="layer '0'.*over memory_budget"):
+        proj.collect(batches(x[y == 2], y[y == 2]))
+    assert sorted(proj.groups) == [0, 1]

@@ -1,0 +1,97 @@
+"""unlearn() on DataLoaders with any loss: a causal LM (transformers Llama, random init from a
+config) keeps every tracked layer's change in the null space; classifier loaders relabel per batch."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from unsc_fast import NullSpaceProjector
+from unsc_fast.training import causal_lm_loss
+from unsc_fast.unlearn import unlearn
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def token_loader(tokens, shuffle=False):
+    return DataLoader(TensorDataset(tokens, tokens), batch_size=4, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def null_space_leaks(projector, before):
+    """Per tracked layer: ``(||dW U||, ||dW||, ||W||)`` of the change since ``before``."""
+    leaks = {}
+    for name, layer in projector.layers.items():
+        if projector.basis(name).dim() != 2 or projector.basis(name).dtype == torch.bool:
+            continue  # dense (d, k) bases only; the embedding's row mask is another engineer's test
+        weight = layer.weight.detach().double()
+        weight = weight.reshape(weight.shape[0], -1)
+        change = weight - before[name].double().reshape(weight.shape)
+        leaks[name] = ((change @ projector.basis(name).double()).norm().item(), change.norm().item(),
+                       weight.norm().item())
+    return leaks
+
+
+def check_null_space(projector, before, unit_roundoff):
+    """The only leak left is the rounding of the stored weight: ``W + dW`` is rounded once per
+    step to the parameter dtype, at most ``u |w|`` per element, so ``||dW U|| <= steps * u ||W||``
+    (U U^T is a projection: it does not grow the error). Bound used: ``4 u ||W||``
+    (two steps and a factor two of slack). Where the layer moved by at least 1 % of its weight
+    this is also a relative leak ``||dW U|| / ||dW|| < 400 u`` (< 1e-5 at fp32's u = 2^-24)."""
+    for name, (leak, size, norm) in null_space_leaks(projector, before).items():
+        assert size > 1e-4, name  # the layer did move ...
+        assert leak <= 4 * unit_roundoff * norm, (name, leak, norm)  # ... only in the null space
+        if size >= 0.01 * norm:
+            assert leak / size < 400 * unit_roundoff, (name, leak / size)
+
+
+@pytest.mark.parametrize("statistics", ["total", "per_label"])
+def test_causal_lm_gradient_ascent_moves_tracked_layers_only_in_the_null_space(statistics):
+    model = tiny_llama()
+    tokens = torch.randint(0, 48, (24, 12), generator=torch.Generator().manual_seed(1))
+    # threshold 0.9 leaves a null space to move in: 288 tokens span the 32-wide inputs
+    projector = NullSpaceProjector(model, threshold=0.9, statistics=statistics)
+    if statistics == "total":  # whole training data once, then the request's forget pass
+        projector.collect(token_loader(tokens), labels=False)
+        remain = None
+    else:  # remaining data observed inside unlearn()
+        remain = token_loader(tokens[4:])
+    assert "lm_head" in projector.layers and "model.layers.0.mlp.down_proj" in projector.layers
+    before = {name: layer.weight.detach().clone() for name, layer in projector.layers.items()}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+    result = unlearn(model, token_loader(tokens[:4], shuffle=True), remain, projector=projector, labels="keep",
+                     loss=causal_lm_loss, objective="ascent", untracked="freeze", epochs=2, lr=0.5)
+    assert result.labels is None and len(result.losses) == 2
+    assert result.losses[-1] > result.losses[0]  # ascent: the forget loss goes up
+    check_null_space(projector, before, unit_roundoff=2.0**-24)
+    for name, value in frozen.items():  # untracked norms are frozen
+        assert torch.equal(dict(model.named_parameters())[name], value), name
+
+
+def test_classifier_loaders_calibrate_per_batch_like_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(80, 6), torch.arange(80) % 4
+    forget = y == 1
+    twin = copy.deepcopy(model)
+    seen = []
+    loader = DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8)
+    record = lambda inputs, targets: seen.append(targets) or torch.full_like(targets, 2)  # noqa: E731
+    unlearn(model, loader, DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16),
+            forget_classes=[1], labels=record, epochs=1)
+    assert torch.cat(seen).eq(1).all()  # the relabel callable saw the original targets
+    # the calibrated rule on a loader relabels with the frozen original model, never class 1
+    result = unlearn(twin, loader, (x[~forget], y[~forget]), forget_classes=[1], epochs=2)
+    assert result.labels is None and result.projector.built_from == (0, 2, 3)
+    with pytest.raises(ValueError, match="labels must be one of"):
+        unlearn(twin, loader, (x, y), labels="shuffle")

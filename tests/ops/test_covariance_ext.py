@@ -1,0 +1,218 @@
+"""The C++ CPU covariance kernels (``backend="ext"``) against the PyTorch reference.
+
+- Small-integer inputs make every partial sum exact in fp32, so any summation order gives
+  the same bits: ext must equal the reference exactly (``torch.equal``), whatever C0 is.
+- Random inputs: the increment is a sum of n = N products, then added to C0, so
+  ``|C - exact| <= gamma_{N+2} * (|P|^T |P| + |C0|)`` elementwise (Higham's gamma for fp32;
+  the extra 1 is the separate addition of the increment to C0).
+- The increment is exactly symmetric (only the upper triangle is computed, then mirrored).
+
+Skipped when ``unsc_fast._C`` is not built, except under ``UNSC_FAST_REQUIRE_EXT=1`` (CI),
+where a missing extension must fail.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unsc_fast import ops
+from unsc_fast.ops import reference
+from unsc_fast.ops.dispatch import extension_available
+
+from kernel_helpers import gamma
+
+pytestmark = pytest.mark.skipif(
+    not extension_available() and os.environ.get("UNSC_FAST_REQUIRE_EXT") != "1",
+    reason="unsc_fast._C is not built",
+)
+
+X_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+C_DTYPES = [torch.float32, torch.float64]
+
+# name: (x shape, kernel_size, stride, padding, dilation)
+GEOMETRIES = {
+    "3x3_same": ((2, 3, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
+    "no_padding": ((2, 3, 7, 6), (3, 3), (1, 1), (0, 0), (1, 1)),
+    "stride_2": ((2, 3, 9, 7), (3, 3), (2, 2), (1, 1), (1, 1)),
+    "dilation_2": ((1, 2, 10, 10), (3, 3), (1, 1), (2, 2), (2, 2)),
+    "non_square_kernel": ((2, 3, 7, 9), (2, 3), (1, 2), (0, 1), (1, 1)),
+    "asymmetric_all": ((1, 4, 11, 8), (3, 2), (2, 1), (2, 0), (1, 3)),
+    "batch_1_cin_1": ((1, 1, 6, 5), (3, 3), (1, 1), (1, 1), (1, 1)),
+    "1x1": ((3, 5, 4, 4), (1, 1), (1, 1), (0, 0), (1, 1)),
+    "1x1_stride_2": ((2, 6, 5, 5), (1, 1), (2, 2), (0, 0), (1, 1)),
+    "kernel_fills_input": ((2, 2, 3, 3), (3, 3), (1, 1), (0, 0), (1, 1)),
+    "padding_past_kernel": ((1, 2, 4, 3), (2, 2), (1, 1), (3, 2), (1, 1)),
+    "stride_past_kernel": ((1, 3, 9, 9), (2, 2), (3, 3), (1, 1), (1, 1)),
+    # d = 7 * 49 = 343 > 256: several block rows of the symmetric update
+    "wide_blocks": ((2, 7, 9, 8), (7, 7), (1, 1), (3, 3), (1, 1)),
+    # 64 * 5 * 4 floats per output row: several patch panels of the 4 MiB budget
+    "many_panels": ((40, 64, 12, 12), (3, 3), (1, 1), (1, 1), (1, 1)),
+}
+
+
+def small_integers(shape, dtype, seed=0, low=-3, high=4) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, shape, generator=generator).to(dtype)
+
+
+def conv_both(C0, x, geometry):
+    """(ext result, reference result) from the same C0 and x."""
+    kernel_size, stride, padding, dilation = geometry
+    ours = ops.conv_covariance_(C0.clone(), x, kernel_size, stride, padding, dilation, backend="ext")
+    expected = reference.conv_covariance_(C0.clone(), x, kernel_size, stride, padding, dilation)
+    return ours, expected
+
+
+# ---------------------------------------------------------------------- conv_covariance_
+@pytest.mark.parametrize("c_dtype", C_DTYPES)
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_conv_bitwise_on_small_integers(name, x_dtype, c_dtype):
+    shape, *geometry = GEOMETRIES[name]
+    d = shape[1] * geometry[0][0] * geometry[0][1]
+    x = small_integers(shape, x_dtype)
+    C0 = small_integers((d, d), c_dtype, seed=1)  # not symmetric: the lower triangle counts too
+    ours, expected = conv_both(C0, x, geometry)
+    assert ours.dtype == c_dtype
+    assert torch.equal(ours, expected)
+
+
+def non_contiguous_inputs():
+    base = small_integers((3, 4, 9, 10), torch.float32, seed=2)
+    return {
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "sliced": base[:, ::2, 1::2, :],
+        "height_width_transposed": base.transpose(2, 3),
+        "batch_reversed": base.flip(0)[::2],
+    }
+
+
+@pytest.mark.parametrize("layout", list(non_contiguous_inputs()))
+def test_conv_non_contiguous_x(layout):
+    x = non_contiguous_inputs()[layout]
+    geometry = ((3, 2), (2, 1), (1, 1), (1, 2))
+    d = x.shape[1] * 6
+    ours, expected = conv_both(small_integers((d, d), torch.float32, seed=3), x, geometry)
+    assert torch.equal(ours, expected)
+
+
+def test_conv_non_contiguous_C_is_updated_in_place():
+    x = small_integers((2, 3, 6, 6), torch.float32, seed=4)
+    storage = small_integers((27, 27), torch.float32, seed=5)
+    expected = reference.conv_covariance_(storage.T.clone(), x, (3, 3), (1, 1), (1, 1), (1, 1))
+    C = storage.T  # transposed view
+    ops.conv_covariance_(C, x, 3, padding=1, backend="ext")
+    assert torch.equal(C, expected)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["3x3_same", "asymmetric_all", "wide_blocks", "many_panels"])
+def test_conv_random_within_fp32_bound_and_symmetric(name, x_dtype):
+    shape, kernel_size, stride, padding, dilation = GEOMETRIES[name]
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=generator).to(x_dtype)
+    d = shape[1] * kernel_size[0] * kernel_size[1]
+    C0 = torch.randn(d, d, generator=generator)
+    C = ops.conv_covariance_(C0.clone(), x, kernel_size, stride, padding, dilation, backend="ext")
+    cols = F.unfold(x.double(), kernel_size, dilation=dilation, padding=padding, stride=stride)
+    rows = cols.transpose(1, 2).reshape(-1, d)
+    exact = C0.double() + rows.mT @ rows
+    bound = gamma(rows.shape[0] + 2) * (rows.abs().mT @ rows.abs() + C0.double().abs())
+    assert ((C.double() - exact).abs() <= bound).all()
+    increment = ops.conv_covariance_(torch.zeros(d, d), x, kernel_size, stride, padding, dilation, backend="ext")
+    assert torch.equal(increment, increment.mT)
+
+
+def test_conv_zero_batch_leaves_C_unchanged():
+    C0 = small_integers((27, 27), torch.float32)
+    C = ops.conv_covariance_(C0.clone(), torch.zeros(0, 3, 8, 8), 3, padding=1, backend="ext")
+    assert torch.equal(C, C0)
+
+
+def test_conv_kernel_larger_than_padded_input_is_refused():
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.conv_covariance_(torch.zeros(27, 27), torch.zeros(1, 3, 2, 2), 3, backend="ext")
+
+
+# --------------------------------------------------------------------------- covariance_
+# (N, d): odd widths, one row, one column, and widths past the one-block limit (256).
+DENSE_SHAPES = [(37, 13), (1, 1), (5, 1), (1, 300), (61, 257), (130, 600)]
+
+
+def dense_layouts(N, d, dtype):
+    base = small_integers((N, d), dtype, seed=7)
+    wide = small_integers((N, 2 * d), dtype, seed=8)
+    return {
+        "contiguous": base,
+        "transposed": small_integers((d, N), dtype, seed=9).T,
+        "sliced": wide[:, ::2],
+        "column_slice": wide[:, d:],
+    }
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "column_slice"])
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_dense_bitwise_on_small_integers(shape, x_dtype, layout):
+    N, d = shape
+    x = dense_layouts(N, d, x_dtype)[layout]
+    for c_dtype in C_DTYPES:
+        C0 = small_integers((d, d), c_dtype, seed=10)
+        ours = ops.covariance_(C0.clone(), x, backend="ext")
+        assert torch.equal(ours, reference.covariance_(C0.clone(), x))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(200, 90), (300, 700)])
+def test_dense_random_within_fp32_bound_and_symmetric(shape, x_dtype):
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=generator).to(x_dtype)
+    d = shape[1]
+    C0 = torch.randn(d, d, generator=generator)
+    C = ops.covariance_(C0.clone(), x, backend="ext")
+    rows = x.double()
+    exact = C0.double() + rows.mT @ rows
+    bound = gamma(shape[0] + 2) * (rows.abs().mT @ rows.abs() + C0.double().abs())
+    assert ((C.double() - exact).abs() <= bound).all()
+    increment = ops.covariance_(torch.zeros(d, d), x, backend="ext")
+    assert torch.equal(increment, increment.mT)
+
+
+def test_dense_zero_rows_leave_C_unchanged():
+    C0 = small_integers((9, 9), torch.float32)
+    assert torch.equal(ops.covariance_(C0.clone(), torch.zeros(0, 9), backend="ext"), C0)
+
+
+# ------------------------------------------------------------------------------ dispatch
+def test_auto_on_cpu_picks_ext_for_conv_and_wide_dense(monkeypatch):
+    from unsc_fast.ops import custom_ops
+
+    monkeypatch.delenv("UNSC_FAST_BACKEND", raising=False)
+    seen = []
+    original = custom_ops.covariance_
+    monkeypatch.setattr(custom_ops, "covariance_", lambda C, x, backend: seen.append(backend) or original(C, x, backend))
+    ops.covariance_(torch.zeros(8, 8), torch.ones(3, 8))
+    wide = ops.EXT_MIN_COVARIANCE_DIM
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the measured rule: dense ext wins single-threaded
+    try:
+        ops.covariance_(torch.zeros(wide, wide), torch.ones(3, wide))
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("UNSC_FAST_BACKEND", "ext")
+    ops.covariance_(torch.zeros(8, 8), torch.ones(3, 8))
+    assert seen == ["torch", "ext", "ext"]
+
+    original_conv = custom_ops.conv_covariance_
+    monkeypatch.setattr(custom_ops, "conv_covariance_", lambda *args: seen.append(args[-1]) or original_conv(*args))
+    monkeypatch.delenv("UNSC_FAST_BACKEND")
+    ops.conv_covariance_(torch.zeros(27, 27), torch.ones(1, 3, 4, 4), 3)
+    assert seen[-1] == "ext"
+
+
+def test_ext_is_refused_by_ops_without_a_cpu_kernel():
+    with pytest.raises(ValueError, match="not implemented"):
+        ops.project_(torch.randn(3, 4), torch.linalg.qr(torch.randn(4, 2))[0], backend="ext")
+    with pytest.raises(ValueError, match="resolved name"):
+        torch.ops.unsc_fast.project_(torch.randn(3, 4), torch.linalg.qr(torch.randn(4, 2))[0], "ext")
