@@ -49,7 +49,7 @@ def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> d
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), probe.observe(group="forget"):
+        with torch.no_grad(), probe.observe(group="probe"):
             for batch in forget:
                 args, kwargs, _ = batch_parts(batch)
                 model(*map(moved, args), **{k: moved(v) for k, v in kwargs.items()})
@@ -57,10 +57,10 @@ def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> d
         model.train(was_training)
     ratios = {}
     for name, slot in projector.protection.slots.items():
-        if slot.kind != "dense" or probe.store.matrix("forget", name) is None:
+        if slot.kind != "dense" or probe.store.matrix("probe", name) is None:
             continue
         basis = projector._bases[name].double()
-        forget = probe.store.matrix("forget", name).double().to(basis.device)
+        forget = probe.store.matrix("probe", name).double().to(basis.device)
         r_forget = _outside(forget, basis)
         try:
             remain = projector.covariance(name, keys=projector.built_from).double().to(basis.device)
