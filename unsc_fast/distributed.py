@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from unsc_fast import ops
 from unsc_fast.bases import complement_if_cheaper, prefers_complement
+from unsc_fast.build_checks import check_definite, subtracted_diagonal
 from unsc_fast.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -239,6 +240,7 @@ def build(
             "observe()? Leave them out with modules=[...] if the model never calls them"
         )
 
+    removed = _pooled_subtracted_diagonals(store, names, layers, subtract, devices[0], group)
     owners = _owners([layer.dim * layer.groups ** (1 / 3) if layer.kind != "diagonal" else 1 for layer in layers],
                      world)
     owned: dict[int, torch.Tensor] = {}
@@ -253,6 +255,8 @@ def build(
     error = None
     try:
         for index in sorted(owned):
+            if removed is not None:  # the pooled remainder must still be a covariance
+                check_definite(names[index], owned[index], removed[index], subtract)
             solved[index] = layers[index].solve(owned[index], threshold, generator, method)
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
         error = exc
@@ -301,6 +305,17 @@ def build(
     elif keep_covariances == "none":
         store.reset()
     return bases, complements, kept
+
+
+def _pooled_subtracted_diagonals(store, names, slots, subtract, device, group) -> list | None:
+    """Per slot, the diagonal of the ``subtract`` groups summed over every rank (one
+    all-reduce), which ``build_checks.check_definite`` needs on the owner; None without subtract."""
+    if not subtract:
+        return None
+    parts = [subtracted_diagonal(store, name, subtract, slot.shape, device) for name, slot in zip(names, slots)]
+    flat = torch.cat([part.reshape(-1) for part in parts])
+    dist.all_reduce(flat, group=group)
+    return [piece.view(part.shape) for piece, part in zip(flat.split([p.numel() for p in parts]), parts)]
 
 
 def _basis_shape(slot, k: int) -> tuple[int, ...]:

@@ -4,10 +4,17 @@ Hooks accumulate into pending buffers; the root module's forward hook commits th
 the whole forward has succeeded, after one finiteness check per layer (a NaN/Inf anywhere
 in a column of the input shows up on the diagonal of ``x^T x``). A forward that raises
 leaves nothing behind: the next forward (or the end of the block) starts from clean buffers.
+
+Module hooks are global to the module, not to the thread: a forward that another thread runs
+on the same model while the block is open would fire them too, and be filed under this
+block's labels. So an ``Observation`` belongs to the thread that opened it: the hooks, the
+discard and the commit do nothing in any other thread (those forwards run unrecorded, and
+are counted in ``foreign_calls`` so that an empty block can say why).
 """
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Hashable, Iterable
 
 import torch
@@ -43,6 +50,9 @@ class Observation:
         self.pending: dict[tuple[Hashable, str], list] = {}  # (key, slot) -> [delta, rows]
         self.handles: list = []
         self.calls = 0  # layer forwards seen, committed or not
+        self.foreign_calls = 0  # layer forwards run by other threads, never recorded
+        self.thread = threading.get_ident()  # the thread whose forwards are recorded
+        self.inputs_finite: dict[str, list] = {}  # per slot, this forward's input checks
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # hooks -------------------------------------------------------------------
@@ -59,11 +69,20 @@ class Observation:
         self.handles.clear()
         self.discard()
 
+    def records(self) -> bool:
+        """True in the thread that opened the block: only its forwards are observed."""
+        return threading.get_ident() == self.thread
+
     def discard(self) -> None:
-        self.pending.clear()
+        if self.records():
+            self.pending.clear()
+            self.inputs_finite.clear()
 
     # accumulation -------------------------------------------------------------
     def _accumulate(self, layer: LayerAdapter, module, args, kwargs, output) -> None:
+        if not self.records():
+            self.foreign_calls += 1
+            return
         if getattr(layer, "busy", False):
             return  # the adapter re-running its own module (attention's out_proj inputs)
         self.calls += 1
@@ -75,12 +94,15 @@ class Observation:
             )
         device = layer.weight.device
         with torch.no_grad():
+            inputs_finite = _inputs_finite(args, kwargs)  # unsynchronised; read only if a delta is not finite
             for position, (key, index) in enumerate(self.groups):
                 deltas = _SlotDeltas(self, key, device)
                 chosen = None if index is None else self._index(position, index, device)
                 rows = layer.accumulate_(deltas, args, kwargs, output, chosen)
                 for own_name, count in rows.items():
-                    self.pending[(key, self.protection.slot(own_name).name)][1] += count
+                    slot = self.protection.slot(own_name).name
+                    self.pending[(key, slot)][1] += count
+                    self.inputs_finite.setdefault(slot, []).append(inputs_finite)
 
     def _index(self, position: int, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         cached = self._indices_on.get((position, device))
@@ -90,19 +112,44 @@ class Observation:
 
     # commit -------------------------------------------------------------------
     def commit(self) -> None:
-        """Check every pending delta, then add them all to the store."""
+        """Check every pending delta, then add them all to the store (this thread's forwards only)."""
+        if not self.records():
+            return
         pending, self.pending = self.pending, {}
+        inputs_finite, self.inputs_finite = self.inputs_finite, {}
         if not pending:
             return
         finite = _finite_flags([_diagonal(delta) for delta, _ in pending.values()])
         for (key, name), ok in zip(pending, finite):
             if not ok:
-                raise ValueError(
-                    f"layer {name!r}: the observed batch has NaN or Inf inputs (group {key!r}); "
-                    "nothing from this batch was kept"
-                )
+                raise ValueError(_non_finite_message(key, name, pending[(key, name)][0], inputs_finite.get(name, [])))
         for (key, name), (delta, rows) in pending.items():
             self.store.add(key, name, delta, rows)
+
+
+def _inputs_finite(args, kwargs) -> torch.Tensor | None:
+    """Whether the floating-point tensors a layer received are all finite (a 0-d bool tensor,
+    not synchronised), or None when it received none (embedding indices cannot be NaN)."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        return None
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def _non_finite_message(key, name: str, delta: torch.Tensor, inputs_finite: list) -> str:
+    """Why a layer's ``x^T x`` is not finite: bad inputs, or finite inputs whose products
+    overflowed the accumulation dtype (large activations in float32: the fix differs)."""
+    if inputs_finite and all(flag is None or bool(flag) for flag in inputs_finite):
+        return (
+            f"layer {name!r}: overflow: the inputs are finite but x^T x exceeds the range of "
+            f"{delta.dtype} (group {key!r}): use dtype=torch.float64 or rescale the inputs; "
+            "nothing from this batch was kept"
+        )
+    return (
+        f"layer {name!r}: the observed batch has NaN or Inf inputs (group {key!r}); "
+        "nothing from this batch was kept"
+    )
 
 
 class _SlotDeltas(dict):

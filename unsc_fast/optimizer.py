@@ -154,16 +154,23 @@ class NullSpaceOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load the inner optimizer's state and the wrapper's options (``null_space``).
+
+        The options are checked before the inner optimizer is touched, so a bad state
+        changes nothing; a plain optimizer's state dict (no ``null_space``) keeps the
+        wrapper's current options.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        options = state_dict.pop("null_space", None)
+        options = _check_options(state_dict.pop("null_space", None))
         self.optimizer.load_state_dict(state_dict)
         if options is not None:
-            self.untracked = options["untracked"]
-            self.project_gradients = bool(options["project_gradients"])
+            self.untracked, self.project_gradients = options
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -181,3 +188,29 @@ class NullSpaceOptimizer(Optimizer):
             f"NullSpaceOptimizer(untracked={self.untracked!r}, layers={len(self.projector.layers)},\n"
             f"{inner}\n)"
         )
+
+
+def _check_options(options) -> tuple[str, bool] | None:
+    """The saved ``null_space`` options, refused unless exactly what ``state_dict`` writes:
+    a wrong ``untracked`` would silently let biases train (or freeze them), and a truthy
+    string for ``project_gradients`` is not a decision anybody made."""
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise ValueError(f"optimizer state: null_space must be a dict, got {type(options).__name__}")
+    expected = {"untracked", "project_gradients"}
+    if set(options) != expected:
+        raise ValueError(
+            f"optimizer state: null_space must have the fields {sorted(expected)}, got {sorted(map(str, options))}"
+        )
+    if options["untracked"] not in UNTRACKED_POLICIES:
+        raise ValueError(
+            f"optimizer state: null_space.untracked must be one of {UNTRACKED_POLICIES}, "
+            f"got {options['untracked']!r}"
+        )
+    if not isinstance(options["project_gradients"], bool):
+        raise ValueError(
+            f"optimizer state: null_space.project_gradients must be True or False, "
+            f"got {options['project_gradients']!r}"
+        )
+    return options["untracked"], options["project_gradients"]

@@ -23,9 +23,11 @@ from unsc_fast import statistics as policies
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.adapters import LayerAdapter
 from unsc_fast.bases import complement_if_cheaper
+from unsc_fast.build_checks import check_rows, check_subtraction, warn_if_everything_blocked
 from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
 from unsc_fast.observation import Observation
 from unsc_fast.projection import apply_uses_, protects_nothing, residual
+from unsc_fast.state_validation import parse_projector_state
 from unsc_fast.store import CovarianceStore, key_set
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
@@ -138,6 +140,11 @@ class NullSpaceProjector:
         Each forward of the model is committed whole or not at all: a batch that fails
         (label count mismatch, non-finite activations) leaves the stored covariances exactly
         as they were. The hooks are removed on exit, also when the body raises.
+
+        Only the forwards run by the thread that entered the block are recorded: hooks are
+        global to the module, so another thread using the same model meanwhile (a serving
+        thread, a data-parallel replica's worker) would otherwise have its inputs filed
+        under this block's labels. Those forwards run normally, unrecorded.
         """
         if self._observation is not None:
             raise RuntimeError("observe() is already active on this projector; it does not nest")
@@ -156,9 +163,14 @@ class NullSpaceProjector:
             yield self
             observation.commit()
             if not observation.calls and not (sketching is not None and sketching.calls):
+                elsewhere = (
+                    f"; {observation.foreign_calls} layer forwards ran in other threads, which "
+                    "observe() never records: run the model in the thread that entered the block"
+                    if observation.foreign_calls else ""
+                )
                 warnings.warn(
                     "observe(): no tracked layer ran inside the block, so nothing was recorded "
-                    "(was the model called, and not a compiled copy of it?)",
+                    f"(was the model called, and not a compiled copy of it?){elsewhere}",
                     UserWarning,
                     stacklevel=3,
                 )
@@ -276,6 +288,9 @@ class NullSpaceProjector:
         the previous bases stay as they were. Returns ``self``. A key in ``exclude`` /
         ``subtract`` / ``include`` that was never observed is an error (the class meant to be
         forgotten may have been observed under another key), unless ``allow_unobserved=True``.
+        So is a layer left with 0 input rows (only empty batches observed: its basis would be
+        empty and its updates unprojected) and a ``subtract`` group that is not inside the kept
+        ones (the remainder is indefinite; see ``unsc_fast.build_checks``).
 
         ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
         whose rank is a small part of the width, else dense), ``"eigh"`` (dense: exact
@@ -302,12 +317,14 @@ class NullSpaceProjector:
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
                 allow_unobserved=allow_unobserved,
             )
+            warn_if_everything_blocked(self.protection.slots, new_bases)
             self._set_bases(new_bases, new_complements)
             self.built_from, self.built_threshold = tuple(kept), threshold
             return self
         if not self.groups:
             raise RuntimeError("build() needs observed data: run the model inside observe() first")
         kept, subtracted = self._request(exclude, include, subtract, allow_unobserved)
+        check_rows(self.store, self.protection.slots, kept, subtracted)
         new_bases = {}
         for slot in self.protection.slots.values():  # one kept sum alive at a time
             if slot.name in self._sketch_slots:
@@ -315,9 +332,11 @@ class NullSpaceProjector:
                 new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
                 continue
             covariance = self.store.kept_sum(slot.name, kept, subtracted)
+            check_subtraction(self.store, slot.name, covariance, subtracted)
             basis = slot.solve(covariance, threshold, generator, method)
             del covariance
             new_bases[slot.name] = basis.to(self._slot_devices[slot.name])
+        warn_if_everything_blocked(self.protection.slots, new_bases)
         self._set_bases(new_bases)
         self.built_from = tuple(kept)
         self.built_threshold = threshold
@@ -511,31 +530,24 @@ class NullSpaceProjector:
         }
 
     def load_state_dict(self, state: dict) -> "NullSpaceProjector":
-        """Restore a ``state_dict``; tensors follow each layer's weight device. All or nothing."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a NullSpaceProjector state (expected format {STATE_FORMAT!r})")
-        saved = {name: list(shape) if isinstance(shape, (list, tuple)) else [shape, shape]
-                 for name, shape in dict(state["layers"]).items()}
-        mine = {name: list(slot.shape) for name, slot in self.protection.slots.items()}
-        if saved != mine:
-            missing = sorted(set(mine) - set(saved))
-            extra = sorted(set(saved) - set(mine))
-            resized = sorted(n for n in set(mine) & set(saved) if mine[n] != saved[n])
-            raise ValueError(
-                f"projector state does not fit this model: missing layers {missing}, unknown layers "
-                f"{extra}, different input widths {resized}"
-            )
-        dtype = getattr(torch, state["dtype"])
-        devices = self._slot_devices
-        matrices, rows = CovarianceStore.parse_state(state["groups"], dtype, devices)
-        bases = {n: t.to(devices[n]) for n, t in state["bases"].items()}
-        threshold = ops.check_threshold(state["threshold"])
-        store = CovarianceStore(dtype)
-        store.replace(matrices, rows)
-        self.threshold, self.store = threshold, store
-        self._set_bases(bases)
-        self.built_from = tuple(state["built_from"])
-        self.built_threshold = state["built_threshold"]
+        """Restore a ``state_dict``; tensors follow each layer's weight device.
+
+        All or nothing: the whole state is checked first (``unsc_fast.state_validation``:
+        layer names and shapes, tensor shapes, dtypes, finite values, orthonormal bases,
+        counts, thresholds) and nothing changes unless every check passes.
+        """
+        parsed = parse_projector_state(
+            state,
+            STATE_FORMAT,
+            slots={name: (slot.kind, tuple(slot.shape)) for name, slot in self.protection.slots.items()},
+            devices=self._slot_devices,
+        )
+        self._set_bases(parsed.bases)  # computes every complement before it assigns anything
+        store = CovarianceStore(parsed.dtype)
+        store.replace(parsed.matrices, parsed.rows)
+        self.threshold, self.store = parsed.threshold, store
+        self.built_from = parsed.built_from
+        self.built_threshold = parsed.built_threshold
         return self
 
     def save(self, path) -> None:

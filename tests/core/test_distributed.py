@@ -350,6 +350,36 @@ def test_mismatched_configuration_fails_fast_on_every_rank(tmp_path):
         assert "only on rank 0: ['hidden']" in errors["layers"][0]
 
 
+# ----------------------------------------------------------------------------- 4b. pooled subtraction
+def _subtract_scenario(rank: int, world: int) -> dict:
+    """Rank 0 holds the kept data; rank 1 holds a 'request' group that is (a) a subset of it,
+    (b) data from elsewhere. Only the pooled sums show which: each rank alone cannot tell."""
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.randn(30, 6, generator=generator) * torch.tensor([3.0, 3.0, 1.0, 1.0, 0.5, 0.5])
+    outside = torch.randn(30, 6, generator=generator) * 5
+    outcome = {}
+    for case, request in (("inside", kept[:10]), ("outside", outside)):
+        model = nn.Linear(6, 2)
+        projector = NullSpaceProjector(model, dtype=torch.float64)
+        with projector.observe(group="kept"):
+            model(kept if rank == 0 else kept[:0])
+        if rank == 1:
+            with projector.observe(group="request"):
+                model(request)
+        try:
+            projector.build(subtract=["request"], allow_unobserved=True)
+            outcome[case] = None
+        except (ValueError, RuntimeError) as error:
+            outcome[case] = str(error)
+    return outcome
+
+
+def test_pooled_subtraction_outside_the_kept_data_fails_on_every_rank(tmp_path):
+    for rank, outcome in enumerate(run_ranks(_subtract_scenario, tmp_path)):
+        assert outcome["inside"] is None, (rank, outcome["inside"])
+        assert outcome["outside"] is not None and "indefinite" in outcome["outside"], (rank, outcome)
+
+
 # ----------------------------------------------------------------------------- 5. single process
 def test_single_process_build_needs_no_process_group():
     x, y = make_data()
