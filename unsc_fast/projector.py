@@ -11,7 +11,6 @@ request only needs a sum/subtraction and a fresh basis, not another pass over th
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Hashable, Iterable
 
@@ -19,7 +18,6 @@ import torch
 from torch import nn
 
 from unsc_fast import distributed, ops
-from unsc_fast import sketch
 from unsc_fast import statistics as policies
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.adapters import LayerAdapter
@@ -27,6 +25,7 @@ from unsc_fast.bases import NullSpaceBases
 from unsc_fast import solve
 from unsc_fast.build_checks import check_rows, warn_if_everything_blocked
 from unsc_fast.persistence import PersistenceMixin
+from unsc_fast.statistics_mixin import StatisticsMixin
 from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
 from unsc_fast.observation import Observation
 from unsc_fast.persistence import STATE_FORMAT  # noqa: F401 - where users found it
@@ -34,7 +33,7 @@ from unsc_fast.store import CovarianceStore, key_set
 DEFAULT_GROUP = "all"
 
 
-class NullSpaceProjector(PersistenceMixin):
+class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
     """Tracks every weight-bearing layer of ``model`` that an adapter covers (Linear, Conv1d/2d/3d
     with any groups, transformers' Conv1D, MultiheadAttention, Embedding, RNN input weights;
     see ``unsc_fast.adapters``), or those named in ``modules``, and projects their updates onto
@@ -160,19 +159,6 @@ class NullSpaceProjector(PersistenceMixin):
             self._observation = None
             distributed.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
-    def _sketch_observation(self, observation: Observation, router) -> "sketch.SketchObservation | None":
-        """Hooks for the sketched layers, filing rows under the same keys as the dense ones."""
-        if not self.sketch_rows:
-            return None
-        groups = [(router.key(key), index) for key, index in observation.groups]
-        targets = [sketch.SketchTarget(slot, self.layers[name].module, self.sketch_rows[name])
-                   for slot, name in self._sketch_slots.items()]
-        return sketch.SketchObservation(self._sketches, targets, groups, torch.float64)
-
-    def _slot_sizes(self) -> dict[str, int]:
-        """Numbers each slot's statistics hold (d^2 for a dense slot)."""
-        return {slot.name: math.prod(slot.shape) for slot in self.protection.slots.values()}
-
     def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
                 forget: bool = False, progress: bool | None = None):
         """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
@@ -191,26 +177,6 @@ class NullSpaceProjector(PersistenceMixin):
                 with self.observe(labels=targets if labels else None, group=group, forget=forget):
                     self.model(*args, **kwargs)
         return self
-
-    def memory_estimate(self, labels: int = 1, *, dtype: torch.dtype | None = None) -> "policies.MemoryEstimate":
-        """Bytes the statistics of this model would take for ``labels`` labels, per policy and
-        per layer, before observing anything (``print()`` it for a table)."""
-        return policies.estimate(self._slot_sizes(), labels, dtype or self._requested_dtype)
-
-    def reset_forget(self) -> None:
-        """Drop the forget passes observed so far (a new request starts from none)."""
-        for key in self.forget_keys:
-            self.store.reset([key])
-            self._sketches.pop(key, None)
-
-    @property
-    def forget_keys(self) -> list:
-        """Keys of the forget passes observed and not reset (subtracted by ``build``)."""
-        return [k for k in self._keys() if policies.is_forget_key(k)]
-
-    def _keys(self) -> list:
-        """Keys observed in the dense store or the sketches, in first-seen order."""
-        return list(dict.fromkeys([*self.store.keys, *self._sketches]))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -304,6 +270,28 @@ class NullSpaceProjector(PersistenceMixin):
         self.solution.install(new_bases, built_from=kept, threshold=threshold)
         if keep_covariances == "none":
             self.reset()
+        return self
+
+    def build_incremental(self, exclude: Iterable[Hashable] = (), *, class_thresholds=None) -> "NullSpaceProjector":
+        """The official UNSC code's basis: grown class by class over the kept labels, in sorted
+        order, each class adding directions until its own threshold of its energy is inside
+        (``unsc_fast.incremental``). ``class_thresholds``: ``None`` (the official rule
+        ``0.97 + 0.003 * label``, capped at 0.997), a float, a mapping label -> float, or a
+        callable ``(label, position) -> float``. ``build`` (one energy basis of the summed
+        covariance) stays the default. Returns ``self``."""
+        from unsc_fast import incremental
+
+        if self.statistics == "total" or self._sketches:
+            raise ValueError('build_incremental() grows the basis from per-label covariances: it needs '
+                             'statistics="per_label" and no sketched layer')
+        if not self.store:
+            raise RuntimeError("build_incremental() needs observed data: run the model inside observe() first")
+        kept = self.store.kept_keys(self.groups, key_set(exclude, "exclude"), None, set())
+        kept = sorted(kept, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k)))
+        thresholds = incremental.class_thresholds(kept, class_thresholds)
+        bases = incremental.incremental_bases(self, kept, thresholds)
+        self.solution.install({name: b.to(self._slot_devices[name]) for name, b in bases.items()},
+                              built_from=kept, threshold=max(thresholds))
         return self
 
     # ------------------------------------------------------------------ project

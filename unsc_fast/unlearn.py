@@ -30,10 +30,21 @@ from torch import nn
 from unsc_fast.calibration import calibrated_labels, random_labels
 from unsc_fast.optimizer import NullSpaceOptimizer
 from unsc_fast.projector import NullSpaceProjector
+from unsc_fast.room import NoRoomError, selectivity
 from unsc_fast.training import Loss, Objective, Progress, batch_parts, fit, make_loader, model_device, predict_logits
 
 LABEL_RULES = ("calibrate", "random", "keep")
 Relabel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+PRESETS = {
+    # the library's own: benchmarks/sweep_unsc_defaults.py on validation splits of digits and
+    # MNIST-1D (the only grid point forgetting both, <= 1 %, with the best remaining accuracy)
+    "default": dict(threshold=0.97, epochs=10, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
+                    class_thresholds=None),
+    # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb)
+    "official": dict(threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
+                     class_thresholds=None),
+}
 
 
 @dataclass
@@ -61,11 +72,12 @@ def unlearn(
     forget_classes: Iterable[int] | None = None,
     num_classes: int | None = None,
     projector: NullSpaceProjector | None = None,
-    threshold: float = 0.99,
-    epochs: int = 10,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    batch_size: int = 32,
+    preset: str = "default",
+    threshold: float | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    momentum: float | None = None,
+    batch_size: int | None = None,
     calibrate: bool = True,
     labels: str | Relabel | None = None,
     loss: Loss = F.cross_entropy,
@@ -73,6 +85,7 @@ def unlearn(
     project: bool = True,
     untracked: str = "freeze",
     seed: int = 0,
+    min_selectivity: float = 1.5,
     progress: Progress | None = None,
     progress_bar: bool | None = None,
 ) -> UnlearnResult:
@@ -92,8 +105,30 @@ def unlearn(
     ``objective``: ``None`` (minimise the loss), ``"ascent"`` (maximise it) or
     ``objective(loss, fraction_done)``. ``untracked``: see ``NullSpaceOptimizer``.
     ``progress_bar``: tqdm bars on observation and epochs (None: on a terminal, after 2 s).
+
+    ``preset`` fills the hyperparameters left as ``None`` (``PRESETS``): ``"default"`` the
+    library's own (chosen on a validation split, docs/fidelity.md), ``"official"`` the
+    official code's CIFAR-10 run (plain SGD, batch 512, 25 epochs, lr 0.04, the basis grown
+    class by class with rising thresholds: ``NullSpaceProjector.build_incremental``; an
+    explicit ``threshold`` becomes every class's threshold).
+
+    A sample-wise request (no ``forget_classes``) is refused with ``NoRoomError`` when in no
+    layer the forget samples have ``min_selectivity`` times more of their input energy outside
+    the protected subspace than the remaining samples (``unsc_fast.room``): the remaining
+    samples of the same classes usually span the same inputs, and the projected fine-tuning
+    would then change nothing (a silent no-op). ``min_selectivity=0`` disables the check.
     """
     start = time.perf_counter()
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    hp = PRESETS[preset]
+    basis_rule, explicit_threshold = None, threshold
+    if hp["basis"] == "incremental":
+        basis_rule = hp["class_thresholds"] if threshold is None else threshold
+    threshold, epochs, lr, momentum, batch_size = (
+        hp[name] if value is None else value
+        for name, value in (("threshold", threshold), ("epochs", epochs), ("lr", lr), ("momentum", momentum),
+                            ("batch_size", batch_size)))
     rule = labels if labels is not None else ("calibrate" if calibrate else "random")
     if not callable(rule) and rule not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule!r}")
@@ -108,7 +143,10 @@ def unlearn(
 
     if project:
         projector = _ready_projector(model, projector, remain, forget, forget_classes, threshold, progress,
-                                     progress_bar)
+                                     progress_bar, basis_rule=basis_rule, incremental=hp["basis"] == "incremental",
+                                     explicit_threshold=explicit_threshold)
+        if not forget_classes and min_selectivity > 0:
+            _refuse_without_room(model, projector, forget, min_selectivity)
         inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         optimizer: torch.optim.Optimizer = NullSpaceOptimizer(inner, projector, untracked=untracked)
     else:
@@ -193,7 +231,20 @@ def _batches(data, size: int):
     return make_loader(data[0], data[1], batch_size=size) if is_tensor_pair(data) else data
 
 
-def _ready_projector(model, projector, remain, forget, forget_classes, threshold, progress, progress_bar):
+def _refuse_without_room(model, projector, forget, min_selectivity: float) -> None:
+    ratios = selectivity(model, projector, forget[0] if is_tensor_pair(forget) else forget)
+    best = max(ratios.values(), default=0.0)
+    if best < min_selectivity:
+        raise NoRoomError(
+            "sample-wise UNSC would be a no-op: the remaining samples span the same layer inputs as the "
+            f"forget samples (forget/remaining energy outside the protected subspace: at most {best:.2f}x "
+            f"in any layer, min_selectivity={min_selectivity}), so the null-space updates cannot move the "
+            "forget samples without moving the remaining ones. Forget whole classes (forget_classes=...), "
+            "or pass min_selectivity=0 to run anyway")
+
+
+def _ready_projector(model, projector, remain, forget, forget_classes, threshold, progress, progress_bar, *,
+                     basis_rule=None, incremental: bool = False, explicit_threshold: float | None = None):
     """Observe ``remain`` if given, then (re)build for this request.
 
     A ``statistics="total"`` projector gets one pass over the forget data, subtracted by the
@@ -220,5 +271,9 @@ def _ready_projector(model, projector, remain, forget, forget_classes, threshold
     if remain is None and projector.built and not forget_classes:
         return projector
     observed = set(projector.groups)
-    projector.build(exclude=[c for c in forget_classes if c in observed])
+    exclude = [c for c in forget_classes if c in observed]
+    if incremental:  # the official pipeline's class-by-class basis (per-label statistics only)
+        projector.build_incremental(exclude=exclude, class_thresholds=basis_rule)
+    else:  # an explicit threshold= overrides a given projector's own
+        projector.build(exclude=exclude, threshold=explicit_threshold)
     return projector

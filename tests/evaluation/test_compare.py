@@ -13,7 +13,7 @@ from unsc_fast.evaluation.compare import CompareConfig, build_model, load_checkp
 from unsc_fast.evaluation.image_folder import load_image_folder
 from unsc_fast.evaluation.methods import METHODS
 from unsc_fast.evaluation.divergence import DIVERGENCE_TITLES
-from unsc_fast.evaluation.metrics import METRIC_TITLES
+from unsc_fast.evaluation.metrics import GAP_KEYS, METRIC_TITLES
 from unsc_fast.evaluation.report import format_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +76,7 @@ def test_compare_json_has_every_method_seed_and_metric(digits_run):
             assert set(METRIC_TITLES) <= set(run["metrics"]), name
             assert all(isinstance(run["metrics"][key], float) for key in METRIC_TITLES), name
             assert len(run["metrics"]["per_class_test"]) == 10
-            assert set(run["gap"]) == set(METRIC_TITLES) | {"avg_gap"}
+            assert set(run["gap"]) == set(GAP_KEYS) | {"avg_gap"}
             assert run["seconds"] > 0
         summary = results["summary"][name]
         assert set(summary["metrics"]) == set(METRIC_TITLES) | set(DIVERGENCE_TITLES)  # U-LiRA is off by default
@@ -93,9 +93,12 @@ def test_compare_json_has_every_method_seed_and_metric(digits_run):
     for name in ("unsc", "finetune", "original"):
         for run, reference in zip(results["runs"][name], results["runs"]["retrain"]):
             assert run["gap"]["mia_svc"] == pytest.approx(abs(run["metrics"]["mia_svc"] - reference["metrics"]["mia_svc"]))
-    # the original is one model, the same for every seed, and it knows class 3; the retrained one does not
+    # on the digits each seed trains its own original (the spread covers training too); the
+    # seed-0 (base seed) one is the saved one; it knows class 3, the retrained one does not
+    assert results["original"]["per_seed"] is True
     first, second = (run["metrics"] for run in results["runs"]["original"])
-    assert all(first[key] == second[key] for key in [*METRIC_TITLES, "per_class_test"])  # its distances vary by seed
+    assert first["per_class_test"] != second["per_class_test"]
+    assert first["acc_remain_train"] == results["original"]["metrics"]["acc_remain_train"]
     assert results["original"]["metrics"]["acc_forget_test"] > 80
     assert results["summary"]["retrain"]["metrics"]["acc_forget_test"]["mean"] == 0.0
     assert len(results["runs"]["unsc"][0]["info"]["forget_labels"]) == results["scenario"]["forget_train"]
@@ -149,10 +152,21 @@ def test_a_saved_original_is_reused_with_checkpoint(digits_run, tmp_path):
 # --------------------------------------------------------------------------- settings
 
 
+def test_one_original_is_shared_by_every_seed_when_asked():
+    config = CompareConfig(methods=("finetune",), seeds=(0, 1), train_epochs=2, original_per_seed=False,
+                           settings={"finetune": {"epochs": 1}, "retrain": {"epochs": 1}})
+    results = run_comparison(config)
+    first, second = (run["metrics"] for run in results["runs"]["original"])
+    assert first["per_class_test"] == second["per_class_test"] and results["original"]["per_seed"] is False
+    assert CompareConfig().original_per_seed is True and CompareConfig(dataset="cifar10").original_per_seed is False
+    with pytest.raises(ValueError, match="checkpoint"):
+        CompareConfig(checkpoint="x.pt", original_per_seed=True)
+
+
 def test_parse_settings_reads_python_literals_and_method_aliases():
-    settings = parse_settings(["natmu.epochs=3", "natmu.reset_classifier=True", "unsc.lr = 0.02",
+    settings = parse_settings(["natmu.epochs=3", "natmu.init_linear=True", "unsc.lr = 0.02",
                                "gradient-ascent.lr=1e-3", "salun.saliency_fraction=0.3"])
-    assert settings == {"natmu": {"epochs": 3, "reset_classifier": True}, "unsc": {"lr": 0.02},
+    assert settings == {"natmu": {"epochs": 3, "init_linear": True}, "unsc": {"lr": 0.02},
                         "gradient_ascent": {"lr": 1e-3}, "salun": {"saliency_fraction": 0.3}}
     assert isinstance(settings["natmu"]["epochs"], int)
     assert parse_settings([]) == {} and parse_settings(None) == {}
@@ -259,7 +273,8 @@ def test_compare_on_an_image_folder_random_sample_forgetting(tmp_path):
     root = write_pngs(tmp_path / "pictures", per_class=10, size=8)
     output = tmp_path / "out"
     code = cli.main(["compare", "--data", str(root), "--scenario", "random-sample", "--forget-fraction", "0.2",
-                     "--methods", "unsc,boundary", "--seeds", "0", "--train-epochs", "3", "--set", "unsc.epochs=1",
+                     "--methods", "unsc,unsc_no_projection,boundary", "--seeds", "0", "--train-epochs", "3",
+                     "--set", "unsc_no_projection.epochs=1",
                      "--output", str(output), "--quiet"])
     assert code == 0
     results = json.loads((output / "comparison.json").read_text())
@@ -267,12 +282,14 @@ def test_compare_on_an_image_folder_random_sample_forgetting(tmp_path):
     assert results["dataset"]["image_shape"] == [3, 8, 8]
     assert results["scenario"]["kind"] == "random_sample" and results["scenario"]["forget_train"] == 4
     # boundary unlearning is class-level only: reported as not run, with the reason, never run as something else
-    assert list(results["runs"]) == ["retrain", "unsc", "original"]
+    assert list(results["runs"]) == ["retrain", "unsc_no_projection", "original"]
     assert "boundary cannot do random-sample forgetting" in results["skipped"]["boundary"]
+    # projected UNSC would be a no-op on random samples: skipped with the reason, never run silently
+    assert "span the same layer inputs" in results["skipped"]["unsc"]
     # no forget test set in random-sample forgetting: undefined, written as null / n/a, never as 0
-    assert results["runs"]["unsc"][0]["metrics"]["acc_forget_test"] is None
-    assert results["summary"]["unsc"]["metrics"]["acc_forget_test"]["mean"] is None
-    assert results["runs"]["unsc"][0]["gap"]["avg_gap"] is not None
+    assert results["runs"]["unsc_no_projection"][0]["metrics"]["acc_forget_test"] is None
+    assert results["summary"]["unsc_no_projection"]["metrics"]["acc_forget_test"]["mean"] is None
+    assert results["runs"]["unsc_no_projection"][0]["gap"]["avg_gap"] is not None
     text = (output / "comparison.md").read_text()
     assert "| n/a |" in text and "### Not run" in text and "- boundary cannot do random-sample forgetting" in text
     assert "| method | cat | dog | emu |" in text

@@ -166,10 +166,23 @@ def test_unsc_ablations_differ_in_labels_only_where_they_should(tiny):
     assert torch.equal(calibrated, logits.argmax(1))
 
 
-def test_unsc_does_random_sample_forgetting_too(tiny):
+@pytest.mark.parametrize("name", ["unsc", "unsc_official", "unsc_random_labels"])
+def test_projected_unsc_refuses_random_sample_forgetting_with_the_reason(tiny, name):
     _, model, _, random_sample = tiny
-    result = get_method("unsc")(model, random_sample, {"epochs": 1})
+    assert not get_method(name).supports("random_sample")
+    with pytest.raises(UnsupportedScenario, match="span the same layer inputs"):
+        get_method(name)(model, random_sample, {"epochs": 1})
+    # calibration alone still does it
+    result = get_method("unsc_no_projection")(model, random_sample, {"epochs": 1})
     assert (result.info["forget_labels"] != random_sample.forget[1]).all()
+
+
+def test_unsc_official_runs_the_official_pipeline_and_forgets(tiny):
+    _, model, scenario, _ = tiny
+    result = get_method("unsc_official")(model, scenario, {"batch_size": 4})
+    assert result.settings["momentum"] == 0.0 and result.settings["lr"] == 0.04
+    assert accuracy(result.model, *scenario.forget) <= 20
+    assert accuracy(result.model, *scenario.remain_test) >= accuracy(model, *scenario.remain_test) - 10
 
 
 # --------------------------------------------------------------------------- gradient ascent
@@ -363,3 +376,22 @@ def test_l1_sparse_shrinks_the_weights_more_than_plain_fine_tuning(tiny):
     # with alpha = 0 the two are the same training run
     unpenalised = get_method("l1_sparse")(model, scenario, {**common, "alpha": 0.0}, seed=0)
     assert l1(unpenalised.model) == pytest.approx(l1(plain.model), rel=1e-6)
+
+
+def test_natmu_full_class_defaults_are_the_official_script_s(tiny, monkeypatch):
+    """class-wise/scripts/full-class/natmu.sh: -i (every Linear redrawn), delta -0.053, lr 2.8e-4;
+    the sample-wise settings stay as they were."""
+    _, model, full_class, random_sample = tiny
+    assert natmu.resolved(natmu.DEFAULTS, "full_class") == {
+        **natmu.DEFAULTS, "delta": -0.053, "lr": 2.8e-4, "init_linear": True}
+    assert natmu.resolved(natmu.DEFAULTS, "random_sample")["init_linear"] is False
+    assert natmu.resolved({**natmu.DEFAULTS, "lr": 0.5}, "full_class")["lr"] == 0.5  # the user's value wins
+    calls = []
+    monkeypatch.setattr(natmu, "fine_tune", lambda net, x, y, **kw: calls.append((net, kw)))
+    result = get_method("natmu")(model, full_class, {"epochs": 1}, seed=0)
+    (net, kw), = calls
+    assert kw["lr"] == 2.8e-4 and result.info["settings"]["delta"] == -0.053
+    for (name, before), (_, after) in zip(model.named_modules(), net.named_modules()):
+        if isinstance(before, torch.nn.Linear):
+            assert not torch.equal(before.weight, after.weight), f"{name} was not re-initialised"
+            assert torch.equal(before.bias, after.bias)

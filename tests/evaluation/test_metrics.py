@@ -107,14 +107,14 @@ def test_per_class_accuracy_with_a_missing_class_is_nan():
 
 def test_gap_to_reference_by_hand_with_nan():
     metrics = dict(acc_remain_train=90.0, acc_forget_train=10.0, acc_remain_test=85.0, acc_forget_test=float("nan"),
-                   mia_svc=30.0, mia_loss_entropy=40.0, per_class_test=[1.0])
+                   mia_svc=30.0, mia_loss_entropy=40.0, mia_entropy_lr=60.0, per_class_test=[1.0])
     reference = dict(acc_remain_train=95.0, acc_forget_train=0.0, acc_remain_test=88.0, acc_forget_test=float("nan"),
-                     mia_svc=20.0, mia_loss_entropy=50.0, per_class_test=[2.0])
+                     mia_svc=20.0, mia_loss_entropy=50.0, mia_entropy_lr=70.0, per_class_test=[2.0])
     gaps = gap_to_reference(metrics, reference)
     assert gaps["acc_remain_train"] == 5.0 and gaps["acc_forget_train"] == 10.0 and gaps["acc_remain_test"] == 3.0
     assert gaps["mia_svc"] == 10.0 and gaps["mia_loss_entropy"] == 10.0
     assert math.isnan(gaps["acc_forget_test"])                    # undefined on both sides ...
-    assert gaps["avg_gap"] == pytest.approx((5 + 10 + 3 + 10 + 10) / 5)  # ... and left out of the mean
+    assert gaps["avg_gap"] == pytest.approx((5 + 10 + 3 + 10 + 10 + 10) / 6)  # ... and left out of the mean
     assert "per_class_test" not in gaps
 
 
@@ -213,6 +213,43 @@ def test_unlearning_metrics_attacks_use_remaining_train_as_members_and_test_as_n
 
     remembered = metrics_with(8, 12)
     assert remembered["mia_svc"] == pytest.approx(100.0) and remembered["mia_loss_entropy"] == pytest.approx(100.0)
+    assert remembered["mia_entropy_lr"] == pytest.approx(100.0) and remembered["mia_svc_efficacy"] == pytest.approx(0.0)
     forgotten = metrics_with(-1, 0.5)
     assert forgotten["mia_svc"] == pytest.approx(0.0) and forgotten["mia_loss_entropy"] == pytest.approx(0.0)
+    assert forgotten["mia_entropy_lr"] == pytest.approx(0.0) and forgotten["mia_svc_efficacy"] == pytest.approx(100.0)
     assert np.isclose(forgotten["acc_remain_train"], 100.0)
+
+
+def test_entropy_attack_is_a_balanced_fit_on_all_members_and_non_members():
+    """NatMU's attack: class_weight='balanced' on the full sets. 90 members with margins 1..5
+    against 10 non-members with margins 0..2 (two-class logits [margin, 0]): an unbalanced fit
+    calls a margin-1.3 target a member (the prior of 9:1 wins), the balanced one does not;
+    a clearly confident target is a member either way."""
+    from unsc_fast.evaluation.metrics import entropy_membership_inference
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    def logits(margins):
+        return torch.stack([margins, torch.zeros_like(margins)], 1)
+
+    g = torch.Generator().manual_seed(0)
+    members = (logits(1 + 4 * torch.rand(90, generator=g)), torch.zeros(90, dtype=torch.long))
+    nonmembers = (logits(2 * torch.rand(10, generator=g)), torch.zeros(10, dtype=torch.long))
+    target = torch.zeros(5, dtype=torch.long)
+    assert entropy_membership_inference(Fixed(), members, nonmembers, (logits(torch.full((5,), 1.3)), target)) == 0.0
+    assert entropy_membership_inference(Fixed(), members, nonmembers, (logits(torch.full((5,), 4.0)), target)) == 100.0
+
+
+def test_macro_accuracy_is_the_mean_over_present_classes():
+    from unsc_fast.evaluation.metrics import macro_accuracy
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    # class 0: 9 samples all right; class 1: 1 sample wrong; micro 90 %, macro 50 %
+    x = torch.tensor([[1.0, 0.0]] * 10)
+    y = torch.tensor([0] * 9 + [1])
+    assert macro_accuracy(Fixed(), x, y, 3) == pytest.approx(50.0)

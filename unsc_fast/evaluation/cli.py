@@ -66,6 +66,9 @@ def add_compare_parser(commands) -> None:
                          help="architecture to train or to load a state_dict into; default: the dataset's (digits: "
                               "digits_cnn, mnist1d: mnist1d_cnn, cifar10: allcnn, cifar100: resnet18, svhn: vgg11, "
                               "mnist/fashionmnist: alexnet, folder: digits_cnn)")
+    compare.add_argument("--one-original", action="store_true",
+                         help="train one original model (--base-seed) for every seed; by default each seed trains its "
+                              "own original on the embedded datasets (digits, mnist1d), so the spread covers training")
     compare.add_argument("--train-epochs", type=int, default=30,
                          help="epochs for the original model and (unless retrain.epochs is set) the retrained one")
     compare.add_argument("--set", action="append", default=[], metavar="METHOD.SETTING=VALUE",

@@ -81,7 +81,9 @@ def distance_table(results: dict) -> str:
 
 
 def gap_table(results: dict) -> str:
-    titles = results["metric_titles"]
+    """Gaps of the metrics ``avg_gap`` averages (efficacy and macro accuracy restate others)."""
+    gaps_of = next(iter(results["summary"].values()))["gap"] if results["summary"] else {}
+    titles = {key: title for key, title in results["metric_titles"].items() if key in gaps_of}
     header = ["method", *(f"Δ {title}" for title in titles.values()), "avg gap"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name in _row_order(results):

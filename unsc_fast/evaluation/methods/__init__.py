@@ -33,6 +33,7 @@ METHODS: dict[str, UnlearningMethod] = {
     for method in (
         retrain.METHOD,
         unsc.UNSC,
+        unsc.UNSC_OFFICIAL,
         unsc.UNSC_RANDOM_LABELS,
         unsc.UNSC_NO_PROJECTION,
         natmu.METHOD,

@@ -23,7 +23,14 @@ from unsc_fast.evaluation.methods.base import UnlearningMethod
 from unsc_fast.evaluation.methods.training_loop import excluded_classes, fine_tune
 from unsc_fast.training import predict_logits
 
-DEFAULTS = dict(top_k=4, delta=-0.1, epochs=5, lr=1e-3, weight_decay=0.0, batch_size=64, reset_classifier=False)
+# ``None`` = per scenario: the official full-class script (class-wise/scripts/full-class/natmu.sh:
+# ``--delta=-0.053 -i --lr=0.00028 --opt=adamw --wd=0.0``) re-initialises every Linear layer and
+# blends more weakly than the sample-wise runs, whose settings stay as they were.
+PER_SCENARIO = {
+    "full_class": dict(delta=-0.053, lr=2.8e-4, init_linear=True),
+    "random_sample": dict(delta=-0.1, lr=1e-3, init_linear=False),
+}
+DEFAULTS = dict(top_k=4, delta=None, epochs=5, lr=None, weight_decay=0.0, batch_size=64, init_linear=None)
 
 
 def tent(length: int) -> torch.Tensor:
@@ -104,23 +111,33 @@ def patched_samples(model: nn.Module, forget, remain, *, top_k: int = 4, delta: 
     return patches, y_remain[indices.to(y_remain.device)].flatten(), indices.flatten()
 
 
-def _reset_last_linear(model: nn.Module) -> None:
-    """The paper's class-wise option ``--init_linear``: re-initialise the classifier head."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears:
-        linears[-1].reset_parameters()
+def init_linear(model: nn.Module) -> None:
+    """The official ``--init_linear`` (``-i``): every ``nn.Linear`` weight redrawn Xavier-normal
+    with ReLU gain, biases kept (``utils/unlearning_util.py::init_linear``). The class-wise
+    runs use it: the head's knowledge of the forgotten class goes at once and the blended
+    samples teach the head back from the (kept) features."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_normal_(module.weight, gain=nn.init.calculate_gain("relu"))
+
+
+def resolved(settings: dict, kind: str) -> dict:
+    """``settings`` with every ``None`` replaced by the scenario's official value."""
+    per_kind = PER_SCENARIO[kind]
+    return {k: (per_kind[k] if v is None and k in per_kind else v) for k, v in settings.items()}
 
 
 def run(model, scenario, settings, seed, progress):
+    settings = resolved(settings, scenario.kind)
     patches, labels, _ = patched_samples(model, scenario.forget, scenario.remain, top_k=settings["top_k"],
                                          delta=settings["delta"], excluded=excluded_classes(scenario), seed=seed)
-    if settings["reset_classifier"]:
-        _reset_last_linear(model)
+    if settings["init_linear"]:
+        init_linear(model)
     x_remain, y_remain = scenario.remain
     fine_tune(model, torch.cat([x_remain, patches]), torch.cat([y_remain, labels]), epochs=settings["epochs"],
               lr=settings["lr"], optimizer="adamw", weight_decay=settings["weight_decay"],
               batch_size=settings["batch_size"], schedule="cosine", seed=seed, progress=progress, label="natmu")
-    return {"patches": len(patches)}
+    return {"patches": len(patches), "settings": settings}
 
 
 METHOD = UnlearningMethod("natmu", "NatMU", run, DEFAULTS,
