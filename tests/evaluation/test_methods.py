@@ -395,3 +395,16 @@ def test_natmu_full_class_defaults_are_the_official_script_s(tiny, monkeypatch):
         if isinstance(before, torch.nn.Linear):
             assert not torch.equal(before.weight, after.weight), f"{name} was not re-initialised"
             assert torch.equal(before.bias, after.bias)
+
+
+def test_natmu_masks_for_one_dimensional_signals():
+    """MNIST-1D's samples are (C, L) signals: NatMU blends them with the two tents along the
+    signal (complementary with the remaining sample's 1 - M); images keep the four tents."""
+    masks = natmu.sample_masks((2, 40), delta=0.0)
+    assert masks.shape == (2, 2, 40)
+    peak = masks[0].max()
+    assert torch.allclose(masks[0] + masks[1], torch.full((2, 40), float(peak)))  # a tent and its inverse
+    assert masks[0, 0, 0] == 0 and masks[0, 0, -1] == 0 and masks[0, 0, 20] == peak
+    assert natmu.sample_masks((3, 8, 8), delta=0.0).shape == (4, 3, 8, 8)
+    with pytest.raises(ValueError, match="images .* or signals"):
+        natmu.sample_masks((5,), delta=0.0)

@@ -60,6 +60,17 @@ def natmu_masks(channels: int, height: int, width: int, delta: float) -> torch.T
     return (masks + delta).clamp(0.0, 1.0).contiguous()
 
 
+def sample_masks(shape: tuple, delta: float) -> torch.Tensor:
+    """NatMU's masks for images ``(C, H, W)``: the four tents; for 1-D signals ``(C, L)`` (MNIST-1D),
+    the two tents along the signal (ours: the paper defines image masks only; the row tents of
+    a signal would be constant)."""
+    if len(shape) == 3:
+        return natmu_masks(*shape, delta=delta)
+    if len(shape) == 2:
+        return natmu_masks(shape[0], 1, shape[1], delta)[[1, 3], :, 0]
+    raise ValueError(f"NatMU needs images (C, H, W) or signals (C, L), got samples of shape {shape}")
+
+
 def candidate_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, unavailable) -> torch.Tensor:
     """(N, k) the original model's k most likely classes per sample, leaving out the sample's
     own class and every class in ``unavailable`` (forgotten, or with no remaining sample)."""
@@ -100,7 +111,7 @@ def patched_samples(model: nn.Module, forget, remain, *, top_k: int = 4, delta: 
     present = {int(c) for c in y_remain.unique()}
     unavailable = set(excluded) | (set(range(int(predict_logits(model, x_forget[:1]).shape[1]))) - present)
     classes = candidate_classes(model, x_forget, y_forget, top_k, unavailable)
-    masks = natmu_masks(*x_forget.shape[1:], delta=delta).to(x_forget.device, x_forget.dtype)
+    masks = sample_masks(tuple(x_forget.shape[1:]), delta).to(x_forget.device, x_forget.dtype)
     sampler = _ClassSampler(y_remain.cpu(), torch.Generator().manual_seed(seed))
     indices = torch.tensor([[sampler.draw(int(c)) for c in row] for row in classes], dtype=torch.long)
     k = classes.shape[1]
