@@ -5,6 +5,8 @@
 #   2. README "Comparing methods" table,
 #      docs/compare.md's report and plots:      unsc-fast compare   (default run)
 #   3. docs/compare.md "A second run":          unsc-fast compare --checkpoint ... (milder baselines)
+#   4. README "Comparing methods", MNIST-1D:    unsc-fast compare --dataset mnist1d
+#      (MNIST1D_ONLY=1 runs this step alone, e.g. in parallel with steps 1-3 on another core)
 # Usage: bash scripts/reproduce_readme.sh [OUTPUT_DIR]   (default: reproduce_output)
 # Nothing in README.md or docs/ is touched; the end of the run says which file goes where.
 # Expect ~3-4 min on 2 idle CPU cores. Times differ run to run; every other figure repeats exactly
@@ -27,6 +29,13 @@ if ! diff -q <(.venv/bin/python -m pip freeze --all --exclude unsc_fast --exclud
     echo "[reproduce] WARNING: .venv differs from requirements-lock.txt; figures may differ" >&2
 fi
 mkdir -p "$OUT"
+if [ "${MNIST1D_ONLY:-0}" = "1" ]; then
+    echo "[reproduce] 4/4 unsc-fast compare --dataset mnist1d --output $OUT/compare_mnist1d"
+    rm -rf "$OUT/compare_mnist1d"
+    .venv/bin/unsc-fast compare --dataset mnist1d --threads 1 --output "$OUT/compare_mnist1d" --quiet > "$OUT/compare_mnist1d.log"
+    echo "[reproduce] $OUT/compare_mnist1d/comparison.md -> README.md, 'Comparing methods' (MNIST-1D table)"
+    exit 0
+fi
 rm -rf "$OUT/compare"
 
 echo "[reproduce] 1/3 unsc-fast demo --threads 1"
@@ -52,6 +61,7 @@ cat <<DONE
   $OUT/compare/classwise.png     -> docs/images/compare_classwise.png
   $OUT/compare/tradeoff.png      -> docs/images/compare_tradeoff.png
   $OUT/compare_tuned/comparison.md -> docs/compare.md, "A second run" (its first table)
+  (MNIST-1D: MNIST1D_ONLY=1 bash scripts/reproduce_readme.sh $OUT -> $OUT/compare_mnist1d/comparison.md)
   $OUT/compare/comparison.json   every raw figure, with the environment it ran in
   $OUT/environment.txt           exact packages, platform and thread count of this run
 To install the plots: cp $OUT/compare/classwise.png docs/images/compare_classwise.png &&
