@@ -253,3 +253,17 @@ def test_macro_accuracy_is_the_mean_over_present_classes():
     x = torch.tensor([[1.0, 0.0]] * 10)
     y = torch.tensor([0] * 9 + [1])
     assert macro_accuracy(Fixed(), x, y, 3) == pytest.approx(50.0)
+
+
+def test_a_diverged_model_gets_nan_attacks_instead_of_stopping_the_run(hand_scenario):
+    """A method that diverges (NaN outputs) must not crash the comparison in the attack's
+    classifier: its attacks are NaN and the run records finite_outputs=False."""
+
+    class Diverged(nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 3), float("nan"))
+
+    _, scenario = hand_scenario
+    metrics = unlearning_metrics(Diverged(), scenario)
+    assert metrics["finite_outputs"] is False
+    assert math.isnan(metrics["mia_svc"]) and math.isnan(metrics["mia_entropy_lr"])

@@ -338,6 +338,8 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
             say(f"seed {seed}: {name} ...")
             result = get_method(name)(original, scenario, method_settings(config, name), seed, progress)
             metrics = unlearning_metrics(result.model, scenario, seed=seed)
+            if not metrics["finite_outputs"]:
+                say(f"seed {seed}: {name} diverged (NaN/Inf outputs): its attacks are reported as n/a")
             if name == REFERENCE:
                 references, reference_model = metrics, result.model
             metrics = against_reference(result.model, metrics, reference_model)

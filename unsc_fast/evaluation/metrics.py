@@ -151,12 +151,20 @@ def unlearning_metrics(model: nn.Module, scenario, *, seed: int = 0) -> dict:
     """Every figure the comparison reports for ``model`` on a ``Scenario``.
 
     Accuracies on remaining/forget data (train and test), per-class test accuracy, and the
-    two membership attacks on the forget set, both trained on remaining-train (members)
-    versus the whole test set (non-members).
+    membership attacks on the forget set, trained on remaining-train (members) versus the
+    whole test set (non-members). A model whose outputs are NaN/Inf (a method that diverged)
+    gets NaN attacks and ``finite_outputs=False`` instead of stopping the comparison.
     """
     remain, forget, test = scenario.remain, scenario.forget, scenario.test
-    member_rate = membership_inference(model, remain, test, forget, seed=seed)
+    finite = all(bool(torch.isfinite(predict_logits(model, x)).all()) for x, _ in (remain, forget, test) if len(x))
+    if finite:
+        member_rate = membership_inference(model, remain, test, forget, seed=seed)
+        loss_entropy = loss_entropy_membership_inference(model, remain, test, forget, seed=seed)
+        entropy = entropy_membership_inference(model, remain, test, forget)
+    else:  # a diverged model: its attacks are undefined, its accuracies say what happened
+        member_rate = loss_entropy = entropy = float("nan")
     return {
+        "finite_outputs": finite,
         "acc_remain_train": accuracy(model, *remain),
         "acc_forget_train": accuracy(model, *forget),
         "acc_remain_test": accuracy(model, *scenario.remain_test),
@@ -164,8 +172,8 @@ def unlearning_metrics(model: nn.Module, scenario, *, seed: int = 0) -> dict:
         "acc_forget_test": accuracy(model, *scenario.forget_test),
         "mia_svc": member_rate,
         "mia_svc_efficacy": 100.0 - member_rate,
-        "mia_loss_entropy": loss_entropy_membership_inference(model, remain, test, forget, seed=seed),
-        "mia_entropy_lr": entropy_membership_inference(model, remain, test, forget),
+        "mia_loss_entropy": loss_entropy,
+        "mia_entropy_lr": entropy,
         "per_class_test": per_class_accuracy(model, *test, scenario.num_classes),
     }
 
