@@ -8,8 +8,6 @@ metric's gap is measured against, per seed). Results are a plain JSON-ready dict
 from __future__ import annotations
 
 import ast
-import os
-import pickle
 import platform
 import sys
 import time
@@ -28,6 +26,9 @@ from unsc_fast.evaluation.models import MODELS, create_model  # noqa: F401 (MODE
 from unsc_fast.evaluation.scenario import make_scenario
 from unsc_fast.evaluation.recipes import train
 from unsc_fast.training import Progress
+
+from unsc_fast.evaluation.checkpoints import UntrustedCheckpointError, load_checkpoint  # noqa: E402
+from unsc_fast.evaluation.config_checks import ConfigError, check_config  # noqa: E402
 
 REFERENCE = "retrain"
 EMBEDDED = ("digits", "mnist1d")  # generated or bundled: an original per seed costs seconds
@@ -104,72 +105,6 @@ def method_settings(config: CompareConfig, name: str) -> dict:
     return get_method(name).settings(chosen)
 
 
-class ConfigError(ValueError):
-    """An argument that would make the run fail (or mean nothing) later, found before any training."""
-
-
-def check_config(config: CompareConfig) -> None:
-    """Raise ``ConfigError`` listing every problem the run would otherwise hit after the
-    training: a missing input file, an output that cannot be written, an empty seed list.
-
-    Only cheap checks on the file system and the values; settings are checked by
-    ``method_settings`` and the classes by ``make_scenario``, both also before training.
-    """
-    problems = _value_problems(config) + _input_problems(config) + _output_problems(config)
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-def _value_problems(config: CompareConfig) -> list[str]:
-    """Values the API accepts but that would make an empty or meaningless run."""
-    problems = []
-    if not config.seeds:
-        problems.append("no seeds: give at least one (--seeds 0 1 2)")
-    if config.scenario == "full_class" and not config.forget_classes:
-        problems.append("full-class forgetting needs at least one class (--forget-classes)")
-    if config.scenario == "random_sample" and not 0 < config.forget_fraction < 1:
-        problems.append(f"--forget-fraction must be in (0, 1), got {config.forget_fraction}")
-    if config.checkpoint is None and config.train_epochs < 1:
-        problems.append(f"--train-epochs must be at least 1 to train the original, got {config.train_epochs}")
-    if config.image_size is not None and config.image_size < 1:
-        problems.append(f"--image-size must be positive, got {config.image_size}")
-    return problems
-
-
-def _input_problems(config: CompareConfig) -> list[str]:
-    """Input paths that do not exist: found now, not after the original's training."""
-    problems = []
-    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
-        problems.append(f"checkpoint {config.checkpoint} is not a file")
-    root = config.data_root if config.data_root is not None else config.data
-    if root is not None and not Path(root).is_dir():
-        problems.append(f"data directory {root} does not exist or is not a directory")
-    return problems
-
-
-def _output_problems(config: CompareConfig) -> list[str]:
-    """The output directory (and the saved original's folder) must be creatable and writable."""
-    folders = [config.output] + ([str(Path(config.save_original).parent)] if config.save_original else [])
-    problems = []
-    for folder in dict.fromkeys(folders):
-        problem = _unwritable_folder(Path(folder))
-        if problem:
-            problems.append(problem)
-    return problems
-
-
-def _unwritable_folder(folder: Path) -> str | None:
-    """Why ``folder`` could not be created or written into, or None if it can."""
-    if folder.exists() and not folder.is_dir():
-        return f"output {folder} exists and is not a directory"
-    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
-    if not existing.is_dir():
-        return f"output {folder} cannot be created: {existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"output {folder} cannot be written: no write permission on {existing}"
-    return None
-
-
 def load_data(config: CompareConfig) -> DatasetSplit:
     """The dataset of ``config`` (see ``datasets.DATASETS``), split and standardised."""
     return load_dataset(config.dataset, config.data_root, image_size=config.image_size, seed=config.base_seed)
@@ -178,54 +113,6 @@ def load_data(config: CompareConfig) -> DatasetSplit:
 def build_model(name: str, split: DatasetSplit) -> nn.Module:
     """Model ``name`` for the split's sample shape (channels, image size or signal length) and classes."""
     return create_model(name, split.num_classes, split.image_shape)
-
-
-class UntrustedCheckpointError(ValueError):
-    """A checkpoint that only the full pickle unpickler can read, loaded without ``trust_pickle``.
-
-    Unpickling arbitrary objects runs whatever code the file names (``__reduce__``), so such
-    a file is refused by default: a state dict never needs it.
-    """
-
-
-def load_checkpoint(path: str, model_name: str, split: DatasetSplit, *, trust_pickle: bool = False) -> nn.Module:
-    """A state_dict (bare or under "state_dict") for ``model_name``; a whole pickled
-    ``nn.Module`` only with ``trust_pickle=True``.
-
-    Tensors and plain containers load with ``weights_only=True``, which cannot run code.
-    Anything else (a pickled module, or any object in the file) needs the full unpickler,
-    which executes what the file tells it to; that is the caller's explicit decision,
-    never a silent fallback.
-    """
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if not trust_pickle:
-            raise UntrustedCheckpointError(_untrusted_message(path, error)) from error
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(saved, nn.Module):
-        return saved.eval()
-    if isinstance(saved, dict):
-        model = build_model(model_name, split)
-        model.load_state_dict(saved.get("state_dict", saved))
-        return model.eval()
-    raise TypeError(f"{path} holds a {type(saved).__name__}, not a model or a state_dict")
-
-
-def _untrusted_message(path: str, error: Exception) -> str:
-    """What was refused, why, and the two ways forward (re-save as a state dict, or opt in)."""
-    return (f"refused to load checkpoint {path}: it holds Python objects, not only tensors "
-            f"({_unpickler_reason(error)}). Unpickling them could run arbitrary code. Save the model as "
-            f"torch.save(model.state_dict(), FILE) and pass that file, or, only if you trust "
-            f"where {path} came from, pass --trust-checkpoint (load_checkpoint(..., trust_pickle=True)).")
-
-
-def _unpickler_reason(error: Exception) -> str:
-    """The one line of torch's long weights-only message that names the refused object."""
-    for line in str(error).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
-    return type(error).__name__
 
 
 def original_model(config: CompareConfig, split: DatasetSplit, progress: Progress | None, seed: int | None = None):
