@@ -79,7 +79,9 @@ def test_compare_json_has_every_method_seed_and_metric(digits_run):
             assert set(run["gap"]) == set(GAP_KEYS) | {"avg_gap"}
             assert run["seconds"] > 0
         summary = results["summary"][name]
-        assert set(summary["metrics"]) == set(METRIC_TITLES) | set(DIVERGENCE_TITLES)  # U-LiRA is off by default
+        # U-LiRA is off by default; finite_outputs' mean is the share of seeds whose outputs stayed finite
+        assert set(summary["metrics"]) == set(METRIC_TITLES) | set(DIVERGENCE_TITLES) | {"finite_outputs"}
+        assert summary["metrics"]["finite_outputs"]["mean"] == 1.0, name
         for key in METRIC_TITLES:
             values = [run["metrics"][key] for run in runs]
             assert summary["metrics"][key]["mean"] == pytest.approx(np.mean(values))
