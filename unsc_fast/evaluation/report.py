@@ -105,6 +105,43 @@ def per_class_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def side_by_side_table(named_results: dict[str, dict], keys: list[str]) -> str:
+    """One row per method with the chosen columns of several runs next to each other.
+
+    ``named_results`` maps a run's name (e.g. "digits") to its results; ``keys`` are metric
+    or distance keys, or "avg_gap" and "seconds". Methods in the order of the first run, then
+    any only the others have; "n/a" where a run lacks a method. The README's comparison of
+    the two embedded datasets is this table.
+    """
+    def title(results: dict, key: str) -> str:
+        named = {**results["metric_titles"], **_extra_titles(results), "avg_gap": "avg gap", "seconds": "time s"}
+        if key not in named:
+            raise KeyError(f"side_by_side_table: no column {key!r}; choose from {sorted(named)}")
+        return named[key]
+
+    def cell(results: dict, name: str, key: str) -> str:
+        if name not in results["summary"]:
+            return "n/a"
+        summary = results["summary"][name]
+        if key == "avg_gap":
+            return "0 (reference)" if name == REFERENCE else _cell(summary["gap"]["avg_gap"], 2)
+        if key == "seconds":
+            return _cell(summary["seconds"], 2)
+        digits = 3 if key in _extra_titles(results) and key != "ulira_members" else 1
+        return _cell(summary["metrics"][key], digits) if key in summary["metrics"] else "n/a"
+
+    names: list[str] = []
+    for results in named_results.values():
+        names += [name for name in _row_order(results) if name not in names]
+    header = ["method"] + [f"{run} {title(results, key)}" for run, results in named_results.items() for key in keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name in names:
+        owner = next(results for results in named_results.values() if name in results["runs"])
+        cells = [cell(results, name, key) for results in named_results.values() for key in keys]
+        lines.append("| " + " | ".join([_label(owner, name), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def format_report(results: dict) -> str:
     """The whole markdown report: what was run, then the three tables."""
     seeds = results["config"]["seeds"]
