@@ -10,21 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unsc_fast.evaluation.data import DatasetSplit, load_digits_split
 from unsc_fast.evaluation.methods import METHODS, get_method
 from unsc_fast.evaluation.methods import amnesiac, bad_teacher, fisher, neggrad_plus, scrub, ssd
 from unsc_fast.evaluation.methods.distillation import distillation_kl
 from unsc_fast.evaluation.metrics import accuracy
-from unsc_fast.evaluation.models import DigitsCNN
-from unsc_fast.evaluation.recipes import train
-from unsc_fast.evaluation.scenario import make_scenario
 from unsc_fast.training import predict_logits
 
 FORGET = 3
 BASELINES = ("scrub", "bad_teacher", "ssd", "fisher", "neggrad_plus", "amnesiac")
 
 
-from evaluation_helpers import per_class as _per_class  # noqa: E402
+from evaluation_helpers import tiny_digits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +28,7 @@ def tiny():
     """(trained DigitsCNN(width=8), full-class scenario, random-sample scenario) on 300 digits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    digits = load_digits_split(seed=0)
-    split = DatasetSplit(*_per_class(digits.x_train, digits.y_train, 30), *_per_class(digits.x_test, digits.y_test, 15),
-                         num_classes=10)
-    torch.manual_seed(0)
-    model = train(DigitsCNN(width=8), split.x_train, split.y_train, epochs=15, seed=0)
-    full_class = make_scenario(split, "full_class", forget_classes=(FORGET,))
-    random_sample = make_scenario(split, "random_sample", forget_fraction=0.1, seed=0)
+    _, model, full_class, random_sample = tiny_digits(FORGET)
     yield model, full_class, random_sample
     torch.set_num_threads(threads)
 

@@ -25,7 +25,7 @@ from unsc_fast.evaluation.recipes import train
 from unsc_fast.evaluation.scenario import make_scenario
 
 
-from evaluation_helpers import Lookup  # noqa: E402
+from evaluation_helpers import Lookup, per_class as _per_class  # noqa: E402
 
 
 def test_logit_confidence_is_log_p_over_one_minus_p():
@@ -72,9 +72,15 @@ def test_distinguish_reports_auc_and_best_balanced_accuracy():
     assert half["auc"] == pytest.approx(0.75) and half["accuracy"] == pytest.approx(0.75)
 
 
-def _per_class(x, y, count):
-    index = torch.cat([torch.nonzero(y == c).flatten()[:count] for c in range(10)])
-    return x[index], y[index]
+def test_a_model_that_diverged_gets_nan_figures_instead_of_stopping_the_run():
+    """Seen on MNIST-1D: gradient ascent's NaN outputs reached roc_curve, which raised."""
+    assert all(math.isnan(v) for v in distinguish(np.array([np.nan, 1.0]), np.array([0.0, 1.0])).values())
+    phi = np.array([[1.0, 2.0], [3.0, 4.0]])
+    statistics = ShadowStatistics.fit(phi, np.array([[True, False], [False, True]]))
+    attack = ULiRA(statistics, (torch.tensor([[0.0], [1.0]]), torch.tensor([0, 1])))
+    diverged = Lookup([[float("nan"), 0.0], [0.0, float("nan")]])
+    figures = attack.evaluate(diverged, Lookup([[2.0, 0.0], [0.0, 2.0]]))
+    assert list(figures) == list(MEMBERSHIP_TITLES) and all(math.isnan(v) for v in figures.values())
 
 
 @pytest.mark.slow  # 8 shadow models and two more: about 10 s of CPU

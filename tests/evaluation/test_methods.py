@@ -8,11 +8,8 @@ import copy
 import pytest
 import torch
 
-from unsc_fast.evaluation.data import DatasetSplit, load_digits_split
 from unsc_fast.evaluation.methods import METHODS, MethodResult, UnsupportedScenario, get_method
 from unsc_fast.evaluation.methods import boundary, l1_sparse, natmu, random_labels, retrain, salun
-from unsc_fast.evaluation.models import DigitsCNN
-from unsc_fast.evaluation.scenario import make_scenario
 from unsc_fast.evaluation.metrics import accuracy
 from unsc_fast.evaluation.recipes import train
 from unsc_fast.training import predict_logits
@@ -20,7 +17,7 @@ from unsc_fast.training import predict_logits
 FORGET = 3
 
 
-from evaluation_helpers import per_class as _per_class  # noqa: E402
+from evaluation_helpers import tiny_digits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +25,7 @@ def tiny():
     """(split, trained original model, full-class scenario, random-sample scenario)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these tiny convolutions run fastest single-threaded
-    digits = load_digits_split(seed=0)
-    split = DatasetSplit(*_per_class(digits.x_train, digits.y_train, 30), *_per_class(digits.x_test, digits.y_test, 15),
-                         num_classes=10)
-    torch.manual_seed(0)
-    model = train(DigitsCNN(width=8), split.x_train, split.y_train, epochs=15, seed=0)
-    full_class = make_scenario(split, "full_class", forget_classes=(FORGET,))
-    random_sample = make_scenario(split, "random_sample", forget_fraction=0.1, seed=0)
+    split, model, full_class, random_sample = tiny_digits(FORGET)
     # the original must know the class, or "forgetting" it would prove nothing
     assert accuracy(model, *full_class.forget) >= 90 and accuracy(model, *full_class.forget_test) >= 80
     yield split, model, full_class, random_sample

@@ -143,8 +143,8 @@ def distinguish(scores: np.ndarray, reference_scores: np.ndarray) -> dict:
 
     labels = np.concatenate([np.ones(len(scores)), np.zeros(len(reference_scores))])
     values = np.concatenate([scores, reference_scores])
-    if len(scores) == 0 or len(reference_scores) == 0:
-        return {"auc": float("nan"), "accuracy": float("nan")}
+    if len(scores) == 0 or len(reference_scores) == 0 or not np.isfinite(values).all():
+        return {"auc": float("nan"), "accuracy": float("nan")}  # nothing to score, or a model that diverged
     if np.allclose(scores, reference_scores) and len(scores) == len(reference_scores):
         return {"auc": 0.5, "accuracy": 0.5}
     false_positive, true_positive, _ = roc_curve(labels, values)
@@ -194,5 +194,6 @@ class ULiRA:
         from ``reference`` (the retrained model): keys as in ``MEMBERSHIP_TITLES``."""
         scores = self.scores(model)
         game = distinguish(scores, self.scores(reference))
-        return {"ulira_members": 100.0 * float((scores > 0).mean()) if len(scores) else float("nan"),
+        members = 100.0 * float((scores > 0).mean()) if len(scores) and np.isfinite(scores).all() else float("nan")
+        return {"ulira_members": members,
                 "ulira_auc": game["auc"], "ulira_accuracy": game["accuracy"]}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from unsc_fast.evaluation.methods.base import UnlearningMethod
 from unsc_fast.evaluation.methods.distillation import distillation_kl
 from unsc_fast.evaluation.methods.training_loop import reset_parameters
-from unsc_fast.training import make_loader, model_device
+from unsc_fast.training import fit, make_loader, model_device
 
 DEFAULTS = dict(epochs=1, lr=1e-4, batch_size=256, temperature=1.0, retain_fraction=0.3)
 
@@ -63,22 +63,15 @@ def run(model, scenario, settings, seed, progress):
     competent = copy.deepcopy(model).eval().requires_grad_(False)
     incompetent = incompetent_teacher(model, seed + 12345)
     x, flag = unlearning_set(scenario, settings["retain_fraction"], torch.Generator().manual_seed(seed))
-    loader = make_loader(x, flag, settings["batch_size"], shuffle=True, seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
     temperature = settings["temperature"]
-    for epoch in range(settings["epochs"]):
-        model.train()
-        total = 0.0
-        for inputs, is_forget in loader:
-            inputs, is_forget = inputs.to(device), is_forget.to(device)
-            targets = teacher_targets(competent, incompetent, inputs, is_forget, temperature)
-            loss = distillation_kl(model(inputs), targets, temperature) / temperature**2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        if progress is not None:
-            progress(f"bad teacher: epoch {epoch + 1}/{settings['epochs']}, loss {total / max(1, len(loader)):.4f}")
+    # the teachers are frozen, so each sample's target is computed once, not once per epoch
+    targets = torch.cat([teacher_targets(competent, incompetent, x[i:i + settings["batch_size"]].to(device),
+                                         flag[i:i + settings["batch_size"]].to(device), temperature).cpu()
+                         for i in range(0, len(x), settings["batch_size"])])
+    loader = make_loader(x, targets, settings["batch_size"], shuffle=True, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    fit(model, loader, optimizer, epochs=settings["epochs"], progress=progress, label="bad teacher",
+        loss=lambda outputs, soft: distillation_kl(outputs, soft, temperature) / temperature**2)
     model.eval()
     return {"unlearning_samples": len(x)}
 
