@@ -56,3 +56,21 @@ def test_plots_are_written(tmp_path, plot):
     plot(_results(True), path)
     data = path.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+
+
+def test_the_zoom_shows_methods_that_keep_more_than_the_retrained_model():
+    """Seen on MNIST-1D: UNSC and fine-tune sit above the retrained model's accuracy, and a
+    window drawn only below it hid them."""
+    from unsc_fast.evaluation.report import _zoom_window
+
+    results = _results(True)
+    metrics = {name: results["summary"][name]["metrics"] for name in results["summary"]}
+    metrics["retrain"]["acc_remain_test"]["mean"] = 90.0
+    metrics["unsc"]["acc_remain_test"]["mean"] = 95.0           # above the reference, near it
+    metrics["salun"]["acc_remain_test"]["mean"] = 83.0          # below, near
+    metrics["random_labels"]["acc_remain_test"]["mean"] = 40.0  # far below: not zoomed on
+    (low_x, high_x), (low_y, high_y) = _zoom_window(results, "acc_forget_test")
+    assert low_x <= 0.0 <= high_x < 98.0  # the original (Acc_f 98) is outside
+    assert (low_y, high_y) == (pytest.approx(82.0), pytest.approx(96.0))
+    _, (low_y, high_y) = _zoom_window(results, "ulira_auc", x_window=(0.3, 0.8))
+    assert (low_y, high_y) == (pytest.approx(82.0), pytest.approx(96.0))
