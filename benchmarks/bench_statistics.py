@@ -78,7 +78,7 @@ def main() -> None:
         print(json.dumps(run_one(policy, d, labels, args.per_label, args.threshold)))
         return
     print(f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} threads")
-    print(f"| d | labels | policy | est. statistics GB | observe + build s | peak RSS MB | rank | energy kept |")
+    print("| d | labels | policy | est. statistics GB | observe + build s | peak RSS MB | rank | energy kept |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in args.widths:
         for labels in args.labels:

@@ -1,7 +1,6 @@
 """The comparison runner end to end on tiny configurations, its settings parser and the
 ImageFolder loader it reads user data with."""
 import json
-import math
 import re
 
 import numpy as np
@@ -14,7 +13,6 @@ from unsc_fast.evaluation.image_folder import load_image_folder
 from unsc_fast.evaluation.methods import METHODS
 from unsc_fast.evaluation.divergence import DIVERGENCE_TITLES
 from unsc_fast.evaluation.metrics import GAP_KEYS, METRIC_TITLES
-from unsc_fast.evaluation.report import format_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROWS = {"original": "original", "retrain": "**retrain (gold standard)** (reference)", "unsc": "UNSC",

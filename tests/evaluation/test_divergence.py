@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from unsc_fast.evaluation.data import DatasetSplit
 from unsc_fast.evaluation.divergence import (

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from unsc_fast.evaluation.data import DatasetSplit, load_digits_split
 from unsc_fast.evaluation.membership import (

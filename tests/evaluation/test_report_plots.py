@@ -3,7 +3,7 @@ hidden under another, and the privacy-vs-utility plot when the per-example attac
 import pytest
 
 from unsc_fast.evaluation.methods import METHODS
-from unsc_fast.evaluation.report import _dodge_sizes, method_style, plot_privacy, plot_tradeoff
+from unsc_fast.evaluation.plots import _dodge_sizes, method_style, plot_privacy, plot_tradeoff
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -61,7 +61,7 @@ def test_plots_are_written(tmp_path, plot):
 def test_the_zoom_shows_methods_that_keep_more_than_the_retrained_model():
     """Seen on MNIST-1D: UNSC and fine-tune sit above the retrained model's accuracy, and a
     window drawn only below it hid them."""
-    from unsc_fast.evaluation.report import _zoom_window
+    from unsc_fast.evaluation.plots import _zoom_window
 
     results = _results(True)
     metrics = {name: results["summary"][name]["metrics"] for name in results["summary"]}

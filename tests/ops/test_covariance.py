@@ -7,7 +7,6 @@ are held to the classical bound for a sum of n products in fp32 (Higham, Accurac
 Stability, eq. 3.5): |fl(s) - s| <= gamma_n * sum |a_i b_i|, gamma_n = n u / (1 - n u),
 u = 2^-24, valid for any summation order or tree.
 """
-import os
 
 import pytest
 import torch
