@@ -119,6 +119,14 @@ def test_the_compare_command_line_turns_the_attack_on_and_off():
     assert on == ShadowSettings(shadows=8, epochs=24)  # shadows see half the data: twice the epochs
     short = settings_from_arguments(parser.parse_args(["compare", "--ulira-shadows", "4", "--ulira-epochs", "3"]))
     assert short.shadows == 4 and short.epochs == 3
+    # on by default where it is meaningful and cheap: random-sample forgetting on the embedded datasets
+    for dataset in ([], ["--dataset", "digits"], ["--dataset", "mnist1d"]):
+        default = settings_from_arguments(parser.parse_args(["compare", "--scenario", "random-sample", *dataset]))
+        assert default == ShadowSettings(shadows=8, epochs=60), dataset
+    assert settings_from_arguments(parser.parse_args(["compare", "--scenario", "random-sample", "--ulira-shadows", "0"])) is None
+    assert settings_from_arguments(parser.parse_args(["compare", "--scenario", "random-sample", "--dataset", "cifar10",
+                                                      "--data-root", "x"])) is None  # a full training per shadow
+    assert settings_from_arguments(parser.parse_args(["compare", "--scenario", "random-sample", "--data", "x"])) is None
 
 
 @pytest.mark.slow  # a whole (tiny) comparison with the attack: about 10 s

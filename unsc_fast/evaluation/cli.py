@@ -80,9 +80,10 @@ def add_compare_parser(commands) -> None:
                          help="torch CPU threads (default: 1 on the bundled digits, whose tiny convolutions run "
                               "fastest single-threaded; torch's default otherwise)")
     compare.add_argument("--quiet", action="store_true", help="no progress lines")
-    compare.add_argument("--ulira-shadows", type=int, default=0, metavar="N",
-                         help="per-example membership attack (U-LiRA style) with N shadow models, an even number "
-                              "(e.g. 8); default 0: off")
+    compare.add_argument("--ulira-shadows", type=int, default=None, metavar="N",
+                         help="per-example membership attack (U-LiRA style) with N shadow models, an even number; "
+                              "0: off. Default: 8 for random-sample forgetting on the embedded datasets (digits, "
+                              "mnist1d; about a minute), off otherwise")
     compare.add_argument("--ulira-epochs", type=int, default=None, metavar="E",
                          help="epochs of each shadow model (default: twice --train-epochs, as they see half the data)")
 
