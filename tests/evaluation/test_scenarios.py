@@ -1,6 +1,8 @@
 """The sub-class, memorised and sequential deletion requests (issue 16.4): which samples each
 forgets, the coarse labels, the memorisation ranking, a sequence applied request by request,
 and one small end-to-end comparison per scenario."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +108,7 @@ def test_memorisation_ranks_the_mislabelled_sample_first_and_repeats():
     scenario = memorised(split, 1 / len(y), mem, gap)
     assert scenario.kind == "memorised" and torch.nonzero(scenario.forget_train_mask).flatten().tolist() == [0]
     assert not bool(scenario.forget_test_mask.any())
+    assert "most memorised samples (memorisation 1.00 to 1.00)" in scenario.describe()
 
 
 def test_memorised_takes_the_top_fraction_ties_by_the_confidence_gap_then_index():
@@ -223,20 +226,23 @@ def test_unsc_reuses_the_first_requests_statistics_for_the_second(tiny, monkeypa
 
 
 # ---------------------------------------------------------------------------- end to end
-def _run(tmp_path, **change):
-    """A comparison on the digits with UNSC, fine-tune and retrain, one seed, a few epochs (5-8 s)."""
+def _run(tmp_path, *arguments):
+    """``unsc-fast compare`` on the digits with UNSC, fine-tune and retrain, one seed, a few epochs
+    (5-8 s): its JSON and markdown report."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        config = CompareConfig(methods=("unsc", "finetune"), seeds=(0,), train_epochs=3, output=str(tmp_path),
-                               settings={"unsc": {"epochs": 2}, "finetune": {"epochs": 1}}, **change)
-        return run_comparison(config)
+        code = cli.main(["compare", "--methods", "unsc,finetune", "--seeds", "0", "--train-epochs", "3",
+                         "--set", "unsc.epochs=2", "--set", "finetune.epochs=1", "--output", str(tmp_path), "--quiet",
+                         *arguments])
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the CLI sets one thread on the digits
+    assert code == 0
+    return json.loads((tmp_path / "comparison.json").read_text()), (tmp_path / "comparison.md").read_text()
 
 
 def test_compare_sub_class_end_to_end(tmp_path):
-    results = _run(tmp_path, scenario="sub_class")
+    results, report = _run(tmp_path, "--scenario", "sub-class")
+    assert "sub-class forgetting of fine label 3 (coarse class 3/8)" in report
     assert results["dataset"]["num_classes"] == 5 and results["dataset"]["class_names"][3] == "3/8"
     assert results["scenario"]["kind"] == "sub_class" and results["scenario"]["forget_train"] == 128
     assert results["scenario"]["forget_test"] == 55
@@ -246,14 +252,18 @@ def test_compare_sub_class_end_to_end(tmp_path):
 
 
 def test_compare_memorised_end_to_end(tmp_path):
-    results = _run(tmp_path, scenario="memorised", memorisation_shadows=2, memorisation_epochs=2)
+    results, report = _run(tmp_path, "--scenario", "memorised", "--memorisation-shadows", "2",
+                           "--memorisation-epochs", "2")
+    assert "memorised forgetting of the 5% most memorised samples" in report
+    assert results["config"]["memorisation_shadows"] == 2
     assert results["config"]["forget_fraction"] == 0.05 and results["scenario"]["forget_train"] == 63
     assert "unsc cannot do memorised forgetting" in results["skipped"]["unsc"]
     assert set(results["runs"]) == {"retrain", "finetune", "original"}
 
 
 def test_compare_sequential_end_to_end(tmp_path):
-    results = _run(tmp_path, scenario="sequential", forget_classes=(3,), then_forget=(5,))
+    results, report = _run(tmp_path, "--scenario", "sequential", "--forget-classes", "3", "--then-forget", "5")
+    assert "sequential forgetting of class 3, then class 5" in report
     assert results["scenario"]["forget_classes"] == [3, 5] and results["scenario"]["forget_train"] == 255
     unsc = results["runs"]["unsc"][0]
     assert [stage["forget_classes"] for stage in unsc["info"]["stages"]] == [[3], [5]]

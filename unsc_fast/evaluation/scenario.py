@@ -98,7 +98,9 @@ class Scenario:
         elif self.kind == "sub_class":
             what = f"fine label {self.fine_label} (coarse class {self.split.class_names[coarse_class(self.fine_label)]})"
         elif self.kind == "memorised":
-            what = f"the {forgotten / len(self.forget_train_mask):.0%} most memorised samples"
+            chosen = self.memorisation[self.forget_train_mask.numpy()]
+            what = (f"the {forgotten / len(self.forget_train_mask):.0%} most memorised samples (memorisation "
+                    f"{chosen.min():.2f} to {chosen.max():.2f})")
         elif self.kind == "sequential":
             what = "class " + ", then class ".join(", ".join(map(str, stage.new_classes)) for stage in self.stages)
         else:
