@@ -72,11 +72,20 @@ def test_unsc_unlearns_a_sub_class_with_labels_outside_the_coarse_class(tiny):
 
     original = train(DigitsCNN(num_classes=5, width=8), scenario.split.x_train, scenario.split.y_train, epochs=15, seed=0)
     assert accuracy(original, *scenario.forget) == 100
-    result = get_method("unsc")(original, scenario, seed=0)  # default settings: 10 epochs
+    result = get_method("unsc")(original, scenario, {"lr": 0.03}, seed=0)  # 30 forget samples: 10 steps
     assert not bool((result.info["forget_labels"] == 3).any())  # never the own coarse class
     assert accuracy(result.model, *scenario.forget) < 20
     assert accuracy(result.model, *scenario.remain) > 90
     assert get_method("unsc").supports("sub_class") and not get_method("unsc").supports("memorised")
+    assert result.settings["threshold"] == 0.99  # the sub-class default: protects the sibling digit 8
+
+
+def test_unsc_takes_its_sub_class_threshold_only_there_and_an_explicit_one_wins():
+    unsc = get_method("unsc")
+    assert unsc.settings(None, "full_class")["threshold"] == unsc.settings()["threshold"] == 0.97
+    assert unsc.settings(None, "sub_class")["threshold"] == 0.99
+    assert unsc.settings({"threshold": 0.97}, "sub_class")["threshold"] == 0.97
+    assert get_method("finetune").settings(None, "sub_class") == get_method("finetune").settings()
 
 
 # ---------------------------------------------------------------------------- memorised
@@ -249,6 +258,7 @@ def test_compare_sub_class_end_to_end(tmp_path):
     assert set(results["runs"]) == {"retrain", "unsc", "finetune", "original"}
     assert len(results["runs"]["unsc"][0]["metrics"]["per_class_test"]) == 5
     assert not np.isnan(results["runs"]["retrain"][0]["metrics"]["acc_forget_test"])
+    assert results["runs"]["unsc"][0]["settings"]["threshold"] == 0.99
 
 
 def test_compare_memorised_end_to_end(tmp_path):

@@ -108,7 +108,7 @@ def method_settings(config: CompareConfig, name: str) -> dict:
     chosen = dict(config.settings.get(name, {}))
     if name == REFERENCE and "epochs" not in chosen and config.checkpoint is None:
         chosen["epochs"] = config.train_epochs
-    return get_method(name).settings(chosen)
+    return get_method(name).settings(chosen, config.scenario.replace("-", "_"))
 
 
 def load_data(config: CompareConfig) -> DatasetSplit:

@@ -53,6 +53,7 @@ class UnlearningMethod:
     unsupported_reason: str = ""
     summary: str = ""
     from_scratch: bool = False  # trains a fresh model on the remaining data: a sequence is one run
+    scenario_defaults: dict = field(default_factory=dict)  # scenario kind -> defaults that differ there
 
     def supports(self, scenario_kind: str) -> bool:
         """A sequence of requests is a series of full-class requests."""
@@ -62,13 +63,14 @@ class UnlearningMethod:
         message = f"{self.name} cannot do {scenario_kind.replace('_', '-')} forgetting"
         return message + (f": {self.unsupported_reason}" if self.unsupported_reason else "")
 
-    def settings(self, overrides: dict | None = None) -> dict:
-        """Defaults with ``overrides`` applied; an unknown name is an error, not a silent no-op."""
+    def settings(self, overrides: dict | None = None, scenario_kind: str | None = None) -> dict:
+        """Defaults (those of ``scenario_defaults[scenario_kind]`` over the general ones) with
+        ``overrides`` applied; an unknown name is an error, not a silent no-op."""
         overrides = dict(overrides or {})
         unknown = sorted(set(overrides) - set(self.defaults))
         if unknown:
             raise KeyError(f"{self.name} has no setting {', '.join(unknown)}; it has {', '.join(sorted(self.defaults))}")
-        return {**self.defaults, **overrides}
+        return {**self.defaults, **self.scenario_defaults.get(scenario_kind, {}), **overrides}
 
     def __call__(
         self,
@@ -80,7 +82,7 @@ class UnlearningMethod:
     ) -> MethodResult:
         if not self.supports(scenario.kind):
             raise UnsupportedScenario(self.unsupported_message(scenario.kind))
-        settings = self.settings(settings)
+        settings = self.settings(settings, scenario.kind)
         if scenario.kind == "sequential" and not self.from_scratch:
             return self._sequence(original, scenario, settings, seed, progress)
         model = copy.deepcopy(original)

@@ -12,16 +12,18 @@ the remaining samples span the same layer inputs, the projection removes almost 
 forget gradient and the model would not change (measured: docs/fidelity.md). ``unlearn``
 itself refuses such a request (``NoRoomError``) rather than return the model untouched.
 
-Sub-class requests (a fine label inside a coarse class that stays) are allowed: measured on
-digits (5 coarse classes, fine label 3 forgotten from "3/8", two seeds), the forgotten digit's
-layer inputs have room outside the remaining data's subspace (selectivity 3.6-3.9 in the first
-Linear layer, past ``unlearn``'s 1.5), and UNSC moves Acc_f from 100 % to 0-2 % where the
-retrained model gets 7-9 % (it puts most 3s in "2/5", as the calibration does: the sample-wise
-rule, i.e. the most likely coarse class other than the sample's own). Calibration cannot keep
-the own coarse class (the original predicts it for every forgotten sample: nothing would
-change), so UNSC slightly over-forgets where the retrained model still recognises some of the
-digit through its sibling. The room check still guards each run: with no room the run is
-reported as not run (``UnsupportedScenario``) instead of a silent no-op.
+Sub-class requests (a fine label inside a coarse class that stays) are allowed, with a
+higher energy threshold by default (``SUB_CLASS``). Measured on digits (5 coarse classes,
+digit 3 forgotten from "3/8", seeds 0 and 1, 30-epoch originals): the forgotten digit's layer
+inputs have room outside the remaining data's subspace (selectivity 3.6-3.9 in the first
+Linear layer, past ``unlearn``'s 1.5), and UNSC moves the 3s' accuracy from 100 % to 0-2 %
+where the retrained model keeps 7-9 % (it puts most 3s in "2/5", as the calibration does: the
+sample-wise rule, the most likely coarse class other than the sample's own; the own coarse
+class cannot be a target, the original predicts it for every 3 and nothing would change).
+At the full-class default threshold 0.97 the sibling digit pays: the 8s fall from 96-98 % to
+73 % and 42 %, as what tells a 3 from an 8 lies in the low-energy directions the basis leaves
+free; at 0.99 they stay at 98 % and 94 % with the 3s still at 1.8 %. The room check still
+guards each run: with no room the run is reported as not run (``UnsupportedScenario``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the
 
 
 PROJECTED = ("full_class", "sub_class")  # and sequential: a series of full-class requests
+SUB_CLASS = {"sub_class": {"threshold": 0.99}}  # protect the sibling fine label (module docstring)
 
 
 def _runner(calibrate: bool, project: bool, preset: str = "default"):
@@ -64,13 +67,14 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
 
 
 UNSC = UnlearningMethod("unsc", "UNSC", _runner(True, True), DEFAULTS, scenarios=PROJECTED,
-                        unsupported_reason=SAMPLE_WISE,
+                        unsupported_reason=SAMPLE_WISE, scenario_defaults=SUB_CLASS,
                         summary="calibrated labels, updates confined to the remaining data's null space")
 UNSC_OFFICIAL = UnlearningMethod("unsc_official", "UNSC (official pipeline)", _runner(True, True, "official"), OFFICIAL,
                                  scenarios=PROJECTED, unsupported_reason=SAMPLE_WISE,
                                  summary="the official code's choices: class-by-class basis, plain SGD, batch 512")
 UNSC_RANDOM_LABELS = UnlearningMethod("unsc_random_labels", "UNSC: random labels + projection", _runner(False, True),
                                       DEFAULTS, scenarios=PROJECTED, unsupported_reason=SAMPLE_WISE,
+                                      scenario_defaults=SUB_CLASS,
                                       summary="ablation: random labels instead of calibration")
 UNSC_NO_PROJECTION = UnlearningMethod("unsc_no_projection", "UNSC: calibration, no projection", _runner(True, False),
                                       DEFAULTS, summary="ablation: calibrated labels, unconstrained updates")
