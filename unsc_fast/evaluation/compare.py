@@ -25,6 +25,7 @@ from unsc_fast.evaluation.memorisation import scorer
 from unsc_fast.evaluation.metrics import METRIC_TITLES, gap_to_reference, unlearning_metrics
 from unsc_fast.evaluation.models import MODELS, create_model  # noqa: F401 (MODELS: kept for callers)
 from unsc_fast.evaluation.scenario import make_scenario
+from unsc_fast.evaluation.summary import summarise
 from unsc_fast.evaluation.recipes import train
 from unsc_fast.training import Progress
 
@@ -152,26 +153,6 @@ def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
-
-
-def summarise(runs: list[dict]) -> dict:
-    """Mean and sample standard deviation over seeds of every scalar metric, gap and the time."""
-    summary = {}
-    for section in ("metrics", "gap"):
-        keys = [k for k in runs[0][section] if k != "per_class_test"]
-        summary[section] = {k: _mean_std([run[section][k] for run in runs]) for k in keys}
-    summary["seconds"] = _mean_std([run["seconds"] for run in runs])
-    per_class = np.array([run["metrics"]["per_class_test"] for run in runs], dtype=float)
-    summary["per_class_test"] = [_mean_std(column) for column in per_class.T]
-    return summary
-
-
-def _mean_std(values) -> dict:
-    values = np.asarray(values, dtype=float)
-    if np.isnan(values).all():
-        return {"mean": float("nan"), "std": float("nan")}
-    std = float(np.nanstd(values, ddof=1)) if np.sum(~np.isnan(values)) > 1 else 0.0
-    return {"mean": float(np.nanmean(values)), "std": std}
 
 
 def run_comparison(config: CompareConfig, progress: Progress | None = None, membership=None) -> dict:
