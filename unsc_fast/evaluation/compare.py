@@ -295,8 +295,9 @@ def main(args) -> int:
 
     if args.list_methods:
         for method in METHODS.values():
-            scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)
-            print(f"{method.name:20s} {method.summary} [{scenarios}]\n{'':20s} defaults: {method.defaults}")
+            scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)  # sequential: any with full-class
+            own = "".join(f"; {kind.replace('_', '-')}: {d}" for kind, d in method.scenario_defaults.items())
+            print(f"{method.name:20s} {method.summary} [{scenarios}]\n{'':20s} defaults: {method.defaults}{own}")
         return 0
     dataset, data_root = dataset_choice(args)
     if args.threads is None and dataset in ("digits", "mnist1d"):  # tiny layers: fastest on one thread
