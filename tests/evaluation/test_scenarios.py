@@ -160,7 +160,7 @@ def test_sequential_refuses_bad_input_naming_the_argument(tiny):
         make_scenario(split, "sequential", forget_classes=(3,), then_forget=())
     with pytest.raises(ValueError, match="then_forget: a class is requested twice"):
         make_scenario(split, "sequential", forget_classes=(3,), then_forget=(5, 3))
-    with pytest.raises(ValueError, match=r"classes \[12\] are outside"):
+    with pytest.raises(ValueError, match=r"forget_classes/then_forget: classes \[12\] are outside"):
         make_scenario(split, "sequential", forget_classes=(3,), then_forget=(12,))
 
 
@@ -286,6 +286,8 @@ def test_compare_sequential_end_to_end(tmp_path):
     (["--scenario", "memorised", "--memorisation-shadows", "3"], "--memorisation-shadows must be an even number"),
     (["--scenario", "memorised", "--forget-fraction", "1.5"], "--forget-fraction must be in"),
     (["--scenario", "sequential", "--then-forget"], "expected at least one argument"),
+    (["--scenario", "sequential", "--then-forget", "3"], "then_forget: a class is requested twice"),
+    (["--scenario", "sub-class", "--dataset", "mnist1d", "--forget-classes", "11"], "fine label in 0..9"),
 ])
 def test_the_command_line_refuses_bad_values_before_training(tmp_path, arguments, message, capsys):
     threads = torch.get_num_threads()

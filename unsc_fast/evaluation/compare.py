@@ -173,9 +173,14 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
     for name in names:  # fail on a bad setting before hours of training, not after
         method_settings(config, name)
     split = load_data(config)
-    scenario = make_scenario(split, config.scenario, forget_classes=config.forget_classes,
-                             forget_fraction=config.forget_fraction, seed=config.base_seed, then_forget=config.then_forget,
-                             memorisation=scorer(config, split, lambda: build_model(config.model, split), progress))
+    try:
+        scenario = make_scenario(split, config.scenario, forget_classes=config.forget_classes,
+                                 forget_fraction=config.forget_fraction, seed=config.base_seed, then_forget=config.then_forget,
+                                 memorisation=scorer(config, split, lambda: build_model(config.model, split), progress))
+    except ValueError as error:  # a class outside the data, a sub-class of a non-digit dataset: a usage error
+        if config.scenario not in ("sub_class", "sequential"):  # the others: as before (memorised trains in there)
+            raise
+        raise ConfigError(str(error)) from error
     split = scenario.split  # sub-class forgetting: the coarse labels the models are trained on
     say(f"{scenario.describe()}; methods: {', '.join(names)}; seeds: {', '.join(map(str, config.seeds))}")
 

@@ -206,7 +206,10 @@ def sequential(split: DatasetSplit, first, then) -> Scenario:
     classes = [c for request in requests for c in request]
     if len(set(classes)) != len(classes):
         raise ValueError(f"then_forget: a class is requested twice in the sequence {requests}")
-    final = full_class(split, classes)  # checks the range and that something remains
+    outside = [c for c in classes if not 0 <= c < split.num_classes]
+    if outside:
+        raise ValueError(f"forget_classes/then_forget: classes {outside} are outside 0..{split.num_classes - 1}")
+    final = full_class(split, classes)  # checks that something remains
     stages, held, so_far = [], torch.ones(len(split.y_train), dtype=torch.bool), ()
     for request in requests:
         so_far = tuple(sorted(so_far + request))
