@@ -35,11 +35,25 @@ def add_compare_parser(commands) -> None:
         description="Run unlearning methods over several seeds on one deletion request and write a markdown "
                     "table, a class-wise plot, an Acc_r-vs-Acc_f plot and a JSON of every figure.",
     )
-    compare.add_argument("--scenario", choices=("full-class", "random-sample"), default="full-class")
+    compare.add_argument("--scenario", choices=("full-class", "random-sample", "sub-class", "memorised", "sequential"),
+                         default="full-class",
+                         help="the deletion request (docs/compare.md): full-class (default), random-sample, sub-class "
+                              "(digit pairs as coarse classes, forget one digit), memorised (the most memorised samples), "
+                              "sequential (--forget-classes, then each --then-forget class)")
     compare.add_argument("--forget-classes", type=int, nargs="+", default=[3], metavar="C",
-                         help="class indices to forget in full-class forgetting (default 3)")
-    compare.add_argument("--forget-fraction", type=float, default=0.1,
-                         help="fraction of the training set forgotten in random-sample forgetting (default 0.1)")
+                         help="class indices to forget in full-class forgetting, the first request of sequential "
+                              "forgetting, the fine digit in sub-class forgetting (default 3)")
+    compare.add_argument("--forget-fraction", type=float, default=None,
+                         help="fraction of the training set forgotten in random-sample (default 0.1) and memorised "
+                              "(default 0.05) forgetting")
+    compare.add_argument("--then-forget", type=int, nargs="+", default=[5], metavar="C",
+                         help="sequential forgetting: the classes forgotten after --forget-classes, one request each, "
+                              "in order (default 5)")
+    compare.add_argument("--memorisation-shadows", type=int, default=8, metavar="N",
+                         help="memorised forgetting: shadow models of the memorisation estimate, an even number (default 8)")
+    compare.add_argument("--memorisation-epochs", type=int, default=None, metavar="E",
+                         help="epochs of each memorisation shadow model (default: twice --train-epochs, as they see "
+                              "half the data)")
     compare.add_argument("--methods", default=None,
                          help="comma-separated methods (default: all; see --list-methods); retrain always runs")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S")

@@ -20,10 +20,12 @@ from torch import nn
 
 from unsc_fast.evaluation.data import DatasetSplit
 from unsc_fast.evaluation.datasets import get_dataset, load_dataset
-from unsc_fast.evaluation.methods import METHODS, get_method
+from unsc_fast.evaluation.methods import METHODS, UnsupportedScenario, get_method
+from unsc_fast.evaluation.memorisation import scorer
 from unsc_fast.evaluation.metrics import METRIC_TITLES, gap_to_reference, unlearning_metrics
 from unsc_fast.evaluation.models import MODELS, create_model  # noqa: F401 (MODELS: kept for callers)
 from unsc_fast.evaluation.scenario import make_scenario
+from unsc_fast.evaluation.summary import summarise
 from unsc_fast.evaluation.recipes import train
 from unsc_fast.training import Progress
 
@@ -39,8 +41,11 @@ class CompareConfig:
     """Everything a comparison run depends on (saved with its results)."""
 
     scenario: str = "full_class"
-    forget_classes: tuple[int, ...] = (3,)
-    forget_fraction: float = 0.1
+    forget_classes: tuple[int, ...] = (3,)  # sub_class: the fine label; sequential: the first request
+    forget_fraction: float | None = None    # None: 0.1 (random_sample), 0.05 (memorised)
+    then_forget: tuple[int, ...] = (5,)     # sequential: one further request per class, in order
+    memorisation_shadows: int = 8           # memorised: shadow models of the memorisation estimate
+    memorisation_epochs: int | None = None  # their epochs (None: twice train_epochs, as they see half the data)
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
     dataset: str = "digits"          # a name of datasets.DATASETS
@@ -71,6 +76,8 @@ class CompareConfig:
             self.model = get_dataset(self.dataset).default_model
         if self.original_per_seed is None:
             self.original_per_seed = self.checkpoint is None and self.dataset in EMBEDDED
+        if self.forget_fraction is None:
+            self.forget_fraction = 0.05 if self.scenario.replace("-", "_") == "memorised" else 0.1
         if self.original_per_seed and self.checkpoint is not None:
             raise ValueError("original_per_seed trains an original per seed: it cannot be used with a checkpoint")
 
@@ -102,7 +109,7 @@ def method_settings(config: CompareConfig, name: str) -> dict:
     chosen = dict(config.settings.get(name, {}))
     if name == REFERENCE and "epochs" not in chosen and config.checkpoint is None:
         chosen["epochs"] = config.train_epochs
-    return get_method(name).settings(chosen)
+    return get_method(name).settings(chosen, config.scenario.replace("-", "_"))
 
 
 def load_data(config: CompareConfig) -> DatasetSplit:
@@ -148,26 +155,6 @@ def _jsonable(value):
     return value
 
 
-def summarise(runs: list[dict]) -> dict:
-    """Mean and sample standard deviation over seeds of every scalar metric, gap and the time."""
-    summary = {}
-    for section in ("metrics", "gap"):
-        keys = [k for k in runs[0][section] if k != "per_class_test"]
-        summary[section] = {k: _mean_std([run[section][k] for run in runs]) for k in keys}
-    summary["seconds"] = _mean_std([run["seconds"] for run in runs])
-    per_class = np.array([run["metrics"]["per_class_test"] for run in runs], dtype=float)
-    summary["per_class_test"] = [_mean_std(column) for column in per_class.T]
-    return summary
-
-
-def _mean_std(values) -> dict:
-    values = np.asarray(values, dtype=float)
-    if np.isnan(values).all():
-        return {"mean": float("nan"), "std": float("nan")}
-    std = float(np.nanstd(values, ddof=1)) if np.sum(~np.isnan(values)) > 1 else 0.0
-    return {"mean": float(np.nanmean(values)), "std": std}
-
-
 def run_comparison(config: CompareConfig, progress: Progress | None = None, membership=None) -> dict:
     """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready).
 
@@ -186,8 +173,15 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
     for name in names:  # fail on a bad setting before hours of training, not after
         method_settings(config, name)
     split = load_data(config)
-    scenario = make_scenario(split, config.scenario, forget_classes=config.forget_classes,
-                             forget_fraction=config.forget_fraction, seed=config.base_seed)
+    try:
+        scenario = make_scenario(split, config.scenario, forget_classes=config.forget_classes,
+                                 forget_fraction=config.forget_fraction, seed=config.base_seed, then_forget=config.then_forget,
+                                 memorisation=scorer(config, split, lambda: build_model(config.model, split), progress))
+    except ValueError as error:  # a class outside the data, a sub-class of a non-digit dataset: a usage error
+        if config.scenario not in ("sub_class", "sequential"):  # the others: as before (memorised trains in there)
+            raise
+        raise ConfigError(str(error)) from error
+    split = scenario.split  # sub-class forgetting: the coarse labels the models are trained on
     say(f"{scenario.describe()}; methods: {', '.join(names)}; seeds: {', '.join(map(str, config.seeds))}")
 
     original, original_seconds, source = original_model(config, split, progress)
@@ -223,7 +217,12 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
             original_metrics = base_metrics
         for name in active:
             say(f"seed {seed}: {name} ...")
-            result = get_method(name)(original, scenario, method_settings(config, name), seed, progress)
+            try:
+                result = get_method(name)(original, scenario, method_settings(config, name), seed, progress)
+            except UnsupportedScenario as error:  # found on the model: UNSC with no room for a sub-class
+                skipped[name] = str(error)
+                say(f"seed {seed}: {name} not run: {error}")
+                continue
             metrics = unlearning_metrics(result.model, scenario, seed=seed)
             if not metrics["finite_outputs"]:
                 say(f"seed {seed}: {name} diverged (NaN/Inf outputs): its attacks are reported as n/a")
@@ -301,8 +300,9 @@ def main(args) -> int:
 
     if args.list_methods:
         for method in METHODS.values():
-            scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)
-            print(f"{method.name:20s} {method.summary} [{scenarios}]\n{'':20s} defaults: {method.defaults}")
+            scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)  # sequential: any with full-class
+            own = "".join(f"; {kind.replace('_', '-')}: {d}" for kind, d in method.scenario_defaults.items())
+            print(f"{method.name:20s} {method.summary} [{scenarios}]\n{'':20s} defaults: {method.defaults}{own}")
         return 0
     dataset, data_root = dataset_choice(args)
     if args.threads is None and dataset in ("digits", "mnist1d"):  # tiny layers: fastest on one thread
@@ -312,6 +312,8 @@ def main(args) -> int:
         scenario=args.scenario.replace("-", "_"),
         forget_classes=tuple(args.forget_classes),
         forget_fraction=args.forget_fraction,
+        then_forget=tuple(args.then_forget), memorisation_shadows=args.memorisation_shadows,
+        memorisation_epochs=args.memorisation_epochs,
         methods=methods,
         seeds=tuple(args.seeds),
         dataset=dataset,

@@ -33,8 +33,16 @@ def _value_problems(config: CompareConfig) -> list[str]:
         problems.append("no seeds: give at least one (--seeds 0 1 2)")
     if config.scenario == "full_class" and not config.forget_classes:
         problems.append("full-class forgetting needs at least one class (--forget-classes)")
-    if config.scenario == "random_sample" and not 0 < config.forget_fraction < 1:
+    if config.scenario in ("random_sample", "memorised") and not 0 < config.forget_fraction < 1:
         problems.append(f"--forget-fraction must be in (0, 1), got {config.forget_fraction}")
+    if config.scenario == "sub_class" and len(config.forget_classes) != 1:
+        problems.append(f"sub-class forgetting forgets one fine label (--forget-classes D), got {list(config.forget_classes)}")
+    if config.scenario == "sequential" and not config.then_forget:
+        problems.append("sequential forgetting needs at least one further request (--then-forget C)")
+    if config.scenario == "memorised" and (config.memorisation_shadows < 2 or config.memorisation_shadows % 2):
+        problems.append(f"--memorisation-shadows must be an even number of at least 2, got {config.memorisation_shadows}")
+    if config.scenario == "memorised" and config.memorisation_epochs is not None and config.memorisation_epochs < 1:
+        problems.append(f"--memorisation-epochs must be at least 1, got {config.memorisation_epochs}")
     if config.checkpoint is None and config.train_epochs < 1:
         problems.append(f"--train-epochs must be at least 1 to train the original, got {config.train_epochs}")
     if config.image_size is not None and config.image_size < 1:

@@ -199,13 +199,15 @@ def _zoom_window(results: dict, x_key: str, x_window: tuple[float, float] | None
 def plot_tradeoff(results: dict, path) -> None:
     """Acc_r (test) against Acc_f for every method; the retrained model marks the target.
 
-    Acc_f is on the forget classes' test samples for full-class forgetting and on the
-    forget set itself for random-sample forgetting (there is no forget test set then).
+    Acc_f is on the forget classes' test samples for full-class (and sequential, and the
+    fine label's for sub-class) forgetting and on the forget set itself for random-sample
+    and memorised forgetting (there is no forget test set then).
     Every method keeps its colour and marker across plots and runs (``method_style``); a
     second panel zooms in on the retrained model's neighbourhood, where the good methods
     crowd together, and methods on the same spot are drawn as concentric rings.
     """
-    forget_key = "acc_forget_test" if results["scenario"]["kind"] == "full_class" else "acc_forget_train"
+    with_test = ("full_class", "sub_class", "sequential")  # the sample-wise requests have no forget test set
+    forget_key = "acc_forget_test" if results["scenario"]["kind"] in with_test else "acc_forget_train"
     x_title = ("Acc_f test" if forget_key == "acc_forget_test" else "Acc_f train (forget set)") + " %  (lower forgets more)"
     _scatter_panels(results, path, forget_key, x_title, "acc_remain_test", "Acc_r test %  (higher keeps more)",
                     results["scenario"]["description"], _zoom_window(results, forget_key),

@@ -133,8 +133,9 @@ def init_linear(model: nn.Module) -> None:
 
 
 def resolved(settings: dict, kind: str) -> dict:
-    """``settings`` with every ``None`` replaced by the scenario's official value."""
-    per_kind = PER_SCENARIO[kind]
+    """``settings`` with every ``None`` replaced by the scenario's official value (the sample-wise
+    requests, sub-class and memorised, take the random-sample values)."""
+    per_kind = PER_SCENARIO[kind if kind in PER_SCENARIO else "random_sample"]
     return {k: (per_kind[k] if v is None and k in per_kind else v) for k, v in settings.items()}
 
 

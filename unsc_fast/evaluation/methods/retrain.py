@@ -16,5 +16,5 @@ def run(model, scenario, settings, seed, progress):
           batch_size=settings["batch_size"], seed=seed, progress=progress, label="retrain")
 
 
-METHOD = UnlearningMethod("retrain", "retrain (gold standard)", run, DEFAULTS,
+METHOD = UnlearningMethod("retrain", "retrain (gold standard)", run, DEFAULTS, from_scratch=True,
                           summary="train a fresh model on the remaining data only")
