@@ -22,7 +22,7 @@ Spectra: synthetic decays (exp, power law) and real layer covariances of a small
 for a few epochs on scikit-learn's bundled digits (no download); their widths are 9, 288,
 576, 1152, 2304 and 4608.
 
-    python benchmarks/bench_energy_basis.py [--quick] [--dtype float32] [--threshold 0.99]
+    python benchmarks/bench_energy_basis.py [--quick] [--dtype float32] [--threshold 0.99] [--threads N]
     python benchmarks/bench_energy_basis.py --crossover 1152   # time vs k/d, ours vs eigh
 """
 from __future__ import annotations
@@ -63,8 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype)
     if args.warmup is None:
         args.warmup = 0 if args.quick else 1

@@ -13,7 +13,7 @@ energy of the remaining rows that the basis keeps (exact, from the rows themselv
 ``||X_r U||_F^2 / ||X_r||_F^2``). A configuration whose estimated statistics exceed
 ``--budget`` GB is not run and says so.
 
-Run: python benchmarks/bench_statistics.py [--widths 4096 11008 25088] [--labels 1 10 100]
+Run: python benchmarks/bench_statistics.py [--widths 4096 11008 25088] [--labels 1 10 100] [--threads N]
 """
 from __future__ import annotations
 
@@ -71,8 +71,11 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.99)
     parser.add_argument("--budget", type=float, default=4.0, help="GB; larger configurations are not run")
     parser.add_argument("--policies", nargs="+", default=["per_label", "total", "sketch"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--one", nargs=3, metavar=("POLICY", "D", "LABELS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.one:
         policy, d, labels = args.one[0], int(args.one[1]), int(args.one[2])
         print(json.dumps(run_one(policy, d, labels, args.per_label, args.threshold)))
@@ -89,7 +92,8 @@ def main() -> None:
                     continue
                 out = subprocess.run(
                     [sys.executable, __file__, "--one", policy, str(d), str(labels), "--per-label",
-                     str(args.per_label), "--threshold", str(args.threshold)],
+                     str(args.per_label), "--threshold", str(args.threshold)]
+                    + ([] if args.threads is None else ["--threads", str(args.threads)]),
                     capture_output=True, text=True, check=True,
                 )
                 r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -131,9 +131,16 @@ class NullSpaceOptimizer(Optimizer):
         finally:
             for param, grad in held_back:
                 param.grad = grad
+        # W <- W0 + P(W - W0), computed in the parameter's own storage: the change W - W0
+        # replaces W, is projected in place, and W0 is added back (the same values as with a
+        # separate change tensor, without allocating one per parameter and step).
         for name, param, start in before:
-            change = self.projector.project_parameter_(name, param.detach() - start)
-            param.copy_(start.add_(change))
+            weight = param.detach()
+            weight.sub_(start)
+            try:
+                self.projector.project_parameter_(name, weight)
+            finally:
+                weight.add_(start)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

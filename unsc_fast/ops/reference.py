@@ -27,14 +27,23 @@ def conv_covariance_(C, x, kernel_size, stride, padding, dilation) -> torch.Tens
 
 
 def project_(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """``G <- G - (G U) U^T``: remove from every row of G its component in span(U)."""
+    """``G <- G - (G U) U^T``: remove from every row of G its component in span(U).
+
+    When G already has U's dtype the subtraction is fused into the second product
+    (``addmm_`` with ``alpha=-1``, in place): no (out, d) temporaries, one pass less over G."""
+    if G.dtype == U.dtype:
+        return G.addmm_(G @ U, U.mT, alpha=-1)
     work = G.to(U.dtype)
     return G.copy_(work - (work @ U) @ U.mT)
 
 
 def restrict_(G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``G <- (G Q) Q^T``: keep only the component of every row of G in span(Q)."""
+    """``G <- (G Q) Q^T``: keep only the component of every row of G in span(Q).
+
+    A contiguous G of Q's dtype takes the second product straight into its own storage."""
     work = G.to(Q.dtype)
+    if work is G and G.is_contiguous():
+        return torch.mm(G @ Q, Q.mT, out=G)
     return G.copy_((work @ Q) @ Q.mT)
 
 

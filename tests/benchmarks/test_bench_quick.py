@@ -1,0 +1,38 @@
+"""Smoke tests of the end-to-end benchmarks' quick paths: each runs as users run it
+(``python -m benchmarks.<name> --quick``, from the repository root, in a fresh interpreter)
+and prints its table. They check that the scripts still run against the current API, not
+their figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(module: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_projector_build_quick_runs_three_pipelines(tmp_path):
+    out = run_benchmark("bench_projector_build", "--quick", "--threads", "1", "--json", str(tmp_path / "r.json"))
+    for pipeline in ("(a) official", "(b) plain PyTorch", "(c) unsc_fast", "ratio plain / ours", "ratio official / ours"):
+        assert pipeline in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert all(len(result["times_s"][name]) == 1 for name in ("official", "plain", "ours"))
+    assert all(row["rank_plain"] > 0 and row["energy_ours"] >= 0.99 - 1e-4 for row in result["layers"])
+
+
+@pytest.mark.slow
+def test_optimizer_quick_runs_with_profile():
+    out = run_benchmark("bench_optimizer", "--quick", "--batch", "2", "--observe", "4", "--repeat", "1",
+                        "--warmup", "0", "--threads", "1", "--profile")
+    assert "NullSpaceOptimizer(AdamW)" in out and "overhead" in out
+    assert "change projection" in out and "inner AdamW step" in out
