@@ -8,6 +8,8 @@ from torch import nn
 
 from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
 
+from state_helpers import assert_bitwise_equal  # noqa: E402
+
 
 def small_model() -> nn.Sequential:
     return nn.Sequential(
@@ -294,23 +296,6 @@ def test_step_hooks_fire_in_order_and_repr_and_deepcopy():
     assert len(twin.param_groups[0]["params"]) == len(optimizer.param_groups[0]["params"])
 
 
-def assert_same_state(a, b, where="state"):
-    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{index}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def test_grad_scaler_skips_the_step_on_inf():  # RELIABILITY 34
     """An inf gradient: GradScaler skips the step, and params, Adam's state and the
     projector all stay exactly as they were; the next finite step goes through."""
@@ -333,8 +318,8 @@ def test_grad_scaler_skips_the_step_on_inf():  # RELIABILITY 34
     scaler.update()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
     assert state["state"]  # Adam has moments to keep
-    assert_same_state(optimizer.state_dict(), state)
-    assert_same_state(projector.state_dict(), projector_state)
+    assert_bitwise_equal(optimizer.state_dict(), state)
+    assert_bitwise_equal(projector.state_dict(), projector_state)
     assert scaler.get_scale() < 2.0**10
     optimizer.zero_grad()
     scaler.scale(model(torch.randn(4, 3, 6, 6)).sum()).backward()

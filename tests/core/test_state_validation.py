@@ -7,6 +7,8 @@ from torch import nn
 
 from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
 
+from state_helpers import assert_bitwise_equal  # noqa: E402
+
 
 def small_model() -> nn.Sequential:
     torch.manual_seed(0)
@@ -19,22 +21,6 @@ def built_projector(model, seed: int) -> NullSpaceProjector:
     with projector.observe(labels=torch.tensor([0, 1, 1, 2, 0, 1])):
         model(torch.randn(6, 2, 4, 4))
     return projector.build(exclude=(2,))
-
-
-def assert_bitwise_equal(a, b, where="state"):
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def edit(state, path, value):
