@@ -90,6 +90,23 @@ def settings_from_arguments(args) -> ShadowSettings | None:
     return ShadowSettings(shadows=shadows, epochs=epochs)
 
 
+def train_on_halves(make_model, x: torch.Tensor, y: torch.Tensor, inside: np.ndarray, epochs: int, seed: int,
+                    progress: Progress | None = None, what: str = "shadows"):
+    """Yield ``(shadow, model)`` for each row of ``inside`` (``inclusion_matrix``): a model from
+    ``make_model()`` (built after seeding with ``seed * 1000 + shadow``: its initial weights are
+    part of the estimate) trained ``epochs`` epochs on the samples that row marks IN. Shared by
+    the U-LiRA attack and the memorisation estimate (``memorisation.py``)."""
+    for shadow in range(len(inside)):
+        shadow_seed = seed * 1000 + shadow
+        torch.manual_seed(shadow_seed)
+        model = make_model()
+        keep = torch.from_numpy(inside[shadow])
+        train(model, x[keep], y[keep], epochs=epochs, seed=shadow_seed)
+        yield shadow, model
+        if progress is not None:
+            progress(f"{what}: shadow model {shadow + 1}/{len(inside)} trained")
+
+
 def logit_confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """phi = log(p_y / (1 - p_y)) per sample, computed from log-softmax without cancellation."""
     log_p = predict_logits(model, x).double().cpu().log_softmax(1)
@@ -182,15 +199,10 @@ class ULiRA:
         target_index = torch.nonzero(scenario.forget_train_mask).flatten().numpy()
         inside = inclusion_matrix(len(y_pool), settings.shadows, settings.seed)
         phi = np.empty((settings.shadows, len(target_index)))
-        for shadow in range(settings.shadows):
-            seed = settings.seed * 1000 + shadow
-            torch.manual_seed(seed)
-            model = reset_parameters(copy.deepcopy(template))
-            keep = torch.from_numpy(inside[shadow])
-            train(model, x_pool[keep], y_pool[keep], epochs=settings.epochs, seed=seed)
+        shadows = train_on_halves(lambda: reset_parameters(copy.deepcopy(template)), x_pool, y_pool, inside,
+                                  settings.epochs, settings.seed, progress, "u-lira")
+        for shadow, model in shadows:
             phi[shadow] = logit_confidence(model, *targets)
-            if progress is not None:
-                progress(f"u-lira: shadow model {shadow + 1}/{settings.shadows} trained")
         statistics = ShadowStatistics.fit(phi, inside[:, target_index], settings.fixed_variance)
         return cls(statistics, targets)
 

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unsc_fast.evaluation.membership import inclusion_matrix
-from unsc_fast.evaluation.recipes import train
+from unsc_fast.evaluation.membership import inclusion_matrix, train_on_halves
 from unsc_fast.training import Progress, predict_logits
 
 SEED_OFFSET = 7919
@@ -56,20 +55,14 @@ def memorisation_scores(make_model: Callable[[], nn.Module], x: torch.Tensor, y:
     """(mem, confidence gap) per sample of ``(x, y)``: the IN-minus-OUT accuracy (Feldman & Zhang)
     and the IN-minus-OUT softmax probability of the true label, over ``settings.shadows``
     models built by ``make_model()`` (fresh weights) and trained on balanced random halves."""
-    inside = inclusion_matrix(len(y), settings.shadows, settings.seed + SEED_OFFSET)
+    seed = settings.seed + SEED_OFFSET
+    inside = inclusion_matrix(len(y), settings.shadows, seed)
     correct = np.empty(inside.shape)
     confidence = np.empty(inside.shape)
-    for shadow in range(settings.shadows):
-        seed = (settings.seed + SEED_OFFSET) * 1000 + shadow
-        torch.manual_seed(seed)  # the initial weights are part of the estimate
-        model = make_model()
-        keep = torch.from_numpy(inside[shadow])
-        train(model, x[keep], y[keep], epochs=settings.epochs, seed=seed)
+    for shadow, model in train_on_halves(make_model, x, y, inside, settings.epochs, seed, progress, "memorisation"):
         probabilities = predict_logits(model, x).float().softmax(1).cpu()
         correct[shadow] = (probabilities.argmax(1) == y.cpu()).numpy()
         confidence[shadow] = probabilities[torch.arange(len(y)), y.cpu()].numpy()
-        if progress is not None:
-            progress(f"memorisation: shadow model {shadow + 1}/{settings.shadows} trained")
 
     def in_minus_out(values: np.ndarray) -> np.ndarray:
         return np.where(inside, values, 0).sum(0) / inside.sum(0) - np.where(inside, 0, values).sum(0) / (~inside).sum(0)
