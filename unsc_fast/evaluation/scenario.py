@@ -124,14 +124,25 @@ def full_class(split: DatasetSplit, classes) -> Scenario:
     return Scenario("full_class", split, forget_train, class_mask(split.y_test, classes), classes)
 
 
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"forget_fraction must be in (0, 1), got {fraction}")
+
+
+def _forget_count(samples: int, fraction: float) -> int:
+    """How many of ``samples`` training samples a sample-wise request of ``fraction`` forgets:
+    at least one, never all."""
+    _check_fraction(fraction)
+    count = max(1, round(fraction * samples))
+    if count >= samples:
+        raise ValueError("the forget fraction leaves no remaining sample")
+    return count
+
+
 def random_sample(split: DatasetSplit, fraction: float, seed: int = 0) -> Scenario:
     """Forget a uniformly random ``fraction`` of the training set (chosen with ``seed``)."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"forget fraction must be in (0, 1), got {fraction}")
     n = len(split.y_train)
-    count = max(1, round(fraction * n))
-    if count >= n:
-        raise ValueError("the forget fraction leaves no remaining sample")
+    count = _forget_count(n, fraction)
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
     forget_train = torch.zeros(n, dtype=torch.bool)
     forget_train[chosen] = True
@@ -173,16 +184,12 @@ def memorised(split: DatasetSplit, fraction: float, scores: np.ndarray, tie_brea
     """Forget the ``fraction`` of the training set with the highest memorisation ``scores``
     (``memorisation.memorisation_scores``); equal scores are ordered by ``tie_break`` (higher
     first), then by index."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"forget_fraction must be in (0, 1), got {fraction}")
     n = len(split.y_train)
+    count = _forget_count(n, fraction)
     scores = np.asarray(scores, dtype=float)
     if scores.shape != (n,):
         raise ValueError(f"memorisation scores: one per training sample ({n}) expected, got shape {scores.shape}")
     tie_break = np.zeros(n) if tie_break is None else np.asarray(tie_break, dtype=float)
-    count = max(1, round(fraction * n))
-    if count >= n:
-        raise ValueError("the forget fraction leaves no remaining sample")
     order = np.lexsort((np.arange(n), -tie_break, -scores))  # the last key sorts first
     forget_train = torch.zeros(n, dtype=torch.bool)
     forget_train[torch.from_numpy(order[:count].copy())] = True
@@ -241,8 +248,7 @@ def make_scenario(split: DatasetSplit, kind: str, *, forget_classes=(3,), forget
     if kind == "memorised":
         if memorisation is None:
             raise ValueError("memorised forgetting needs memorisation=, the shadow models' scores")
-        if not 0.0 < forget_fraction < 1.0:  # before the shadows train, not after
-            raise ValueError(f"forget_fraction must be in (0, 1), got {forget_fraction}")
+        _check_fraction(forget_fraction)  # before the shadows train, not after
         return memorised(split, forget_fraction, *memorisation())
     if kind == "sequential":
         return sequential(split, forget_classes, then_forget)
