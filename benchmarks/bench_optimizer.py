@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from collections import defaultdict
 
@@ -32,13 +31,9 @@ from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.evaluation.models import ResNet18
 
 try:
-    from benchmarks.harness import environment, synchronize, time_interleaved_ms
+    from benchmarks.harness import environment, synchronize, time_interleaved_ms, progress
 except ImportError:  # run as a script from benchmarks/
-    from harness import environment, synchronize, time_interleaved_ms
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    from harness import environment, synchronize, time_interleaved_ms, progress
 
 
 def training_step(model, optimizer, x, y):

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -44,13 +43,9 @@ from unsc_fast import NullSpaceProjector
 from unsc_fast.evaluation.models import AllCNN
 
 try:
-    from benchmarks.harness import environment
+    from benchmarks.harness import environment, progress
 except ImportError:  # run as a script from benchmarks/
-    from harness import environment
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    from harness import environment, progress
 
 
 def tracked_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -41,6 +42,11 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     if args.repeat is None:
         args.repeat = 3 if args.quick else 10
     return args
+
+
+def progress(message: str) -> None:
+    """A timestamped progress line on stderr (long benchmarks; the tables go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def synchronize(device: str) -> None:
