@@ -126,7 +126,9 @@ def main(argv=None) -> None:
                 elif label == "ext":
                     from unsc_fast.ops.dispatch import load_extension
 
-                    ours_bytes = load_extension().conv_covariance_workspace_bytes(d, out_w, batch * out_h, 4)
+                    ours_bytes = load_extension().conv_covariance_workspace_bytes(
+                        list(shape), [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1], 4
+                    )
                 else:
                     ours_bytes = 0
                 ours_mem = harness.format_bytes(ours_bytes, estimated=True)

@@ -65,7 +65,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       pybind11::arg("padding"), pybind11::arg("dilation"),
       pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("conv_covariance_workspace_bytes", &unsc_fast::conv_covariance_workspace_bytes,
-             "Bytes conv_covariance_ allocates besides C (increment + one patch panel).",
-             pybind11::arg("d"), pybind11::arg("out_w"), pybind11::arg("total_rows"),
-             pybind11::arg("element_size"));
+             "Bytes conv_covariance_ allocates besides C for x of x_shape (per-thread workspaces).",
+             pybind11::arg("x_shape"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
+             pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("element_size"));
 }

@@ -8,6 +8,8 @@
 // and each panel feeds a symmetric rank-M update that computes only block rows on and
 // above the diagonal. Every product is an ATen addmm_ on views (BLAS, no copies).
 #include "covariance_cpu.h"
+#include "conv_covariance_shift.h"
+#include "parallel_accumulate.h"
 
 #include <algorithm>
 #include <vector>
@@ -52,25 +54,6 @@ void symmetric_update_upper(at::Tensor& W, const at::Tensor& panel, bool rows_ar
       out.addmm_(panel.narrow(1, i0, rows).t(), panel.narrow(1, i0, cols), beta, 1.0);
     }
   }
-}
-
-// Runs job(W, index) for index in [0, jobs), spread round-robin over the threads, each
-// thread summing into its own zeroed d x d accumulator; returns their sum. Each thread
-// runs its GEMMs single-threaded (BLAS inside a parallel region), so a 2-core machine
-// runs two independent panels at once instead of splitting every small GEMM in two,
-// which measured slower than one large addmm split the same way.
-template <typename Job>
-at::Tensor accumulate_per_thread(int64_t d, int64_t jobs, const at::TensorOptions& options, const Job& job) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
-  std::vector<at::Tensor> partial(workers);
-  for (auto& W : partial) W = at::zeros({d, d}, options);
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t index = worker; index < jobs; index += workers) job(partial[worker], index);
-    }
-  });
-  for (int64_t worker = 1; worker < workers; ++worker) partial[0].add_(partial[worker]);
-  return partial[0];
 }
 
 // C[r, s] += W[r, s] and C[s, r] += W[r, s] for r <= s: the increment is added as an
@@ -154,11 +137,18 @@ int64_t panel_rows(int64_t d, int64_t out_w, int64_t total_rows, int64_t element
 
 }  // namespace
 
-int64_t conv_covariance_workspace_bytes(int64_t d, int64_t out_w, int64_t total_rows,
-                                        int64_t element_size) {
+int64_t conv_covariance_workspace_bytes(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                                        std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+                                        std::array<int64_t, 2> dilation, int64_t element_size) {
+  if (conv_covariance_shift_applies(kernel_size, stride)) {
+    return conv_covariance_shift_workspace_bytes(x_shape, kernel_size, padding, dilation, element_size);
+  }
+  const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
+  const int64_t out_h = (x_shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
+  const int64_t out_w = (x_shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
+  const int64_t total_rows = x_shape[0] * out_h;
   const int64_t rows = panel_rows(d, out_w, total_rows, element_size);
-  const int64_t panels = (total_rows + rows - 1) / rows;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+  const int64_t workers = accumulation_workers((total_rows + rows - 1) / rows);
   // Per worker thread: a d x d partial sum and one panel; plus nothing else (no copy of x).
   return workers * (d * d + d * rows * out_w) * element_size;
 }
@@ -181,7 +171,7 @@ void covariance_cpu_(at::Tensor& C, const at::Tensor& x) {
   const at::Tensor& panel = rows;  // (N, d); its transpose is row-major when features_are_rows
   const int64_t jobs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / kMinRowsPerJob));
   const int64_t rows_per_job = (N + jobs - 1) / jobs;
-  at::Tensor W = accumulate_per_thread(d, jobs, C.options(), [&](at::Tensor& acc, int64_t job) {
+  at::Tensor W = accumulate_per_thread(d, jobs, C.options(), [&](at::Tensor& acc, int64_t job, int64_t) {
     const int64_t start = job * rows_per_job;
     const int64_t count = std::min(rows_per_job, N - start);
     if (count <= 0) return;
@@ -217,22 +207,26 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
               ", ", d, ")");
   const int64_t total_rows = x.size(0) * g.out_h;
   if (total_rows == 0 || d == 0) return;
+  if (conv_covariance_shift_applies(kernel_size, stride)) {
+    conv_covariance_shift_cpu_(C, x, kernel_size, padding, dilation);
+    return;
+  }
   const int64_t strides[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "conv_covariance_cpu_", [&] {
     using acc_t = scalar_t;
     const int64_t rows_per_panel = panel_rows(d, g.out_w, total_rows, sizeof(acc_t));
     const int64_t panels = (total_rows + rows_per_panel - 1) / rows_per_panel;
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), panels);
+    const int64_t workers = accumulation_workers(panels);
     std::vector<at::Tensor> buffers(workers);
     for (auto& buffer : buffers) buffer = at::empty({d * rows_per_panel * g.out_w}, C.options());
     at::Tensor W;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_covariance_gather", [&] {
       const scalar_t* source = x.const_data_ptr<scalar_t>();
-      W = accumulate_per_thread(d, panels, C.options(), [&](at::Tensor& acc, int64_t index) {
+      W = accumulate_per_thread(d, panels, C.options(), [&](at::Tensor& acc, int64_t index, int64_t worker) {
         const int64_t q0 = index * rows_per_panel;
         const int64_t rows = std::min(rows_per_panel, total_rows - q0);
         const int64_t M = rows * g.out_w;
-        at::Tensor& buffer = buffers[index % workers];  // the round-robin worker of this panel
+        at::Tensor& buffer = buffers[worker];
         gather_panel<scalar_t, acc_t>(buffer.data_ptr<acc_t>(), source, strides, g, q0, rows);
         symmetric_update_upper(acc, buffer.narrow(0, 0, d * M).view({d, M}), true, 1.0);
       });

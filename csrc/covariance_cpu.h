@@ -18,11 +18,12 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
                           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                           std::array<int64_t, 2> dilation);
 
-// Bytes conv_covariance_cpu_ allocates besides C (per worker thread: a d x d partial sum
-// and one patch panel, at the current torch thread count),
-// for total_rows = B * out_h output rows of out_w positions: what benchmarks report
-// beside the unfold buffer (B * out_h * out_w * d elements) that it replaces.
-int64_t conv_covariance_workspace_bytes(int64_t d, int64_t out_w, int64_t total_rows,
-                                        int64_t element_size);
+// Bytes conv_covariance_cpu_ allocates besides C for x of x_shape (B, Cin, H, W) at the
+// current torch thread count: what benchmarks report beside the unfold buffer
+// (B * out_h * out_w * d elements) that it replaces. Per worker thread: a d x d partial sum
+// plus one patch panel (strided or 1x1) or one chunk of padded input and its products (stride 1).
+int64_t conv_covariance_workspace_bytes(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                                        std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+                                        std::array<int64_t, 2> dilation, int64_t element_size);
 
 }  // namespace unsc_fast

@@ -2,9 +2,13 @@
 
 - Small-integer inputs make every partial sum exact in fp32, so any summation order gives
   the same bits: ext must equal the reference exactly (``torch.equal``), whatever C0 is.
-- Random inputs: the increment is a sum of n = N products, then added to C0, so
-  ``|C - exact| <= gamma_{N+2} * (|P|^T |P| + |C0|)`` elementwise (Higham's gamma for fp32;
-  the extra 1 is the separate addition of the increment to C0).
+- Random inputs, strided and 1x1 convs (patch panels): the increment is a sum of N products,
+  then added to C0, so ``|C - exact| <= gamma_{N+2} * (|P|^T |P| + |C0|)`` elementwise
+  (Higham's gamma for fp32; the extra 1 is the separate addition of the increment to C0).
+- Random inputs, stride-1 convs (shifted products): each block is F - R - K, three sums over
+  at most T = B * Hp * Wp padded positions, each of absolute sum at most ``|x_c| |x_c'|``
+  (Cauchy-Schwarz over the channels' values), added chunk by chunk (at most B chunks), so
+  ``|C - exact| <= gamma_{T + 3B + 4} * (3 |x_c| |x_c'| + |C0|)``.
 - The increment is exactly symmetric (only the upper triangle is computed, then mirrored).
 
 Skipped when ``unsc_fast._C`` is not built, except under ``UNSC_FAST_REQUIRE_EXT=1`` (CI),
@@ -47,7 +51,14 @@ GEOMETRIES = {
     # d = 7 * 49 = 343 > 256: several block rows of the symmetric update
     "wide_blocks": ((2, 7, 9, 8), (7, 7), (1, 1), (3, 3), (1, 1)),
     # 64 * 5 * 4 floats per output row: several patch panels of the 4 MiB budget
-    "many_panels": ((40, 64, 12, 12), (3, 3), (1, 1), (1, 1), (1, 1)),
+    "many_panels": ((40, 64, 10, 12), (3, 3), (2, 1), (1, 1), (1, 1)),
+    # stride 1, 64 * 42 * 42 floats per padded image: chunks of 9 images of the 4 MiB budget,
+    # the last one short
+    "many_chunks": ((12, 64, 40, 40), (3, 3), (1, 1), (1, 1), (1, 1)),
+    # stride 1: one offset shared by two tap shifts (a row down and two columns left = one
+    # column right), windows narrower than half the padded width
+    "shared_offsets": ((2, 3, 3, 3), (3, 3), (1, 1), (0, 0), (1, 1)),
+    "dilated_5x5": ((3, 4, 13, 11), (5, 5), (1, 1), (2, 1), (2, 1)),
 }
 
 
@@ -106,8 +117,19 @@ def test_conv_non_contiguous_C_is_updated_in_place():
     assert torch.equal(C, expected)
 
 
+def fp32_error_bound(x, kernel_size, stride, padding, dilation, C0) -> torch.Tensor:
+    """The elementwise bound of the module docstring for the kernel this geometry takes."""
+    taps = kernel_size[0] * kernel_size[1]
+    if stride == (1, 1) and taps > 1:  # shifted products
+        norms = x.double().transpose(0, 1).flatten(1).norm(dim=1).repeat_interleave(taps)
+        positions = x.shape[0] * (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
+        return gamma(positions + 3 * x.shape[0] + 4) * (3 * torch.outer(norms, norms) + C0.double().abs())
+    rows = reference.unfold_rows(x, kernel_size, stride, padding, dilation, torch.float64)
+    return gamma(rows.shape[0] + 2) * (rows.abs().mT @ rows.abs() + C0.double().abs())
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["3x3_same", "asymmetric_all", "wide_blocks", "many_panels"])
+@pytest.mark.parametrize("name", ["3x3_same", "asymmetric_all", "wide_blocks", "many_panels", "many_chunks", "dilated_5x5"])
 def test_conv_random_within_fp32_bound_and_symmetric(name, x_dtype):
     shape, kernel_size, stride, padding, dilation = GEOMETRIES[name]
     generator = torch.Generator().manual_seed(6)
@@ -115,10 +137,9 @@ def test_conv_random_within_fp32_bound_and_symmetric(name, x_dtype):
     d = shape[1] * kernel_size[0] * kernel_size[1]
     C0 = torch.randn(d, d, generator=generator)
     C = ops.conv_covariance_(C0.clone(), x, kernel_size, stride, padding, dilation, backend="ext")
-    cols = F.unfold(x.double(), kernel_size, dilation=dilation, padding=padding, stride=stride)
-    rows = cols.transpose(1, 2).reshape(-1, d)
+    rows = reference.unfold_rows(x, kernel_size, stride, padding, dilation, torch.float64)
     exact = C0.double() + rows.mT @ rows
-    bound = gamma(rows.shape[0] + 2) * (rows.abs().mT @ rows.abs() + C0.double().abs())
+    bound = fp32_error_bound(x, kernel_size, stride, padding, dilation, C0)
     assert ((C.double() - exact).abs() <= bound).all()
     increment = ops.conv_covariance_(torch.zeros(d, d), x, kernel_size, stride, padding, dilation, backend="ext")
     assert torch.equal(increment, increment.mT)

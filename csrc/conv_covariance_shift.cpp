@@ -1,0 +1,301 @@
+// Stride-1 conv covariance from shifted products of the padded input.
+//
+// With stride 1, the block of P^T P for the tap pair (a, b) (taps a = (i, j) in F.unfold's
+// order) is  S(a, b) = sum over the windows o of x[o + a] x[o + b]^T : a Cin x Cin
+// correlation of the input with itself at the shift b - a, summed over the positions of
+// tap a's window. Laid out as X = (Cin, images * Hp * Wp) of the zero-padded input, "x at
+// p + shift" is X read `offset = dh * Wp + dw` columns further on, so one GEMM over every
+// position of the chunk, F(offset) = X[:, 0:T] X[:, offset:offset+T]^T, holds the sum over
+// the whole padded batch, and is shared by every tap pair with that offset: 13 GEMMs for
+// the 45 upper pairs of a 3x3 kernel (the panel kernel does 58 % of 81 blocks' work). Each
+// pair then subtracts what F holds outside its window:
+//   - the rows above and below the window (all columns),
+//   - the columns left and right of it, within the window's rows,
+// taken only where x is real data (padding contributes zero): for "same" padding that is
+// one row or one column on each side, a few percent of F. Read past a row's end, p + offset
+// lands in the next row (or image, or the zero guard after the chunk); F and the
+// corrections read the same X at the same places, so such terms cancel exactly and the
+// window's sum is what remains.
+//
+// The blocks are accumulated tap-major (row a * Cin + c), upper pairs only, and written to
+// C in F.unfold's order (row c * taps + a) at the end, mirrored so the increment is exactly
+// symmetric (a diagonal block's lower triangle is never read).
+#include "conv_covariance_shift.h"
+#include "parallel_accumulate.h"
+
+#include <algorithm>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+namespace unsc_fast {
+namespace {
+
+// Bytes of padded input per chunk: the 13-odd GEMMs of a 3x3 kernel read it again and
+// again, so it should stay in the last-level cache, and each GEMM's reduction (images *
+// Hp * Wp) stays long enough for BLAS efficiency.
+constexpr int64_t kChunkBytes = int64_t(4) << 20;
+
+struct ShiftGeometry {
+  int64_t channels, height, width, kernel_h, kernel_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t padded_h, padded_w, out_h, out_w;
+
+  ShiftGeometry(const std::array<int64_t, 4>& shape, std::array<int64_t, 2> kernel,
+                std::array<int64_t, 2> padding, std::array<int64_t, 2> dilation)
+      : channels(shape[1]), height(shape[2]), width(shape[3]), kernel_h(kernel[0]), kernel_w(kernel[1]),
+        pad_h(padding[0]), pad_w(padding[1]), dilation_h(dilation[0]), dilation_w(dilation[1]),
+        padded_h(shape[2] + 2 * padding[0]), padded_w(shape[3] + 2 * padding[1]),
+        out_h(padded_h - dilation[0] * (kernel[0] - 1)), out_w(padded_w - dilation[1] * (kernel[1] - 1)) {}
+
+  int64_t taps() const { return kernel_h * kernel_w; }
+  int64_t image() const { return padded_h * padded_w; }  // positions of one padded image
+  int64_t tap_row(int64_t a) const { return (a / kernel_w) * dilation_h; }  // window origin
+  int64_t tap_col(int64_t a) const { return (a % kernel_w) * dilation_w; }
+  int64_t offset(int64_t a, int64_t b) const {  // >= 0 for a <= b (rows first)
+    return (tap_row(b) - tap_row(a)) * padded_w + tap_col(b) - tap_col(a);
+  }
+  // The largest offset: the zero guard after a chunk, so that every shifted read stays inside.
+  int64_t guard() const { return offset(0, taps() - 1); }
+  bool real_row(int64_t r) const { return r >= pad_h && r < pad_h + height; }
+  bool real_col(int64_t c) const { return c >= pad_w && c < pad_w + width; }
+};
+
+// Positions (row * Wp + col in one padded image) of real data in the rows outside the
+// window of tap row r0, all columns: the rows part of what F holds beyond the window.
+std::vector<int64_t> outside_rows(const ShiftGeometry& g, int64_t r0) {
+  std::vector<int64_t> positions;
+  for (int64_t r = 0; r < g.padded_h; ++r) {
+    if (!g.real_row(r) || (r >= r0 && r < r0 + g.out_h)) continue;
+    for (int64_t c = g.pad_w; c < g.pad_w + g.width; ++c) positions.push_back(r * g.padded_w + c);
+  }
+  return positions;
+}
+
+// Positions of real data inside the window's rows but left or right of its columns.
+std::vector<int64_t> outside_columns(const ShiftGeometry& g, int64_t r0, int64_t c0) {
+  std::vector<int64_t> positions;
+  for (int64_t r = std::max(r0, g.pad_h); r < std::min(r0 + g.out_h, g.pad_h + g.height); ++r) {
+    for (int64_t c = 0; c < g.padded_w; ++c) {
+      if (g.real_col(c) && (c < c0 || c >= c0 + g.out_w)) positions.push_back(r * g.padded_w + c);
+    }
+  }
+  return positions;
+}
+
+// What one call computes, shared by every chunk: the upper tap pairs, their distinct
+// offsets (one F each), the correction positions per tap row and per tap, and the
+// distinct (tap row, offset) row corrections.
+struct ShiftPlan {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  std::vector<int64_t> offsets, pair_offset;
+  std::vector<std::vector<int64_t>> row_positions, column_positions;  // per kernel row, per tap
+  std::vector<std::pair<int64_t, int64_t>> row_keys;                   // (kernel row, offset index)
+  std::vector<int64_t> pair_row_key;                                   // -1: nothing outside
+
+  explicit ShiftPlan(const ShiftGeometry& g) {
+    std::map<int64_t, int64_t> offset_index;
+    std::map<std::pair<int64_t, int64_t>, int64_t> row_key_index;
+    for (int64_t i = 0; i < g.kernel_h; ++i) row_positions.push_back(outside_rows(g, i * g.dilation_h));
+    for (int64_t a = 0; a < g.taps(); ++a) column_positions.push_back(outside_columns(g, g.tap_row(a), g.tap_col(a)));
+    for (int64_t a = 0; a < g.taps(); ++a) {
+      for (int64_t b = a; b < g.taps(); ++b) {
+        const int64_t off = g.offset(a, b);
+        auto found = offset_index.emplace(off, static_cast<int64_t>(offsets.size()));
+        if (found.second) offsets.push_back(off);
+        pairs.emplace_back(a, b);
+        pair_offset.push_back(found.first->second);
+        const int64_t row = a / g.kernel_w;
+        if (row_positions[row].empty()) {
+          pair_row_key.push_back(-1);
+          continue;
+        }
+        auto key = row_key_index.emplace(std::make_pair(row, found.first->second),
+                                         static_cast<int64_t>(row_keys.size()));
+        if (key.second) row_keys.emplace_back(row, found.first->second);
+        pair_row_key.push_back(key.first->second);
+      }
+    }
+  }
+
+  int64_t widest_correction() const {
+    size_t widest = 0;
+    for (const auto& p : row_positions) widest = std::max(widest, p.size());
+    for (const auto& p : column_positions) widest = std::max(widest, p.size());
+    return static_cast<int64_t>(widest);
+  }
+};
+
+int64_t images_per_chunk(const ShiftGeometry& g, int64_t batch, int64_t element_size) {
+  const int64_t per_image = std::max<int64_t>(1, g.channels * g.image() * element_size);
+  return std::max<int64_t>(1, std::min(batch, kChunkBytes / per_image));
+}
+
+// One worker's buffers, reused chunk after chunk.
+struct ShiftWorkspace {
+  at::Tensor input;        // (Cin, images * Hp * Wp + guard), zero-padded
+  at::Tensor shifted;      // (offsets, Cin, Cin): F per offset
+  at::Tensor row_terms;    // (row keys, Cin, Cin)
+  at::Tensor near, far;    // (Cin, images * widest correction): positions and their partners
+
+  ShiftWorkspace(const ShiftGeometry& g, const ShiftPlan& plan, int64_t images, const at::TensorOptions& options) {
+    const int64_t cin = g.channels;
+    input = at::empty({cin, images * g.image() + g.guard()}, options);
+    shifted = at::empty({static_cast<int64_t>(plan.offsets.size()), cin, cin}, options);
+    row_terms = at::empty({static_cast<int64_t>(plan.row_keys.size()), cin, cin}, options);
+    near = at::empty({cin * images * plan.widest_correction()}, options);
+    far = at::empty_like(near);
+  }
+
+  static int64_t bytes(const ShiftGeometry& g, const ShiftPlan& plan, int64_t images, int64_t element_size) {
+    const int64_t cin = g.channels;
+    const int64_t elements = cin * (images * g.image() + g.guard()) +
+                             static_cast<int64_t>(plan.offsets.size() + plan.row_keys.size()) * cin * cin +
+                             2 * cin * images * plan.widest_correction();
+    return elements * element_size;
+  }
+};
+
+// input[c, b * Hp * Wp + (h + pad_h) * Wp + w + pad_w] = x[b0 + b, c, h, w], zeros elsewhere.
+template <typename in_t, typename acc_t>
+void fill_padded(acc_t* input, int64_t length, const in_t* x, const int64_t* strides, const ShiftGeometry& g,
+                 int64_t b0, int64_t images) {
+  std::fill(input, input + g.channels * length, acc_t(0));
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t b = 0; b < images; ++b) {
+      acc_t* image = input + c * length + b * g.image() + g.pad_h * g.padded_w + g.pad_w;
+      const in_t* source = x + (b0 + b) * strides[0] + c * strides[1];
+      for (int64_t h = 0; h < g.height; ++h) {
+        acc_t* out = image + h * g.padded_w;
+        const in_t* row = source + h * strides[2];
+        for (int64_t w = 0; w < g.width; ++w) out[w] = static_cast<acc_t>(row[w * strides[3]]);
+      }
+    }
+  }
+}
+
+// panel (Cin, images * n): input at the n positions of every image, `shift` columns on.
+template <typename acc_t>
+at::Tensor gather(at::Tensor& panel, const at::Tensor& input, const ShiftGeometry& g, int64_t images,
+                  const std::vector<int64_t>& positions, int64_t shift) {
+  const int64_t n = static_cast<int64_t>(positions.size()), length = input.size(1);
+  acc_t* out = panel.data_ptr<acc_t>();
+  const acc_t* in = input.const_data_ptr<acc_t>();
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t b = 0; b < images; ++b) {
+      const acc_t* image = in + c * length + b * g.image() + shift;
+      acc_t* row = out + (c * images + b) * n;
+      for (int64_t m = 0; m < n; ++m) row[m] = image[positions[m]];
+    }
+  }
+  return panel.narrow(0, 0, g.channels * images * n).view({g.channels, images * n});
+}
+
+// W (taps * Cin square, tap-major) += the upper tap-pair blocks of images [b0, b0 + images).
+template <typename in_t, typename acc_t>
+void accumulate_chunk(at::Tensor& W, ShiftWorkspace& work, const ShiftGeometry& g, const ShiftPlan& plan,
+                      const in_t* x, const int64_t* strides, int64_t b0, int64_t images) {
+  const int64_t cin = g.channels, span = images * g.image();
+  at::Tensor& input = work.input;  // a short last chunk leaves zeros past its span
+  fill_padded<in_t, acc_t>(input.data_ptr<acc_t>(), input.size(1), x, strides, g, b0, images);
+  const at::Tensor here = input.narrow(1, 0, span);
+  for (size_t o = 0; o < plan.offsets.size(); ++o) {
+    at::Tensor out = work.shifted.select(0, static_cast<int64_t>(o));
+    at::mm_out(out, here, input.narrow(1, plan.offsets[o], span).t());
+  }
+  int64_t gathered_row = -1;
+  at::Tensor near;
+  for (size_t k = 0; k < plan.row_keys.size(); ++k) {
+    const auto [row, o] = plan.row_keys[k];
+    if (row != gathered_row) near = gather<acc_t>(work.near, input, g, images, plan.row_positions[row], 0);
+    gathered_row = row;
+    const at::Tensor far = gather<acc_t>(work.far, input, g, images, plan.row_positions[row], plan.offsets[o]);
+    at::Tensor out = work.row_terms.select(0, static_cast<int64_t>(k));
+    at::mm_out(out, near, far.t());
+  }
+  int64_t gathered_tap = -1;
+  for (size_t p = 0; p < plan.pairs.size(); ++p) {
+    const auto [a, b] = plan.pairs[p];
+    at::Tensor block = W.narrow(0, a * cin, cin).narrow(1, b * cin, cin);
+    block.add_(work.shifted.select(0, plan.pair_offset[p]));
+    if (plan.pair_row_key[p] >= 0) block.sub_(work.row_terms.select(0, plan.pair_row_key[p]));
+    const auto& columns = plan.column_positions[a];
+    if (columns.empty()) continue;
+    if (a != gathered_tap) near = gather<acc_t>(work.near, input, g, images, columns, 0);
+    gathered_tap = a;
+    const at::Tensor far = gather<acc_t>(work.far, input, g, images, columns, plan.offsets[plan.pair_offset[p]]);
+    block.addmm_(near, far.t(), 1.0, -1.0);
+  }
+}
+
+// C[r, s] += value and C[s, r] += value for r <= s in F.unfold's order (r = c * taps + a),
+// the value read from the tap-major upper blocks of W (row a * Cin + c).
+template <typename T>
+void add_mirrored_tap_major(at::Tensor& C, const T* W, int64_t channels, int64_t taps) {
+  const int64_t d = channels * taps;
+  T* c = C.data_ptr<T>();
+  const int64_t row_stride = C.stride(0), col_stride = C.stride(1);
+  auto value = [&](int64_t r, int64_t s) {  // r <= s
+    const int64_t ca = r / taps, a = r % taps, cb = s / taps, b = s % taps;
+    return a <= b ? W[(a * channels + ca) * d + b * channels + cb] : W[(b * channels + cb) * d + a * channels + ca];
+  };
+  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t s = r; s < d; ++s) c[r * row_stride + s * col_stride] += value(r, s);
+    }
+  });
+  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {  // lower triangle: no two threads on one element
+    for (int64_t s = begin; s < end; ++s) {
+      for (int64_t r = 0; r < s; ++r) c[s * row_stride + r * col_stride] += value(r, s);
+    }
+  });
+}
+
+}  // namespace
+
+bool conv_covariance_shift_applies(std::array<int64_t, 2> kernel_size, std::array<int64_t, 2> stride) {
+  return stride[0] == 1 && stride[1] == 1 && kernel_size[0] * kernel_size[1] > 1;
+}
+
+int64_t conv_covariance_shift_workspace_bytes(const std::array<int64_t, 4>& x_shape,
+                                              std::array<int64_t, 2> kernel_size,
+                                              std::array<int64_t, 2> padding,
+                                              std::array<int64_t, 2> dilation, int64_t element_size) {
+  const ShiftGeometry g(x_shape, kernel_size, padding, dilation);
+  const ShiftPlan plan(g);
+  const int64_t images = images_per_chunk(g, x_shape[0], element_size);
+  const int64_t workers = accumulation_workers((x_shape[0] + images - 1) / images);
+  const int64_t d = g.channels * g.taps();
+  return workers * (d * d * element_size + ShiftWorkspace::bytes(g, plan, images, element_size));
+}
+
+void conv_covariance_shift_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
+                                std::array<int64_t, 2> padding, std::array<int64_t, 2> dilation) {
+  c10::AutoGradMode no_grad(false);
+  const ShiftGeometry g({x.size(0), x.size(1), x.size(2), x.size(3)}, kernel_size, padding, dilation);
+  const ShiftPlan plan(g);
+  const int64_t batch = x.size(0), d = g.channels * g.taps();
+  const int64_t strides[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "conv_covariance_shift", [&] {
+    using acc_t = scalar_t;
+    const int64_t images = images_per_chunk(g, batch, sizeof(acc_t));
+    const int64_t chunks = (batch + images - 1) / images;
+    std::vector<ShiftWorkspace> workspaces;
+    for (int64_t w = 0; w < accumulation_workers(chunks); ++w) workspaces.emplace_back(g, plan, images, C.options());
+    at::Tensor W;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_covariance_shift_fill", [&] {
+      const scalar_t* source = x.const_data_ptr<scalar_t>();
+      W = accumulate_per_thread(d, chunks, C.options(), [&](at::Tensor& acc, int64_t chunk, int64_t worker) {
+        const int64_t b0 = chunk * images;
+        accumulate_chunk<scalar_t, acc_t>(acc, workspaces[worker], g, plan, source, strides, b0,
+                                          std::min(images, batch - b0));
+      });
+    });
+    add_mirrored_tap_major<acc_t>(C, W.const_data_ptr<acc_t>(), g.channels, g.taps());
+  });
+}
+
+}  // namespace unsc_fast

@@ -1,0 +1,40 @@
+// One d x d partial sum per torch thread, summed at the end: the threading scheme of the CPU
+// covariance kernels (covariance_cpu.cpp, conv_covariance_shift.cpp).
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+namespace unsc_fast {
+
+// Runs job(W, index) for index in [0, jobs), spread round-robin over the threads, each
+// thread summing into its own zeroed d x d accumulator (and passing its worker number, so
+// that jobs can reuse per-worker buffers); returns their sum. Each thread runs its GEMMs
+// single-threaded (BLAS inside a parallel region), so a 2-core machine runs two
+// independent jobs at once instead of splitting every small GEMM in two.
+template <typename Job>
+at::Tensor accumulate_per_thread(int64_t d, int64_t jobs, const at::TensorOptions& options, const Job& job) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
+  std::vector<at::Tensor> partial(workers);
+  for (auto& W : partial) W = at::zeros({d, d}, options);
+  // Grain 0: even a single worker runs inside a parallel region, so the many small ATen
+  // ops of a job run serially instead of each opening (and, on a busy machine, waiting
+  // for) a thread team of its own.
+  at::parallel_for(0, workers, 0, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t index = worker; index < jobs; index += workers) job(partial[worker], index, worker);
+    }
+  });
+  for (int64_t worker = 1; worker < workers; ++worker) partial[0].add_(partial[worker]);
+  return partial[0];
+}
+
+// Worker threads accumulate_per_thread will use for this many jobs.
+inline int64_t accumulation_workers(int64_t jobs) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
+}
+
+}  // namespace unsc_fast
