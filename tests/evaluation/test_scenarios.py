@@ -288,6 +288,9 @@ def test_compare_sequential_end_to_end(tmp_path):
     (["--scenario", "sequential", "--then-forget"], "expected at least one argument"),
     (["--scenario", "sequential", "--then-forget", "3"], "then_forget: a class is requested twice"),
     (["--scenario", "sub-class", "--dataset", "mnist1d", "--forget-classes", "11"], "fine label in 0..9"),
+    (["--forget-classes", "12"], "forget_classes: classes [12] are outside 0..9"),
+    (["--forget-classes", *map(str, range(10))], "cannot forget every class"),
+    (["--scenario", "random-sample", "--forget-fraction", "0.9999"], "leaves no remaining sample"),
 ])
 def test_the_command_line_refuses_bad_values_before_training(tmp_path, arguments, message, capsys):
     threads = torch.get_num_threads()

@@ -178,7 +178,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
                                  forget_fraction=config.forget_fraction, seed=config.base_seed, then_forget=config.then_forget,
                                  memorisation=scorer(config, split, lambda: build_model(config.model, split), progress))
     except ValueError as error:  # a class outside the data, a sub-class of a non-digit dataset: a usage error
-        if config.scenario not in ("sub_class", "sequential"):  # the others: as before (memorised trains in there)
+        if config.scenario == "memorised":  # its shadow models train in there: not the user's input
             raise
         raise ConfigError(str(error)) from error
     split = scenario.split  # sub-class forgetting: the coarse labels the models are trained on

@@ -115,9 +115,9 @@ def full_class(split: DatasetSplit, classes) -> Scenario:
         raise ValueError("full-class forgetting needs at least one class")
     bad = [c for c in classes if not 0 <= c < split.num_classes]
     if bad:
-        raise ValueError(f"classes {bad} are outside 0..{split.num_classes - 1}")
+        raise ValueError(f"forget_classes: classes {bad} are outside 0..{split.num_classes - 1}")
     if len(classes) >= split.num_classes:
-        raise ValueError("cannot forget every class: nothing would remain")
+        raise ValueError("forget_classes: cannot forget every class, nothing would remain")
     forget_train = class_mask(split.y_train, classes)
     if not bool(forget_train.any()):
         raise ValueError(f"no training sample has a class in {classes}")
