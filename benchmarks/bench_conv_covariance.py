@@ -77,6 +77,16 @@ def allcnn_shapes(batch: int, width: int) -> list:
     ]
 
 
+def kernel_label(label: str, shape, kernel: int, stride: int, padding: int) -> str:
+    """"ext (shift)" or "ext (panel)": which of the extension's two CPU kernels ran."""
+    if label != "ext":
+        return label
+    from unsc_fast.ops.dispatch import load_extension
+
+    chosen = load_extension().conv_covariance_kernel(list(shape), [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1])
+    return f"ext ({chosen})"
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -137,7 +147,7 @@ def main(argv=None) -> None:
             rows.append({
                 "shape": f"{name}: {tuple(shape)} k{kernel} s{stride} p{padding} (N={N}, d={d})",
                 "dtype": dtype_name,
-                "ours": label,
+                "ours": kernel_label(label, shape, kernel, stride, padding),
                 "ours ms min/med": f"{ours_min:.1f} / {ours_ms:.1f}",
                 "unfold+addmm ms min/med": f"{torch_min:.1f} / {torch_ms:.1f}",
                 "ours GFLOP/s": f"{flops / ours_ms / 1e6:.3g}",
@@ -157,7 +167,8 @@ def main(argv=None) -> None:
         rows,
         ["GFLOP/s counts 2*N*d^2 for both ways; ratio = median / median",
          "peak = extra memory of one call; on CPU 'est.' = the sizes each way allocates (unfold: "
-         "(B,d,L) + its (B*L,d) copy; ext: per thread, a d x d partial sum + one patch panel)",
+         "(B,d,L) + its (B*L,d) copy; ext: per thread, a d x d partial sum + one patch panel (panel "
+         "kernel) or one chunk of padded input and its products (shift kernel))",
          f"{args.repeat} interleaved repeats (ours, torch, ours, torch, ...) after {args.warmup} warm-up rounds; "
          f"{torch.get_num_threads()} threads"],
     )

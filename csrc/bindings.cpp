@@ -57,13 +57,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       "conv_covariance_",
       [](at::Tensor C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
          std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
-         std::array<int64_t, 2> dilation) {
-        unsc_fast::conv_covariance_cpu_(C, x, kernel_size, stride, padding, dilation);
+         std::array<int64_t, 2> dilation, const std::string& kernel) {
+        unsc_fast::conv_covariance_cpu_(C, x, kernel_size, stride, padding, dilation, kernel);
       },
-      "C += P^T P over the conv patches of x (B, Cin, H, W) on CPU, without an unfold buffer.",
+      "C += P^T P over the conv patches of x (B, Cin, H, W) on CPU, without an unfold buffer; "
+      "kernel: auto, panel or shift (stride 1).",
       pybind11::arg("C"), pybind11::arg("x"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
-      pybind11::arg("padding"), pybind11::arg("dilation"),
+      pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("kernel") = "auto",
       pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("conv_covariance_kernel", &unsc_fast::conv_covariance_kernel,
+             "The CPU kernel conv_covariance_ runs for this geometry: shift or panel.",
+             pybind11::arg("x_shape"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
+             pybind11::arg("padding"), pybind11::arg("dilation"));
   module.def("conv_covariance_workspace_bytes", &unsc_fast::conv_covariance_workspace_bytes,
              "Bytes conv_covariance_ allocates besides C for x of x_shape (per-thread workspaces).",
              pybind11::arg("x_shape"), pybind11::arg("kernel_size"), pybind11::arg("stride"),

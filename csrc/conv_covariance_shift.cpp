@@ -21,6 +21,7 @@
 // C in F.unfold's order (row c * taps + a) at the end, mirrored so the increment is exactly
 // symmetric (a diagonal block's lower triangle is never read).
 #include "conv_covariance_shift.h"
+#include "mirrored_add.h"
 #include "parallel_accumulate.h"
 
 #include <algorithm>
@@ -238,33 +239,29 @@ void accumulate_chunk(at::Tensor& W, ShiftWorkspace& work, const ShiftGeometry& 
   }
 }
 
-// C[r, s] += value and C[s, r] += value for r <= s in F.unfold's order (r = c * taps + a),
-// the value read from the tap-major upper blocks of W (row a * Cin + c).
+// The value of C[r, s] (r <= s, F.unfold's order r = c * taps + a) in the tap-major upper
+// blocks of W (row a * Cin + c): block (a, b) when a <= b, else the transpose of (b, a).
 template <typename T>
-void add_mirrored_tap_major(at::Tensor& C, const T* W, int64_t channels, int64_t taps) {
-  const int64_t d = channels * taps;
-  T* c = C.data_ptr<T>();
-  const int64_t row_stride = C.stride(0), col_stride = C.stride(1);
-  auto value = [&](int64_t r, int64_t s) {  // r <= s
+struct TapMajorUpper {
+  const T* W;
+  int64_t channels, taps, d;
+  T operator()(int64_t r, int64_t s) const {
     const int64_t ca = r / taps, a = r % taps, cb = s / taps, b = s % taps;
     return a <= b ? W[(a * channels + ca) * d + b * channels + cb] : W[(b * channels + cb) * d + a * channels + ca];
-  };
-  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t s = r; s < d; ++s) c[r * row_stride + s * col_stride] += value(r, s);
-    }
-  });
-  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {  // lower triangle: no two threads on one element
-    for (int64_t s = begin; s < end; ++s) {
-      for (int64_t r = 0; r < s; ++r) c[s * row_stride + r * col_stride] += value(r, s);
-    }
-  });
-}
+  }
+};
 
 }  // namespace
 
-bool conv_covariance_shift_applies(std::array<int64_t, 2> kernel_size, std::array<int64_t, 2> stride) {
-  return stride[0] == 1 && stride[1] == 1 && kernel_size[0] * kernel_size[1] > 1;
+double conv_covariance_shift_cost(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                                  std::array<int64_t, 2> padding, std::array<int64_t, 2> dilation) {
+  const ShiftGeometry g(x_shape, kernel_size, padding, dilation);
+  const ShiftPlan plan(g);
+  double corrections = 0;
+  for (const auto& [row, offset] : plan.row_keys) corrections += static_cast<double>(plan.row_positions[row].size());
+  for (const auto& [a, b] : plan.pairs) corrections += static_cast<double>(plan.column_positions[a].size());
+  const double products = static_cast<double>(plan.offsets.size()) * static_cast<double>(g.image()) + 2 * corrections;
+  return products * static_cast<double>(g.channels) * static_cast<double>(g.channels);
 }
 
 int64_t conv_covariance_shift_workspace_bytes(const std::array<int64_t, 4>& x_shape,
@@ -301,7 +298,7 @@ void conv_covariance_shift_cpu_(at::Tensor& C, const at::Tensor& x, std::array<i
                                           std::min(images, batch - b0));
       });
     });
-    add_mirrored_tap_major<acc_t>(C, W.const_data_ptr<acc_t>(), g.channels, g.taps());
+    add_mirrored<acc_t>(C, d, TapMajorUpper<acc_t>{W.const_data_ptr<acc_t>(), g.channels, g.taps(), d});
   });
 }
 

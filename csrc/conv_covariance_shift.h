@@ -9,13 +9,16 @@
 
 namespace unsc_fast {
 
-// Whether conv_covariance_shift_cpu_ handles this geometry: stride 1 and more than one tap
-// (a 1x1 conv is a dense covariance, which the panel kernel's symmetric update does better).
-bool conv_covariance_shift_applies(std::array<int64_t, 2> kernel_size, std::array<int64_t, 2> stride);
+// Multiply-adds per image of conv_covariance_shift_cpu_ for a stride-1 conv with more than
+// one tap (its corrections counted twice: their reductions are short, so BLAS runs them at
+// a fraction of its rate), for the caller to weigh against the panel kernel: on small maps
+// (ResNet's 4x4 stage) the padded positions and the corrections outweigh the saving.
+double conv_covariance_shift_cost(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                                  std::array<int64_t, 2> padding, std::array<int64_t, 2> dilation);
 
 // C += P^T P over the stride-1 conv patches of x (B, Cin, H, W), F.unfold's column order,
 // zero padding; C float32/float64 (any strides), x any float dtype and strides. The caller
-// (conv_covariance_cpu_) has checked the geometry.
+// (conv_covariance_cpu_) has checked the geometry and chosen this kernel.
 void conv_covariance_shift_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
                                 std::array<int64_t, 2> padding, std::array<int64_t, 2> dilation);
 

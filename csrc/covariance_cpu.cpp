@@ -9,6 +9,7 @@
 // above the diagonal. Every product is an ATen addmm_ on views (BLAS, no copies).
 #include "covariance_cpu.h"
 #include "conv_covariance_shift.h"
+#include "mirrored_add.h"
 #include "parallel_accumulate.h"
 
 #include <algorithm>
@@ -35,6 +36,25 @@ int64_t block_size_for(int64_t d) {
   return (d + blocks - 1) / blocks;
 }
 
+// Multiply-adds of the panel kernel's symmetric update per patch: (nb + 1) / (2 nb) of d^2.
+double panel_cost_per_patch(int64_t d) {
+  const int64_t blocks = (d + block_size_for(d) - 1) / block_size_for(d);
+  return static_cast<double>(d) * static_cast<double>(d) * static_cast<double>(blocks + 1) / (2.0 * blocks);
+}
+
+// The shift kernel where it applies (stride 1, more than one tap) and does fewer
+// multiply-adds per image than the panel kernel; else the panel kernel.
+bool use_shift_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                      std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+                      std::array<int64_t, 2> dilation) {
+  if (stride[0] != 1 || stride[1] != 1 || kernel_size[0] * kernel_size[1] == 1) return false;
+  const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
+  const int64_t out_h = x_shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1);
+  const int64_t out_w = x_shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1);
+  const double panel = panel_cost_per_patch(d) * static_cast<double>(out_h * out_w);
+  return conv_covariance_shift_cost(x_shape, kernel_size, padding, dilation) <= panel;
+}
+
 // W[i0:i1, i0:d] (+)= block-row products of the panel F so that W's upper triangle
 // (diagonal included) holds the increment F^T F. The panel is (k x d), "rows are samples"
 // (dense x), or (d x k), "rows are features" (the conv panel, F^T stored). Each block row
@@ -54,28 +74,6 @@ void symmetric_update_upper(at::Tensor& W, const at::Tensor& panel, bool rows_ar
       out.addmm_(panel.narrow(1, i0, rows).t(), panel.narrow(1, i0, cols), beta, 1.0);
     }
   }
-}
-
-// C[r, s] += W[r, s] and C[s, r] += W[r, s] for r <= s: the increment is added as an
-// exactly symmetric matrix (its lower triangle is the mirror, never a second rounding of
-// the same sum), to a C of any strides.
-template <typename T>
-void add_mirrored_upper(at::Tensor& C, const T* W, int64_t d) {
-  T* c = C.data_ptr<T>();
-  const int64_t row_stride = C.stride(0), col_stride = C.stride(1);
-  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* w = W + r * d;
-      for (int64_t s = r; s < d; ++s) c[r * row_stride + s * col_stride] += w[s];
-    }
-  });
-  // The lower triangle in a second pass so that two threads never write one element.
-  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      T* row = c + s * row_stride;
-      for (int64_t r = 0; r < s; ++r) row[r * col_stride] += W[r * d + s];
-    }
-  });
 }
 
 struct ConvGeometry {
@@ -140,12 +138,12 @@ int64_t panel_rows(int64_t d, int64_t out_w, int64_t total_rows, int64_t element
 int64_t conv_covariance_workspace_bytes(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                                         std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                                         std::array<int64_t, 2> dilation, int64_t element_size) {
-  if (conv_covariance_shift_applies(kernel_size, stride)) {
-    return conv_covariance_shift_workspace_bytes(x_shape, kernel_size, padding, dilation, element_size);
-  }
   const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
   const int64_t out_h = (x_shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
   const int64_t out_w = (x_shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
+  if (use_shift_kernel(x_shape, kernel_size, stride, padding, dilation)) {
+    return conv_covariance_shift_workspace_bytes(x_shape, kernel_size, padding, dilation, element_size);
+  }
   const int64_t total_rows = x_shape[0] * out_h;
   const int64_t rows = panel_rows(d, out_w, total_rows, element_size);
   const int64_t workers = accumulation_workers((total_rows + rows - 1) / rows);
@@ -179,13 +177,22 @@ void covariance_cpu_(at::Tensor& C, const at::Tensor& x) {
     symmetric_update_upper(acc, features_are_rows ? part.t() : part, features_are_rows, 1.0);
   });
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "covariance_cpu_", [&] {
-    add_mirrored_upper<scalar_t>(C, W.const_data_ptr<scalar_t>(), d);
+    const scalar_t* w = W.const_data_ptr<scalar_t>();
+    add_mirrored<scalar_t>(C, d, [w, d](int64_t r, int64_t s) { return w[r * d + s]; });
   });
+}
+
+std::string conv_covariance_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                                   std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+                                   std::array<int64_t, 2> dilation) {
+  return use_shift_kernel(x_shape, kernel_size, stride, padding, dilation) ? "shift" : "panel";
 }
 
 void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
                           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
-                          std::array<int64_t, 2> dilation) {
+                          std::array<int64_t, 2> dilation, const std::string& kernel) {
+  TORCH_CHECK(kernel == "auto" || kernel == "panel" || kernel == "shift",
+              "conv_covariance_cpu_: kernel must be auto, panel or shift, got ", kernel);
   c10::AutoGradMode no_grad(false);
   TORCH_CHECK(C.device().is_cpu() && x.device().is_cpu(), "conv_covariance_cpu_: CPU tensors only");
   TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
@@ -207,7 +214,10 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
               ", ", d, ")");
   const int64_t total_rows = x.size(0) * g.out_h;
   if (total_rows == 0 || d == 0) return;
-  if (conv_covariance_shift_applies(kernel_size, stride)) {
+  const std::array<int64_t, 4> shape{x.size(0), x.size(1), x.size(2), x.size(3)};
+  TORCH_CHECK(kernel != "shift" || (stride[0] == 1 && stride[1] == 1),
+              "conv_covariance_cpu_: the shift kernel needs stride 1, got stride (", stride[0], ", ", stride[1], ")");
+  if (kernel == "shift" || (kernel == "auto" && use_shift_kernel(shape, kernel_size, stride, padding, dilation))) {
     conv_covariance_shift_cpu_(C, x, kernel_size, padding, dilation);
     return;
   }
@@ -231,7 +241,8 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
         symmetric_update_upper(acc, buffer.narrow(0, 0, d * M).view({d, M}), true, 1.0);
       });
     });
-    add_mirrored_upper<acc_t>(C, W.const_data_ptr<acc_t>(), d);
+    const acc_t* w = W.const_data_ptr<acc_t>();
+    add_mirrored<acc_t>(C, d, [w, d](int64_t r, int64_t s) { return w[r * d + s]; });
   });
 }
 

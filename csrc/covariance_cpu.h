@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <string>
 
 #include <ATen/ATen.h>
 
@@ -14,9 +15,17 @@ void covariance_cpu_(at::Tensor& C, const at::Tensor& x);
 
 // C += P^T P where the rows of P are the conv patches of x (B, Cin, H, W), in F.unfold's
 // column order (c * kh * kw + i * kw + j); zero padding. Pairs are (height, width).
+// kernel: "auto" (conv_covariance_kernel's choice), "panel" (any geometry) or "shift"
+// (stride 1 only): the last two let tests hold each kernel to the reference on every geometry.
 void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
                           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
-                          std::array<int64_t, 2> dilation);
+                          std::array<int64_t, 2> dilation, const std::string& kernel = "auto");
+
+// The kernel "auto" runs for this geometry: "shift" for a stride-1 conv with more than one tap
+// where it does fewer multiply-adds than the panel kernel, else "panel".
+std::string conv_covariance_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                                   std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+                                   std::array<int64_t, 2> dilation);
 
 // Bytes conv_covariance_cpu_ allocates besides C for x of x_shape (B, Cin, H, W) at the
 // current torch thread count: what benchmarks report beside the unfold buffer

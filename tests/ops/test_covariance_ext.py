@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from unsc_fast import ops
 from unsc_fast.ops import reference
-from unsc_fast.ops.dispatch import extension_available
+from unsc_fast.ops.dispatch import extension_available, load_extension
 
 from kernel_helpers import gamma
 
@@ -87,6 +87,51 @@ def test_conv_bitwise_on_small_integers(name, x_dtype, c_dtype):
     ours, expected = conv_both(C0, x, geometry)
     assert ours.dtype == c_dtype
     assert torch.equal(ours, expected)
+
+
+# Every geometry with the panel kernel (it takes any) and the stride-1 ones with the shift kernel.
+KERNEL_CASES = [(name, "panel") for name in GEOMETRIES] + [
+    (name, "shift") for name, geometry in GEOMETRIES.items() if geometry[2] == (1, 1)
+]
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, kernel", KERNEL_CASES)
+def test_each_conv_kernel_bitwise_on_small_integers(name, kernel, x_dtype):
+    """Both CPU kernels on every geometry they take, whichever one "auto" would pick."""
+    shape, kernel_size, stride, padding, dilation = GEOMETRIES[name]
+    d = shape[1] * kernel_size[0] * kernel_size[1]
+    x = small_integers(shape, x_dtype)
+    C0 = small_integers((d, d), torch.float32, seed=1)
+    ours = C0.clone()
+    load_extension().conv_covariance_(ours, x, kernel_size, stride, padding, dilation, kernel)
+    expected = reference.conv_covariance_(C0.clone(), x, kernel_size, stride, padding, dilation)
+    assert torch.equal(ours, expected)
+
+
+def auto_kernel(shape, kernel_size, stride, padding, dilation=(1, 1)) -> str:
+    return load_extension().conv_covariance_kernel(list(shape), list(kernel_size), list(stride), list(padding),
+                                                   list(dilation))
+
+
+def test_auto_kernel_rule():
+    """Shifted products where they save work (All-CNN's 32x32 and 16x16 maps), the panel
+    kernel on small maps, where padding and corrections outweigh the saving (ResNet-18's
+    4x4 stage at 32x32 inputs), for strides and for 1x1 convs; the tests' geometries
+    exercise both under auto."""
+    assert auto_kernel((43, 48, 32, 32), (3, 3), (1, 1), (1, 1)) == "shift"
+    assert auto_kernel((43, 96, 16, 16), (3, 3), (1, 1), (1, 1)) == "shift"
+    assert auto_kernel((64, 512, 4, 4), (3, 3), (1, 1), (1, 1)) == "panel"
+    assert auto_kernel((43, 96, 16, 16), (3, 3), (2, 2), (1, 1)) == "panel"
+    assert auto_kernel((43, 96, 8, 8), (1, 1), (1, 1), (0, 0)) == "panel"
+    chosen = {auto_kernel(shape, *geometry) for shape, *geometry in GEOMETRIES.values()}
+    assert chosen == {"shift", "panel"}
+
+
+def test_shift_kernel_refuses_a_stride():
+    with pytest.raises(RuntimeError, match="shift kernel needs stride 1"):
+        load_extension().conv_covariance_(torch.zeros(27, 27), torch.zeros(1, 3, 8, 8), [3, 3], [2, 2], [1, 1],
+                                          [1, 1], "shift")
 
 
 def non_contiguous_inputs():
