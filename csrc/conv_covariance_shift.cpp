@@ -179,7 +179,11 @@ void fill_padded(acc_t* input, int64_t length, const in_t* x, const int64_t* str
       for (int64_t h = 0; h < g.height; ++h) {
         acc_t* out = image + h * g.padded_w;
         const in_t* row = source + h * strides[2];
-        for (int64_t w = 0; w < g.width; ++w) out[w] = static_cast<acc_t>(row[w * strides[3]]);
+        if (strides[3] == 1) {  // the usual layout: a unit-stride loop the compiler vectorises
+          for (int64_t w = 0; w < g.width; ++w) out[w] = static_cast<acc_t>(row[w]);
+        } else {
+          for (int64_t w = 0; w < g.width; ++w) out[w] = static_cast<acc_t>(row[w * strides[3]]);
+        }
       }
     }
   }
@@ -244,10 +248,17 @@ void accumulate_chunk(at::Tensor& W, ShiftWorkspace& work, const ShiftGeometry& 
 template <typename T>
 struct TapMajorUpper {
   const T* W;
-  int64_t channels, taps, d;
+  int64_t d;
+  std::vector<int64_t> tap, row;  // per index r = c * taps + a: a, and W's row a * Cin + c
+
+  TapMajorUpper(const T* W, int64_t channels, int64_t taps) : W(W), d(channels * taps), tap(d), row(d) {
+    for (int64_t r = 0; r < d; ++r) {
+      tap[r] = r % taps;
+      row[r] = tap[r] * channels + r / taps;
+    }
+  }
   T operator()(int64_t r, int64_t s) const {
-    const int64_t ca = r / taps, a = r % taps, cb = s / taps, b = s % taps;
-    return a <= b ? W[(a * channels + ca) * d + b * channels + cb] : W[(b * channels + cb) * d + a * channels + ca];
+    return tap[r] <= tap[s] ? W[row[r] * d + row[s]] : W[row[s] * d + row[r]];
   }
 };
 
@@ -298,7 +309,7 @@ void conv_covariance_shift_cpu_(at::Tensor& C, const at::Tensor& x, std::array<i
                                           std::min(images, batch - b0));
       });
     });
-    add_mirrored<acc_t>(C, d, TapMajorUpper<acc_t>{W.const_data_ptr<acc_t>(), g.channels, g.taps(), d});
+    add_mirrored<acc_t>(C, d, TapMajorUpper<acc_t>(W.const_data_ptr<acc_t>(), g.channels, g.taps()));
   });
 }
 

@@ -133,8 +133,17 @@ def _inputs_finite(args, kwargs) -> torch.Tensor | None:
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not tensors:
         return None
-    flags = [torch.isfinite(t).all() for t in tensors]
+    flags = [_finite_flag(t) for t in tensors]
     return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def _finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """``isfinite(t).all()``. On CPU (no sync to avoid) a finite sum settles it in one pass
+    where the check takes four (~6 % of an All-CNN observe); only a sum that is not finite
+    (NaN/Inf inputs, or an overflow) takes the exact check."""
+    if t.device.type == "cpu" and bool(torch.isfinite(t.sum())):
+        return torch.tensor(True)
+    return torch.isfinite(t).all()
 
 
 def _non_finite_message(key, name: str, delta: torch.Tensor, inputs_finite: list) -> str:

@@ -81,9 +81,11 @@ def test_finite_inputs_that_overflow_float32_are_not_called_nan():
     model = nn.Linear(3, 2)
     projector = NullSpaceProjector(model)
     big = torch.full((4, 3), 1e20)  # finite in float32, its square is not
-    with pytest.raises(ValueError, match=r"layer '': overflow: .*use dtype=torch.float64 or rescale"):
-        with projector.observe():
-            model(big)
+    huge = torch.full((4, 3), 3e38)  # its sum is not finite either: the exact check decides
+    for inputs in (big, huge):
+        with pytest.raises(ValueError, match=r"layer '': overflow: .*use dtype=torch.float64 or rescale"):
+            with projector.observe():
+                model(inputs)
     assert projector.groups == []
     for bad in (float("nan"), float("inf")):
         x = torch.ones(4, 3)
