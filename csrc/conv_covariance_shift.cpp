@@ -130,16 +130,11 @@ struct ShiftPlan {
   }
 };
 
-// Images per chunk: at most kChunkBytes of padded input (at least one image), and the batch
-// cut into a multiple of the thread count of equal chunks, so that no thread idles while
-// another works through a last chunk alone.
+// Images per chunk: at most kChunkBytes of padded input (at least one image), in equal
+// chunks spread evenly over the threads.
 int64_t images_per_chunk(const ShiftGeometry& g, int64_t batch, int64_t element_size) {
   const int64_t per_image = std::max<int64_t>(1, g.channels * g.image() * element_size);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t fitting = std::max<int64_t>(1, kChunkBytes / per_image);
-  const int64_t rounds = (batch + fitting * threads - 1) / (fitting * threads);
-  const int64_t chunks = rounds * threads;
-  return std::max<int64_t>(1, (batch + chunks - 1) / chunks);
+  return balanced_job_size(batch, kChunkBytes / per_image);
 }
 
 // One worker's buffers, reused chunk after chunk.

@@ -127,10 +127,11 @@ void gather_panel(acc_t* panel, const in_t* x, const int64_t* strides, const Con
   });
 }
 
-// Output rows (b, oh) per panel: about kPanelBytes of panel, at least one row.
+// Output rows (b, oh) per panel: at most about kPanelBytes of panel (at least one row), in
+// equal panels spread evenly over the threads.
 int64_t panel_rows(int64_t d, int64_t out_w, int64_t total_rows, int64_t element_size) {
   const int64_t per_row = std::max<int64_t>(1, d * out_w * element_size);
-  return std::max<int64_t>(1, std::min(total_rows, kPanelBytes / per_row));
+  return balanced_job_size(total_rows, kPanelBytes / per_row);
 }
 
 }  // namespace

@@ -32,6 +32,17 @@ at::Tensor accumulate_per_thread(int64_t d, int64_t jobs, const at::TensorOption
   return partial[0];
 }
 
+// Items per job when `items` are cut into jobs of at most `fitting` items (at least one):
+// a multiple of the thread count of equal jobs, so that no thread idles while another works
+// through a last job alone (5 panels on 2 threads took the time of 3).
+inline int64_t balanced_job_size(int64_t items, int64_t fitting) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  fitting = std::max<int64_t>(1, fitting);
+  const int64_t rounds = (items + fitting * threads - 1) / (fitting * threads);
+  const int64_t jobs = std::max<int64_t>(1, rounds * threads);
+  return std::max<int64_t>(1, (items + jobs - 1) / jobs);
+}
+
 // Worker threads accumulate_per_thread will use for this many jobs.
 inline int64_t accumulation_workers(int64_t jobs) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
