@@ -264,10 +264,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
                                               include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
-        new_bases = solve.local_bases(self.store, self.protection.slots, self._sketches, self._sketch_slots,
-                                      self._slot_devices, kept, subtracted, threshold, generator, method)
+        new_bases, solved_complements = solve.local_bases(
+            self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
+            subtracted, threshold, generator, method)
         warn_if_everything_blocked(self.protection.slots, new_bases)
-        self.solution.install(new_bases, built_from=kept, threshold=threshold)
+        self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
         if keep_covariances == "none":
             self.reset()
         return self
