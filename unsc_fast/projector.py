@@ -232,8 +232,9 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ones (the remainder is indefinite; see ``unsc_fast.build_checks``).
 
         ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
-        whose rank is a small part of the width, else dense), ``"eigh"`` (dense: exact
-        eigenvectors, also at the cut) or ``"randomized"``; ``generator`` seeds the sketch.
+        whose rank is a small part of the width, else dense: fp32 eigh where its energy cut is
+        clear, fp64 otherwise), ``"eigh"`` (dense fp64: exact eigenvectors, also at the cut)
+        or ``"randomized"``; ``generator`` seeds the sketch.
 
         Under ``torch.distributed`` (``process_group=None``: the default group when it is
         initialised with several processes; ``"local"``: this process alone) every rank must
