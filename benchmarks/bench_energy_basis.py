@@ -8,8 +8,10 @@ For every covariance: the smallest k top eigenvectors holding ``threshold`` of t
   extension and through its Python reference (same algorithm, bitwise equal on CPU);
 - ``eigh fp64``: ``reference.energy_basis_eigh``, the dense path the library takes (float64,
   because fp32 eigh gives negative eigenvalues on ill-conditioned covariances);
-- ``ours auto``: ``ops.energy_basis()`` as the projector calls it (eigh fp64 below
-  ``MIN_RANDOMIZED_DIM``; past ``MAX_RANK_FRACTION * d`` the sketch stops and eigh fp64 runs);
+- ``ours auto``: ``ops.energy_basis()`` as the projector calls it (the dense path below
+  ``MIN_RANDOMIZED_DIM`` and where the pilot predicts an overrun; past the sketch's budget,
+  ``MAX_RANK_FRACTION_FP32 * d`` for float32 below threshold 1, else ``MAX_RANK_FRACTION * d``,
+  the sketch stops and the dense path runs: fp32 eigh where its cut is clear, else fp64);
 - ``svd_lowrank`` / ``sklearn``: ``torch.svd_lowrank`` and ``sklearn.utils.extmath.randomized_svd``
   with q = k_eigh + 10 and 2 power iterations. They need the rank in advance, so they are
   handed eigh's k (an oracle ours does not get); their basis is cut at the same k.
@@ -23,7 +25,7 @@ for a few epochs on scikit-learn's bundled digits (no download); their widths ar
 576, 1152, 2304 and 4608.
 
     python benchmarks/bench_energy_basis.py [--quick] [--dtype float32] [--threshold 0.99] [--threads N]
-    python benchmarks/bench_energy_basis.py --crossover 1152   # time vs k/d, ours vs eigh
+    python benchmarks/bench_energy_basis.py --crossover 1152 [--fractions 0.1 0.2 0.3]   # time vs k/d
 """
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ except ImportError:  # run as a script from benchmarks/
     from harness import environment, print_table, time_ms
 
 from unsc_fast import ops
-from unsc_fast.ops import randomized, reference
+from unsc_fast.ops import dense, randomized, reference
 from unsc_fast.ops.dispatch import extension_available
 
 FULL_DIMS = (27, 576, 1152, 2304, 4608, 8192)
 QUICK_DIMS = (27, 288, 576, 1152)
+CROSSOVER_FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-real-dim", type=int, default=None, help="skip real layers wider than this")
     parser.add_argument("--baselines", nargs="*", default=("svd_lowrank", "sklearn"))
     parser.add_argument("--crossover", type=int, metavar="D", help="instead: time vs k/d at width D")
+    parser.add_argument("--fractions", type=float, nargs="*", default=CROSSOVER_FRACTIONS,
+                        help="k/d values of the crossover")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -91,16 +96,24 @@ def synthetic(kind: str, d: int, dtype: torch.dtype, device: str, seed: int = 0)
 
 
 def decay_for_rank_fraction(d: int, fraction: float, threshold: float) -> torch.Tensor:
-    """Exponential spectrum whose energy rank at ``threshold`` is about ``fraction * d``."""
+    """Exponential spectrum whose energy rank at ``threshold`` is about ``fraction * d``.
+
+    The decay length is the midpoint between the two where the rank steps to ``fraction * d``
+    and to one more: at either step the cut would sit exactly on the threshold, a tie that no
+    real covariance has and that makes auto's fp32 eigh give way to fp64 (``ops.dense``)."""
     index = torch.arange(d, dtype=torch.float64)
-    low, high = 1e-3, 1e6  # bisection on the decay length
-    for _ in range(80):
-        tau = math.sqrt(low * high)
-        eigenvalues = torch.exp(-index / tau)
-        cumulative = eigenvalues.cumsum(0) / eigenvalues.sum()
-        rank = int((cumulative < threshold).sum()) + 1
-        low, high = (tau, high) if rank < fraction * d else (low, tau)
-    return torch.exp(-index / math.sqrt(low * high))
+
+    def step(rank: float) -> float:  # bisection on the decay length: where the rank reaches ``rank``
+        low, high = 1e-3, 1e6
+        for _ in range(80):
+            tau = math.sqrt(low * high)
+            eigenvalues = torch.exp(-index / tau)
+            cumulative = eigenvalues.cumsum(0) / eigenvalues.sum()
+            low, high = (tau, high) if int((cumulative < threshold).sum()) + 1 < rank else (low, tau)
+        return math.sqrt(low * high)
+
+    rank = math.ceil(fraction * d)
+    return torch.exp(-index / ((step(rank) + step(rank + 1)) / 2))
 
 
 class DigitsCNN(nn.Module):
@@ -233,28 +246,35 @@ def compare(label: str, C: torch.Tensor, args) -> list[dict]:
 
 
 def crossover(args) -> tuple[list[dict], list[str]]:
-    """Time of the randomized path against eigh as the needed rank grows, at one width: against
-    fp32 eigh (the plain-PyTorch way) and fp64 eigh (what ``auto`` falls back to, so the one
-    that sets ``randomized.MAX_RANK_FRACTION``)."""
+    """Time of the randomized path against the dense ones as the needed rank grows, at one
+    width: fp32 eigh (the plain-PyTorch way), fp64 eigh (auto's dense path for float64 input
+    or threshold 1) and ``dense auto`` (auto's dense path for float32: fp32 eigh with its cut
+    check, fp64 where that fails; ``ops.dense``). Where the sketch stops beating the dense
+    path auto would run sets ``randomized.MAX_RANK_FRACTION`` / ``MAX_RANK_FRACTION_FP32``."""
     d = args.crossover
     generator = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
     rows = []
-    for fraction in (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6):
+    for fraction in args.fractions:
         eigenvalues = decay_for_rank_fraction(d, fraction, args.threshold)
         C = ((Q * eigenvalues) @ Q.mT).to(dtype=args.dtype, device=args.device)
         backend = "ext" if extension_available() else "torch"
         t_eigh = time_ms(lambda: eigh_basis(C, args.threshold), args.device, args.warmup, args.repeat)
         t_fp64 = time_ms(lambda: reference.energy_basis_eigh(C, args.threshold), args.device,
                          args.warmup, args.repeat)
+        t_dense = time_ms(lambda: dense.eigh_factors(C, args.threshold, fp32_first=True, complement=False),
+                          args.device, args.warmup, args.repeat)
         t_ours = time_ms(lambda: ops.energy_basis(C, args.threshold, torch.Generator().manual_seed(0),
                                                   backend=backend, method="randomized"),
                          args.device, args.warmup, args.repeat)
         k = ops.energy_basis(C, args.threshold, torch.Generator().manual_seed(0), backend=backend,
                              method="randomized").shape[1]
+        fp32_cut = dense.tries_fp32(C, args.threshold) and dense.fp32_factors(C, args.threshold, False) is not None
         rows.append({"d": d, "k": k, "k/d": f"{k / d:.3f}", "eigh ms": f"{t_eigh:.1f}",
-                     "eigh fp64 ms": f"{t_fp64:.1f}", "ours ms": f"{t_ours:.1f}",
-                     "speedup": f"{t_eigh / t_ours:.2f}x", "vs fp64": f"{t_fp64 / t_ours:.2f}x"})
+                     "eigh fp64 ms": f"{t_fp64:.1f}", "dense auto ms": f"{t_dense:.1f}",
+                     "fp32 kept": "yes" if fp32_cut else "no", "ours ms": f"{t_ours:.1f}",
+                     "speedup": f"{t_eigh / t_ours:.2f}x", "vs fp64": f"{t_fp64 / t_ours:.2f}x",
+                     "vs dense auto": f"{t_dense / t_ours:.2f}x"})
         print(rows[-1], flush=True)
     return rows, [f"backend {backend}, method='randomized' (no fallback), threshold {args.threshold}"]
 
@@ -265,7 +285,8 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     if args.crossover:
         rows, notes = crossover(args)
-        columns = ("d", "k", "k/d", "eigh ms", "eigh fp64 ms", "ours ms", "speedup", "vs fp64")
+        columns = ("d", "k", "k/d", "eigh ms", "eigh fp64 ms", "dense auto ms", "fp32 kept", "ours ms", "speedup",
+                   "vs fp64", "vs dense auto")
         title = f"Energy basis crossover, {str(args.dtype).removeprefix('torch.')}"
     else:
         dims = args.dims or (QUICK_DIMS if args.quick else FULL_DIMS)

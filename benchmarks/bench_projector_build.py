@@ -283,9 +283,10 @@ def main(argv=None) -> None:
     if differ:
         print("\nranks differ (plain vs ours) on: " + ", ".join(
             f"{r['layer']} ({r['rank_plain']} vs {r['rank_ours']}, d {r['d']})" for r in differ)
-            + ". Ours takes the randomized energy basis where d >= 512 and the rank stays under 0.4 d: it "
-              "stops once the captured energy reaches the threshold and may keep a few more columns than "
-              "the exact eigh cut; both keep at least the threshold of the energy (columns above).")
+            + ". Ours takes the randomized energy basis where d >= 512 and the rank stays under its budget "
+              "(0.25 d for float32 statistics): it stops once the captured energy reaches the threshold and "
+              "may keep a few more columns than the exact eigh cut; both keep at least the threshold of the "
+              "energy (columns above).")
     else:
         print("\nranks: plain and ours agree on every layer.")
 

@@ -90,6 +90,7 @@ def call(op: str, backend: str):
         "restrict_": lambda: ops.restrict_(G, U, backend=backend),
         "energy_basis": lambda: ops.energy_basis(x.T @ x, 0.9, backend=backend),
         "energy_bases": lambda: ops.energy_bases([x.T @ x], 0.9, backend=backend),
+        "energy_bases_with_complements": lambda: ops.energy_bases_with_complements([x.T @ x], 0.9, backend=backend),
     }
     return calls[op]()
 

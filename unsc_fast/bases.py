@@ -3,7 +3,9 @@ its orthogonal complement.
 
 ``G - G U U^T`` costs ``O(out * d * k)``; with the complement Q of U the same projection is
 ``G Q Q^T``, ``O(out * d * (d - k))``. The rule lives here once: keep Q when it is the
-smaller one (``2k > d``). Every place that builds or loads bases calls ``complement_if_cheaper``.
+smaller one (``2k > d``). Every place that builds or loads bases calls ``complement_if_cheaper``,
+which takes the solver's own complement where eigh ran (its other eigenvectors) and runs a QR
+only for a sketched or loaded basis.
 """
 from __future__ import annotations
 
@@ -23,10 +25,15 @@ def prefers_complement(kept: int, dim: int) -> bool:
     return 2 * kept > dim
 
 
-def complement_if_cheaper(basis: torch.Tensor) -> torch.Tensor | None:
-    """The orthonormal complement of ``basis`` (d, k) when projecting with it is cheaper, else None."""
+def complement_if_cheaper(basis: torch.Tensor, solved: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The orthonormal complement of ``basis`` (d, k) when projecting with it is cheaper, else None.
+
+    ``solved``: the complement the solver already has (eigh's other eigenvectors), used as is;
+    without it (a sketched basis, a loaded state) a QR builds one."""
     dim, kept = basis.shape
-    return ops.complement_basis(basis).contiguous() if prefers_complement(kept, dim) else None
+    if not prefers_complement(kept, dim):
+        return None
+    return solved if solved is not None else ops.complement_basis(basis).contiguous()
 
 
 class NullSpaceBases:
@@ -48,11 +55,13 @@ class NullSpaceBases:
         return bool(self.bases)
 
     def install(self, bases: dict, complements: dict | None = None, *, built_from=(), threshold=None) -> None:
-        if complements is None:
-            complements = {
-                name: complement_if_cheaper(basis) if self.protection.slots[name].kind == "dense" else None
-                for name, basis in bases.items()
-            }
+        """``complements``: what the solver already has per slot (or None); each dense slot
+        keeps its complement by ``complement_if_cheaper``, computed where it is missing."""
+        given = complements or {}
+        complements = {
+            name: complement_if_cheaper(basis, given.get(name)) if self.protection.slots[name].kind == "dense" else None
+            for name, basis in bases.items()
+        }
         self.bases = bases
         self.complements = {name: q for name, q in complements.items() if q is not None}
         self.built_from, self.threshold = tuple(built_from), threshold

@@ -272,12 +272,15 @@ def build(
 
     # Solve this rank's layers; a failure is shared so that no rank waits on a broadcast.
     solved: dict[int, torch.Tensor] = {}
+    solved_complements: dict[int, torch.Tensor | None] = {}
     error = None
     try:
         for index in sorted(owned):
             if removed is not None:  # the pooled remainder must still be a covariance
                 check_definite(names[index], owned[index], removed[index], subtract)
-            solved[index] = layers[index].solve(owned[index], threshold, generator, method)
+            solved[index], complement = layers[index].solve_with_complement(owned[index], threshold, generator, method)
+            if complement is not None and prefers_complement(solved[index].shape[-1], layers[index].dim):
+                solved_complements[index] = complement  # else drop it now
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
         error = exc
     owned.clear()
@@ -313,7 +316,7 @@ def build(
         complements[name] = None
         if layer.kind == "dense" and prefers_complement(k, layer.dim):  # computed once, on the owner: bitwise equal everywhere
             if owners[index] == rank:
-                complement = complement_if_cheaper(basis)
+                complement = complement_if_cheaper(basis, solved_complements.pop(index, None))
             else:
                 complement = torch.empty(layer.dim, layer.dim - k, dtype=store.dtype, device=devices[index])
             if complement.shape[1]:

@@ -30,6 +30,9 @@ class PersistenceMixin:
             "bases": dict(self._bases),
             "built_from": list(self.built_from),
             "built_threshold": self.built_threshold,
+            # The complements the projection uses: eigh's, which a QR of the basis would not
+            # reproduce bitwise, and resuming must project exactly as before.
+            "complements": dict(self._complements),
         }
 
     def load_state_dict(self, state: dict) -> "NullSpaceProjector":
@@ -46,7 +49,7 @@ class PersistenceMixin:
             devices=self._slot_devices,
         )
         solution = NullSpaceBases(self.protection)  # every complement computed before anything is assigned
-        solution.install(parsed.bases, built_from=parsed.built_from, threshold=parsed.built_threshold)
+        solution.install(parsed.bases, parsed.complements, built_from=parsed.built_from, threshold=parsed.built_threshold)
         store = CovarianceStore(parsed.dtype)
         store.replace(parsed.matrices, parsed.rows)
         self.threshold, self.store = parsed.threshold, store

@@ -232,8 +232,9 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ones (the remainder is indefinite; see ``unsc_fast.build_checks``).
 
         ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
-        whose rank is a small part of the width, else dense), ``"eigh"`` (dense: exact
-        eigenvectors, also at the cut) or ``"randomized"``; ``generator`` seeds the sketch.
+        whose rank is a small part of the width, else dense: fp32 eigh where its energy cut is
+        clear, fp64 otherwise), ``"eigh"`` (dense fp64: exact eigenvectors, also at the cut)
+        or ``"randomized"``; ``generator`` seeds the sketch.
 
         Under ``torch.distributed`` (``process_group=None``: the default group when it is
         initialised with several processes; ``"local"``: this process alone) every rank must
@@ -264,10 +265,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
                                               include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
-        new_bases = solve.local_bases(self.store, self.protection.slots, self._sketches, self._sketch_slots,
-                                      self._slot_devices, kept, subtracted, threshold, generator, method)
+        new_bases, solved_complements = solve.local_bases(
+            self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
+            subtracted, threshold, generator, method)
         warn_if_everything_blocked(self.protection.slots, new_bases)
-        self.solution.install(new_bases, built_from=kept, threshold=threshold)
+        self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
         if keep_covariances == "none":
             self.reset()
         return self

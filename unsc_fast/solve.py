@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from unsc_fast import sketch
+from unsc_fast.bases import prefers_complement
 from unsc_fast import statistics as policies
 from unsc_fast.build_checks import check_subtraction
 
@@ -31,19 +32,23 @@ def request_keys(store, statistics: str, groups: list, forget: list, exclude: se
 
 
 def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices: dict, kept: list, subtracted: list,
-                threshold: float, generator, method: str) -> dict:
-    """A basis per slot from this process's statistics, each on its parameter's device."""
-    bases = {}
+                threshold: float, generator, method: str) -> tuple[dict, dict]:
+    """``(bases, complements)``: a basis per slot from this process's statistics, each on its
+    parameter's device, and the complement the solver found with it (eigh's other
+    eigenvectors) or None (``bases.NullSpaceBases.install`` decides which to keep)."""
+    bases, complements = {}, {}
     for slot in slots.values():  # one kept sum alive at a time
         if slot.name in sketch_slots:
             bases[slot.name] = sketch_basis(sketches, slot.name, kept, subtracted, threshold).to(devices[slot.name])
             continue
         covariance = store.kept_sum(slot.name, kept, subtracted)
         check_subtraction(store, slot.name, covariance, subtracted)
-        basis = slot.solve(covariance, threshold, generator, method)
+        basis, complement = slot.solve_with_complement(covariance, threshold, generator, method)
         del covariance
         bases[slot.name] = basis.to(devices[slot.name])
-    return bases
+        if complement is not None and prefers_complement(basis.shape[1], slot.dim):  # else drop it now
+            complements[slot.name] = complement.to(devices[slot.name])
+    return bases, complements
 
 
 def sketch_basis(sketches: dict, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 
 ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REQUIRED_FIELDS = ("format", "threshold", "dtype", "layers", "groups", "bases", "built_from", "built_threshold")
+# States saved before the complements were kept have none: a QR rebuilds them on load.
+OPTIONAL_FIELDS = ("complements",)
 
 # Largest |U^T U - I| entry accepted, per basis dtype. Bases come out of eigh / Rayleigh-Ritz
 # orthonormal to a few ulps times sqrt(d); these bounds leave room for that (and for a
@@ -41,6 +43,7 @@ class ProjectorState:
     bases: dict
     built_from: tuple
     built_threshold: float | None
+    complements: dict
 
 
 def check_threshold_field(value, field: str) -> float:
@@ -201,6 +204,30 @@ def _parse_bases(bases, slots: dict[str, tuple], devices: dict) -> dict:
     return parsed
 
 
+def _parse_complements(complements, slots: dict[str, tuple], bases: dict, devices: dict) -> dict:
+    """Each a dense slot's Q (d, d - k) in its basis's dtype: orthonormal and orthogonal to the
+    basis (projecting with ``G Q Q^T`` is then ``G - G U U^T``)."""
+    complements = _mapping(complements, "complements")
+    parsed = {}
+    for name, complement in complements.items():
+        where = f"layer {name!r} complement"
+        if name not in bases or slots[name][0] != "dense":
+            raise StateError(f"projector state: {where}: only a dense layer with a basis has one")
+        basis = bases[name]
+        _tensor(complement, where)
+        d, k = basis.shape
+        if complement.dtype != basis.dtype or tuple(complement.shape) != (d, d - k):
+            raise StateError(f"projector state: {where} must be {basis.dtype} of shape ({d}, {d - k}), "
+                             f"got {complement.dtype} {tuple(complement.shape)}")
+        complement = complement.to(devices[name], copy=True)  # where the parsed basis is
+        _check_orthonormal(complement, where)
+        overlap = float((basis.mT @ complement).abs().max()) if k and d - k else 0.0
+        if not overlap <= ORTHONORMALITY_TOLERANCE[basis.dtype]:
+            raise StateError(f"projector state: {where} is not orthogonal to the basis: max |U^T Q| = {overlap:.3g}")
+        parsed[name] = complement
+    return parsed
+
+
 def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], devices: dict) -> ProjectorState:
     """Check ``state`` against a model whose tracked slots are ``{name: (kind, shape of the
     statistics)}`` with weights on ``devices``; return its content converted, or raise
@@ -212,7 +239,7 @@ def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], 
             f"not a NullSpaceProjector state (expected format {expected_format!r}, got {state.get('format')!r})"
         )
     missing = [field for field in REQUIRED_FIELDS if field not in state]
-    unknown = sorted(str(field) for field in state if field not in REQUIRED_FIELDS)
+    unknown = sorted(str(field) for field in state if field not in REQUIRED_FIELDS + OPTIONAL_FIELDS)
     if missing or unknown:
         raise StateError(f"projector state: missing fields {missing}, unknown fields {unknown}")
     threshold = check_threshold_field(state["threshold"], "threshold")
@@ -228,9 +255,10 @@ def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], 
     _check_layer_shapes(_mapping(state["layers"], "layers"), shapes)
     matrices, rows = _parse_groups(state["groups"], shapes, dtype, devices)
     bases = _parse_bases(state["bases"], slots, devices)
+    complements = _parse_complements(state.get("complements", {}), slots, bases, devices)
     built_from = state["built_from"]
     if not isinstance(built_from, (list, tuple)) or not all(isinstance(k, Hashable) for k in built_from):
         raise StateError(f"projector state: built_from must be a list of labels or names, got {built_from!r}")
     if bases and built_threshold is None:
         raise StateError("projector state: bases are present but built_threshold is None")
-    return ProjectorState(threshold, dtype, matrices, rows, bases, tuple(built_from), built_threshold)
+    return ProjectorState(threshold, dtype, matrices, rows, bases, tuple(built_from), built_threshold, complements)

@@ -14,31 +14,10 @@ from unsc_fast import ops
 from unsc_fast.ops import randomized, reference
 from unsc_fast.ops.dispatch import extension_available
 
+from spectra import spectrum, with_spectrum
+
 ROOT = Path(__file__).resolve().parents[2]
 needs_extension = pytest.mark.skipif(not extension_available(), reason="unsc_fast._C is not built")
-
-
-def with_spectrum(eigenvalues, dtype=torch.float64, seed=0) -> torch.Tensor:
-    """``Q diag(eigenvalues) Q^T`` for a random orthogonal Q."""
-    eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    d = eigenvalues.numel()
-    generator = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
-    C = (Q * eigenvalues) @ Q.mT
-    return ((C + C.mT) / 2).to(dtype)
-
-
-def spectrum(kind: str, d: int) -> torch.Tensor:
-    index = torch.arange(d, dtype=torch.float64)
-    if kind == "exp":
-        return torch.exp(-index / (d / 10))
-    if kind == "power":
-        return (1 + index) ** -1.5
-    if kind == "flat":
-        return (1 + index) ** -0.5
-    if kind == "rank5":
-        return (index < 5).double() * (5 - index)
-    raise ValueError(kind)
 
 
 def seeded(seed=0):

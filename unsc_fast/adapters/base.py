@@ -56,8 +56,15 @@ class Slot:
         sample used is protected whatever its count: the threshold does not apply there,
         since dropping a rare token's row would let its output move freely.
         """
+        return self.solve_with_complement(covariance, threshold, generator, method)[0]
+
+    def solve_with_complement(self, covariance: torch.Tensor, threshold: float, generator=None,
+                              method: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(solve(...), Q)``: for a dense slot solved by eigh, Q (d, d - k) is the orthonormal
+        complement of its basis (the other eigenvectors; ``bases.py`` keeps it where it is the
+        cheaper factor instead of computing one by QR); None otherwise."""
         if self.kind == "diagonal":
-            return covariance > 0
+            return covariance > 0, None
         if self.kind == "grouped":
             for matrix in covariance.unbind(0):
                 symmetrize_(matrix)
@@ -66,10 +73,10 @@ class Slot:
             padded = covariance.new_zeros((self.groups, self.dim, width))
             for index, basis in enumerate(bases):
                 padded[index, :, : basis.shape[1]] = basis
-            return padded
+            return padded, None
         # The kept sum is the projector's own temporary: symmetrised in place, the solver then
         # makes no d x d copy of it (build peaks at the sum plus the solver's sketch).
-        return ops.energy_bases([symmetrize_(covariance)], threshold, generator, method=method)[0]
+        return ops.energy_bases_with_complements([symmetrize_(covariance)], threshold, generator, method=method)[0]
 
     def rank(self, basis: torch.Tensor) -> int | list[int]:
         """Kept dimensions: an int, or one per group."""

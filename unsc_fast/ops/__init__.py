@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from unsc_fast.ops import custom_ops, randomized, reference
+from unsc_fast.ops import custom_ops, dense, randomized
 from unsc_fast.ops.dispatch import ENV_VAR, check_devices, load_extension, resolve
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "restrict_",
     "energy_basis",
     "energy_bases",
+    "energy_bases_with_complements",
     "complement_basis",
 ]
 
@@ -234,15 +235,28 @@ def check_threshold(threshold: float, name: str = "threshold") -> float:
 EIGENSOLVERS = ("auto", "eigh", "randomized")
 
 
-def _energy_method(method: str, d: int) -> str:
-    """``auto``: dense eigh below ``randomized.MIN_RANDOMIZED_DIM`` (it is as fast there), else
-    the randomized sketch with a budget of ``MAX_RANK_FRACTION * d`` columns, past which
-    eigh is cheaper and takes over (the crossover measured in docs/extension.md)."""
+def _check_method(method: str) -> None:
     if method not in EIGENSOLVERS:
         raise ValueError(f"energy_basis: method must be one of {EIGENSOLVERS}, got {method!r}")
-    if method == "auto":
-        return "randomized" if d >= randomized.MIN_RANDOMIZED_DIM else "eigh"
-    return method
+
+
+def _sketch_budget(C: torch.Tensor, threshold: float) -> float:
+    """The auto sketch's budget, a fraction of d: where it crosses over with the dense path
+    that would run instead (fp32 eigh where it may, else fp64; docs/extension.md)."""
+    return randomized.MAX_RANK_FRACTION_FP32 if dense.tries_fp32(C, threshold) else randomized.MAX_RANK_FRACTION
+
+
+def _sketches(method: str, C: torch.Tensor, threshold: float) -> bool:
+    """``auto``: dense eigh below ``randomized.MIN_RANDOMIZED_DIM`` (it is as fast there) and
+    where the pilot shows the rank overrunning the sketch's budget (``sketch_cannot_fit``),
+    else the randomized sketch, with the dense solver taking over if it still overruns."""
+    if method != "auto":
+        return method == "randomized"
+    d = C.shape[0]
+    if d < randomized.MIN_RANDOMIZED_DIM:
+        return False
+    width = randomized.sketch_width(d, _sketch_budget(C, threshold))
+    return not randomized.sketch_cannot_fit(C, threshold, width)
 
 
 def energy_basis(
@@ -256,12 +270,13 @@ def energy_basis(
     """Orthonormal (d, k) basis of the smallest k top eigenvectors of the PSD matrix ``C``
     whose eigenvalues sum to at least ``threshold * trace(C)`` (UNSC, section 3.2).
 
-    ``method``: ``"eigh"`` (dense, exact), ``"randomized"`` (adaptive sketch, see
-    ``unsc_fast.ops.randomized``) or ``"auto"`` (eigh for small d, else randomized with an
-    eigh fallback when k turns out to be a large fraction of d). ``backend`` picks who runs
-    the randomized algorithm: ``"ext"`` (C++ ``unsc_fast._C``) or ``"torch"`` (bitwise the
-    same on CPU). ``generator`` seeds the Gaussian sketch. A zero matrix gives (d, 0);
-    the matrix is symmetrised and checked for NaN/Inf first.
+    ``method``: ``"eigh"`` (dense float64, exact), ``"randomized"`` (adaptive sketch, see
+    ``unsc_fast.ops.randomized``) or ``"auto"``: dense for small d and where a pilot predicts
+    a rank past the sketch's budget, else randomized with a dense fallback; auto's dense path
+    is float32 ``eigh`` where its energy cut is clear, else float64 (``unsc_fast.ops.dense``).
+    ``backend`` picks who runs the randomized algorithm: ``"ext"`` (C++ ``unsc_fast._C``) or
+    ``"torch"`` (bitwise the same on CPU). ``generator`` seeds the Gaussian sketch. A zero
+    matrix gives (d, 0); the matrix is symmetrised and checked for NaN/Inf first.
     """
     return energy_bases([C], threshold, generator, backend=backend, method=method)[0]
 
@@ -274,13 +289,34 @@ def energy_bases(
     backend: str = "auto",
     method: str = "auto",
 ) -> list[torch.Tensor]:
-    """``energy_basis`` for many layers in one call (the projector's ``build`` uses it).
+    """``energy_basis`` for many layers in one call.
 
     Sketches are drawn from ``generator`` in list order, so the result equals calling
     ``energy_basis`` on each matrix in turn; the extension runs every randomized layer in
     one C++ call (no Python between layers).
     """
+    solved = _solve(covariances, threshold, generator, backend, method, complements=False)
+    return [basis for basis, _ in solved]
+
+
+def energy_bases_with_complements(
+    covariances: Sequence[torch.Tensor],
+    threshold: float,
+    generator: torch.Generator | None = None,
+    *,
+    backend: str = "auto",
+    method: str = "auto",
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``energy_bases``, each basis U paired with the orthonormal basis Q (d, d - k) of its
+    orthogonal complement where the dense solver ran (its other eigenvectors: free, where a
+    QR would cost O(d^3)), or None where the sketch ran (``complement_basis`` then builds it).
+    The bases are those ``energy_bases`` returns (the projector's ``build`` uses this)."""
+    return _solve(covariances, threshold, generator, backend, method, complements=True)
+
+
+def _solve(covariances, threshold, generator, backend: str, method: str, complements: bool) -> list:
     threshold = check_threshold(threshold)
+    _check_method(method)
     covariances = list(covariances)
     runners = {}
     for index, C in enumerate(covariances):
@@ -289,15 +325,14 @@ def energy_bases(
         device = check_devices("energy_basis", C)
         if device not in runners:
             runners[device] = resolve("energy_basis", backend, device, ("ext", "torch"))
-    budget = None if method == "randomized" else randomized.MAX_RANK_FRACTION
-    bases: list[torch.Tensor | None] = [None] * len(covariances)
+    solved: list[tuple | None] = [None] * len(covariances)
     jobs = {"ext": [], "torch": []}
     for index, C in enumerate(covariances):
         if not any(bool(C[i : i + 1024].any()) for i in range(0, C.shape[0], 1024)):  # row blocks: no d x d mask
-            bases[index] = C.new_zeros((C.shape[0], 0))
-        elif _energy_method(method, C.shape[0]) == "randomized":
-            width = randomized.sketch_width(C.shape[0], budget)
-            sketch = randomized.draw_sketch(C, width, generator)
+            solved[index] = (C.new_zeros((C.shape[0], 0)), None)
+        elif _sketches(method, C, threshold):
+            budget = None if method == "randomized" else _sketch_budget(C, threshold)
+            sketch = randomized.draw_sketch(C, randomized.sketch_width(C.shape[0], budget), generator)
             jobs[runners[C.device]].append((index, C, sketch))
     if jobs["ext"]:
         indices, matrices, sketches = zip(*jobs["ext"])
@@ -306,15 +341,16 @@ def energy_bases(
             randomized.OVERSAMPLING, randomized.BLOCK_SIZE, "auto",
         )
         for index, basis in zip(indices, found):
-            bases[index] = basis
+            solved[index] = None if basis is None else (basis, None)
     for index, C, sketch in jobs["torch"]:
-        bases[index] = randomized.energy_basis_randomized(
+        basis = randomized.energy_basis_randomized(
             C, threshold, sketch, orthonormalization=randomized.default_orthonormalization(C.device)
         )
-    # Dense path: method "eigh", small d, or a sketch that ran out before the threshold.
+        solved[index] = None if basis is None else (basis, None)
+    # Dense path: method "eigh", small d, a predicted overrun, or a sketch that ran out.
     return [
-        basis if basis is not None else reference.energy_basis_eigh(C, threshold)
-        for C, basis in zip(covariances, bases)
+        found if found is not None else dense.eigh_factors(C, threshold, method == "auto", complements)
+        for C, found in zip(covariances, solved)
     ]
 
 

@@ -35,12 +35,17 @@ import torch
 POWER_ITERATIONS = 2
 OVERSAMPLING = 10
 BLOCK_SIZE = 32
-# Auto mode: above this fraction of d the sketch stops and eigh (float64) takes over. Against
-# fp64 eigh the sketch wins up to k/d ~0.40-0.45 at d = 1152 and 2304 on CPU (benchmarks/
-# bench_energy_basis.py --crossover; docs/extension.md).
+# Auto mode: above this fraction of d the sketch stops and eigh takes over, where the sketch
+# stops beating the dense path auto would run instead (benchmarks/bench_energy_basis.py
+# --crossover; docs/extension.md). Against fp64 eigh (float64 input, threshold 1) the sketch
+# wins up to k/d ~0.40-0.45 at d = 1152 and 2304 on CPU; against auto's fp32 eigh with its cut
+# check (float32 input below threshold 1, unsc_fast.ops.dense) up to ~0.25 at d = 864 and 1152.
 MAX_RANK_FRACTION = 0.4
+MAX_RANK_FRACTION_FP32 = 0.25
 # Auto mode: below this width a dense eigh is as fast as anything (measured, same script).
 MIN_RANDOMIZED_DIM = 512
+# Auto mode: eigenvalues estimated before the sketch to predict an overrun (sketch_cannot_fit).
+PILOT_COLUMNS = 16
 
 
 def default_orthonormalization(device: torch.device) -> str:
@@ -61,6 +66,41 @@ def sketch_width(d: int, max_rank_fraction: float | None, block_size: int = BLOC
 def draw_sketch(C: torch.Tensor, width: int, generator: torch.Generator | None) -> torch.Tensor:
     """The Gaussian test matrix, drawn in one place for both backends (bitwise equality)."""
     return torch.randn(C.shape[0], width, generator=generator, dtype=C.dtype, device=C.device)
+
+
+def sketch_cannot_fit(C: torch.Tensor, threshold: float, width: int, oversampling: int = OVERSAMPLING,
+                      pilot: int = PILOT_COLUMNS) -> bool:
+    """Whether the energy rank surely overruns a sketch of ``width`` columns, judged before any
+    of it is drawn (auto mode then runs the dense solver at once; Python only, no C++ twin).
+
+    Cauchy-Schwarz: the top k eigenvalues sum to at most ``S_m + sqrt(k - m) * sqrt(F - Q_m)``,
+    with ``S_m`` and ``Q_m`` the sum and the sum of squares of the top m, and
+    ``F = ||C||_F^2`` their sum of squares over all; reaching ``threshold * trace(C)`` thus needs
+    ``k >= m + (threshold * trace - S_m)^2 / (F - Q_m)``. The plain bound (m = 0,
+    ``trace^2 / F``, the effective rank) is useless on uncentred inputs, whose mean direction
+    holds most of the energy; removing the top ``pilot`` eigenvalues first makes it bite. They
+    come from a deterministic pilot (the columns of C at its largest diagonal entries, one
+    subspace iteration, Rayleigh-Ritz: two (d, pilot) products, no random numbers drawn). Ritz
+    values are slightly below the eigenvalues, so the bound is an estimate: a wrong "cannot
+    fit" costs time only (the dense solver is exact). Thresholds below 1 only (at 1 the rank
+    is the numerical rank, which the energy does not bound).
+    """
+    d = C.shape[0]
+    pilot = min(pilot, d)
+    if not threshold < 1.0 or width >= d or pilot == 0:
+        return False
+    trace = float(C.diagonal().sum(dtype=torch.float64))
+    frobenius = float(torch.linalg.vector_norm(C)) ** 2  # in C's dtype: a dtype= cast would copy C
+    columns = C.diagonal().topk(pilot).indices
+    Q = householder_orthonormalize(C[:, columns])
+    Q = householder_orthonormalize(C @ Q)
+    H = (Q.mT @ (C @ Q)).to(torch.float64)
+    ritz = torch.linalg.eigvalsh((H + H.mT) / 2).clamp_min(0.0)
+    missing = threshold * trace - float(ritz.sum())
+    spread = frobenius - float(ritz.square().sum())
+    if not (trace > 0.0 and missing > 0.0 and spread > 0.0):
+        return False
+    return pilot + missing * missing / spread + oversampling > width
 
 
 def next_block(filled: int, block_size: int, width: int) -> int:
