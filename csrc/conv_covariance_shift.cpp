@@ -201,7 +201,35 @@ at::Tensor gather(at::Tensor& panel, const at::Tensor& input, const ShiftGeometr
   return panel.narrow(0, 0, g.channels * images * n).view({g.channels, images * n});
 }
 
-// W (taps * Cin square, tap-major) += the upper tap-pair blocks of images [b0, b0 + images).
+// diagonal[a * Cin + c] += the sum of x_c^2 over tap a's window: exactly what the diagonal of
+// P^T P holds, a sum of squares. F - R - K would leave rounding of the whole padded domain
+// there instead (a small negative value where the window holds only zeros), and downstream
+// checks rightly read a negative diagonal as a broken covariance. Row sums of squares are
+// accumulated per output column (a loop the compiler vectorises), then added up.
+template <typename acc_t>
+void add_window_squares(acc_t* diagonal, const at::Tensor& input, const ShiftGeometry& g, int64_t images) {
+  const int64_t length = input.size(1);
+  const acc_t* in = input.const_data_ptr<acc_t>();
+  std::vector<acc_t> columns(g.out_w);
+  for (int64_t a = 0; a < g.taps(); ++a) {
+    for (int64_t c = 0; c < g.channels; ++c) {
+      std::fill(columns.begin(), columns.end(), acc_t(0));
+      for (int64_t b = 0; b < images; ++b) {
+        const acc_t* window = in + c * length + b * g.image() + g.tap_row(a) * g.padded_w + g.tap_col(a);
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          const acc_t* row = window + oh * g.padded_w;
+          for (int64_t ow = 0; ow < g.out_w; ++ow) columns[ow] += row[ow] * row[ow];
+        }
+      }
+      acc_t total = 0;
+      for (const acc_t value : columns) total += value;
+      diagonal[a * g.channels + c] += total;
+    }
+  }
+}
+
+// W (taps * Cin square, tap-major, plus a last row for the exact diagonal) += the upper
+// tap-pair blocks of images [b0, b0 + images).
 template <typename in_t, typename acc_t>
 void accumulate_chunk(at::Tensor& W, ShiftWorkspace& work, const ShiftGeometry& g, const ShiftPlan& plan,
                       const in_t* x, const int64_t* strides, int64_t b0, int64_t images) {
@@ -236,10 +264,13 @@ void accumulate_chunk(at::Tensor& W, ShiftWorkspace& work, const ShiftGeometry& 
     const at::Tensor far = gather<acc_t>(work.far, input, g, images, columns, plan.offsets[plan.pair_offset[p]]);
     block.addmm_(near, far.t(), 1.0, -1.0);
   }
+  const int64_t d = cin * g.taps();
+  add_window_squares<acc_t>(W.data_ptr<acc_t>() + d * d, input, g, images);
 }
 
 // The value of C[r, s] (r <= s, F.unfold's order r = c * taps + a) in the tap-major upper
-// blocks of W (row a * Cin + c): block (a, b) when a <= b, else the transpose of (b, a).
+// blocks of W (row a * Cin + c): block (a, b) when a <= b, else the transpose of (b, a); on
+// the diagonal, the exact sums of squares in W's last row.
 template <typename T>
 struct TapMajorUpper {
   const T* W;
@@ -253,6 +284,7 @@ struct TapMajorUpper {
     }
   }
   T operator()(int64_t r, int64_t s) const {
+    if (r == s) return W[d * d + row[r]];
     return tap[r] <= tap[s] ? W[row[r] * d + row[s]] : W[row[s] * d + row[r]];
   }
 };
@@ -279,7 +311,7 @@ int64_t conv_covariance_shift_workspace_bytes(const std::array<int64_t, 4>& x_sh
   const int64_t images = images_per_chunk(g, x_shape[0], element_size);
   const int64_t workers = accumulation_workers((x_shape[0] + images - 1) / images);
   const int64_t d = g.channels * g.taps();
-  return workers * (d * d * element_size + ShiftWorkspace::bytes(g, plan, images, element_size));
+  return workers * ((d + 1) * d * element_size + ShiftWorkspace::bytes(g, plan, images, element_size));
 }
 
 void conv_covariance_shift_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
@@ -302,7 +334,7 @@ void conv_covariance_shift_cpu_(at::Tensor& C, const at::Tensor& x, std::array<i
         const int64_t b0 = chunk * images;
         accumulate_chunk<scalar_t, acc_t>(acc, workspaces[worker], g, plan, source, strides, b0,
                                           std::min(images, batch - b0));
-      });
+      }, /*extra_rows=*/1);
     });
     add_mirrored<acc_t>(C, d, TapMajorUpper<acc_t>(W.const_data_ptr<acc_t>(), g.channels, g.taps()));
   });

@@ -15,11 +15,14 @@ namespace unsc_fast {
 // that jobs can reuse per-worker buffers); returns their sum. Each thread runs its GEMMs
 // single-threaded (BLAS inside a parallel region), so a 2-core machine runs two
 // independent jobs at once instead of splitting every small GEMM in two.
+// The accumulators are (d + extra_rows) x d: room for a kernel's side sums (the shift
+// kernel's exact diagonal).
 template <typename Job>
-at::Tensor accumulate_per_thread(int64_t d, int64_t jobs, const at::TensorOptions& options, const Job& job) {
+at::Tensor accumulate_per_thread(int64_t d, int64_t jobs, const at::TensorOptions& options, const Job& job,
+                                 int64_t extra_rows = 0) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
   std::vector<at::Tensor> partial(workers);
-  for (auto& W : partial) W = at::zeros({d, d}, options);
+  for (auto& W : partial) W = at::zeros({d + extra_rows, d}, options);
   // Grain 0: even a single worker runs inside a parallel region, so the many small ATen
   // ops of a job run serially instead of each opening (and, on a busy machine, waiting
   // for) a thread team of its own.

@@ -128,6 +128,24 @@ def test_auto_kernel_rule():
     assert chosen == {"shift", "panel"}
 
 
+def test_shift_kernel_diagonal_is_a_sum_of_squares():
+    """Data only in the last row: the taps whose windows miss it must get exactly 0 on the
+    diagonal (products of the whole padded domain less the rows outside the window would
+    leave rounding there, possibly negative), and every diagonal entry is the window's sum
+    of squares to the last bits."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.zeros(6, 16, 8, 8)
+    x[:, :, -1, :] = torch.randn(6, 16, 8, generator=generator) * 1e3
+    x[:, :, 3, 2] = torch.randn(6, 16, generator=generator)  # and small values elsewhere
+    C = torch.zeros(144, 144)
+    load_extension().conv_covariance_(C, x, [3, 3], [1, 1], [1, 1], [1, 1], "shift")
+    rows = reference.unfold_rows(x, (3, 3), (1, 1), (1, 1), (1, 1), torch.float64)
+    exact = (rows * rows).sum(0)
+    diagonal = C.diagonal().double()
+    assert (diagonal[exact == 0] == 0).all()
+    torch.testing.assert_close(diagonal, exact, rtol=1e-6, atol=0)
+
+
 def test_shift_kernel_refuses_a_stride():
     with pytest.raises(RuntimeError, match="shift kernel needs stride 1"):
         load_extension().conv_covariance_(torch.zeros(27, 27), torch.zeros(1, 3, 8, 8), [3, 3], [2, 2], [1, 1],
