@@ -73,7 +73,7 @@ class NullSpaceOptimizer(Optimizer):
         self.projector = projector
         self.untracked = untracked
         self.project_gradients = check_mode(project_gradients)
-        self._reset_step_buffers()
+        self._reset_clean_buffers()
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -140,14 +140,13 @@ class NullSpaceOptimizer(Optimizer):
                     if project_gradient:
                         self.projector.project_parameter_(tracked[param], param.grad)
                     if project_change:
-                        before.append((tracked[param], param, self._start_of(tracked[param], param)))
+                        before.append((tracked[param], param, param.detach().clone()))
                     else:
                         self._project_momentum_unless_clean(tracked[param], param)
                         gradient_only.append((tracked[param], param))
                 elif self.untracked == "freeze":
                     held_back.append((param, param.grad))
                     param.grad = None  # the inner optimizer skips params without a gradient
-        self._starts = {name: start for name, _, start in before}  # the others' copies are freed
         try:
             self.optimizer.step()
         finally:
@@ -164,14 +163,6 @@ class NullSpaceOptimizer(Optimizer):
                 self.projector.project_parameter_(name, weight)
             finally:
                 weight.add_(start)
-
-    def _start_of(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """``W0``, copied into the parameter's persistent buffer (allocated once, not per step).
-        Keyed by name: Dynamo mixes up dicts keyed by tensors."""
-        start = self._starts.get(name)
-        if start is None or start.shape != param.shape or start.dtype != param.dtype or start.device != param.device:
-            start = torch.empty_like(param.detach())
-        return start.copy_(param.detach())
 
     def _project_momentum_unless_clean(self, name: str, param: torch.Tensor) -> None:
         """Project SGD's momentum buffer unless it was built from projected gradients alone."""
@@ -197,11 +188,10 @@ class NullSpaceOptimizer(Optimizer):
             self._clean_buffers.clear()
             self._bases_seen = [weakref.ref(basis) for basis in bases]
 
-    def _reset_step_buffers(self) -> None:
-        """Per-parameter ``W0`` copies and which momentum buffers are known to be projected
-        (name: (parameter, weak reference to its buffer)): caches of the live objects, never
-        saved, copied or pickled."""
-        self._starts: dict = {}
+    def _reset_clean_buffers(self) -> None:
+        """Which momentum buffers are known to be projected (name: (parameter, weak reference
+        to its buffer); by name, as Dynamo mixes up dicts keyed by tensors) under which bases:
+        about live objects, so never saved, copied or pickled."""
         self._clean_buffers: dict = {}
         self._bases_seen: list = []
 
@@ -239,7 +229,7 @@ class NullSpaceOptimizer(Optimizer):
                 state_dict = result
         options = _check_options(state_dict.pop("null_space", None))
         self.optimizer.load_state_dict(state_dict)
-        self._reset_step_buffers()
+        self._reset_clean_buffers()
         if options is not None:
             self.untracked, self.project_gradients = options
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -247,11 +237,11 @@ class NullSpaceOptimizer(Optimizer):
 
     # Optimizer pickles only defaults/state/param_groups; the wrapper needs all of itself.
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_starts", "_clean_buffers", "_bases_seen")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_clean_buffers", "_bases_seen")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._reset_step_buffers()
+        self._reset_clean_buffers()
         self._patch_step_function()
 
     def __repr__(self) -> str:
