@@ -1,4 +1,4 @@
-"""Wrapper overhead: one ResNet-18 training step with AdamW vs NullSpaceOptimizer(AdamW).
+"""Wrapper overhead: one ResNet-18 training step with AdamW (or SGD) vs NullSpaceOptimizer around it.
 
 Both steps run forward, backward and the optimizer step on the same batch in the same
 process, interleaved within every repeat (plain, wrapped, plain, wrapped, ...) so that load
@@ -10,11 +10,16 @@ The projector is built once, from ``--observe`` random 32x32 images at ``--thres
 projection cost (per layer ``G U`` and ``(G U) U^T``, or with the complement when it is the
 smaller side), which does not depend on the batch; the step it is compared with does.
 
+``--inner`` picks the inner optimizer (AdamW, or SGD with momentum 0.9) and
+``--project-gradients`` the wrapper's mode: ``auto`` (the default: one projection per weight
+and step, the change for AdamW, the gradient for SGD), ``true`` (gradient and change) or
+``false`` (the change); ``--no-project-gradients`` is ``--project-gradients false``.
+
 ``--profile`` times once where the wrapped step's time goes (simple timers around the
 wrapper's parts, then the top operators of ``torch.profiler``).
 
     python benchmarks/bench_optimizer.py [--batch 64 8] [--threads N] [--repeat 10] [--profile]
-        [--no-project-gradients] [--quick] [--device cuda] [--json PATH]
+        [--inner adamw|sgd] [--project-gradients auto|true|false] [--quick] [--device cuda] [--json PATH]
 """
 from __future__ import annotations
 
@@ -34,6 +39,20 @@ try:
     from benchmarks.harness import environment, synchronize, time_interleaved_ms, progress
 except ImportError:  # run as a script from benchmarks/
     from harness import environment, synchronize, time_interleaved_ms, progress
+
+
+INNER = {  # label, factory
+    "adamw": ("AdamW", lambda params: torch.optim.AdamW(params, lr=1e-3)),
+    "sgd": ("SGD", lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9)),
+}
+MODES = {"auto": "auto", "true": True, "false": False}
+
+
+def projections_per_step(mode, inner: str) -> tuple[int, str]:
+    """How many projections of each tracked weight one step runs, and which."""
+    if mode == "auto":
+        return 1, "gradient only" if inner == "sgd" else "change only"
+    return (2, "gradient + change") if mode else (1, "change only")
 
 
 def training_step(model, optimizer, x, y):
@@ -59,8 +78,8 @@ def build_projector(model, images: int, threshold: float, device: str) -> NullSp
 
 
 def projection_flops(projector: NullSpaceProjector) -> float:
-    """FLOPs of one projection of every tracked weight (the wrapper does two per step: the
-    gradient and the change): 4 * out * d * (columns used), columns = min(k, d - k)."""
+    """FLOPs of one projection of every tracked weight (a step does one or two,
+    ``projections_per_step``): 4 * out * d * (columns used), columns = min(k, d - k)."""
     total = 0.0
     for name, layer in projector.layers.items():
         slot = projector._slot(name)
@@ -73,7 +92,7 @@ def projection_flops(projector: NullSpaceProjector) -> float:
     return total
 
 
-def profile_wrapped(model, optimizer: NullSpaceOptimizer, x, y, device: str, steps: int = 3) -> dict:
+def profile_wrapped(model, optimizer: NullSpaceOptimizer, x, y, device: str, label: str, steps: int = 3) -> dict:
     """Time the wrapped step's parts with timers around the projector's calls and the inner
     step (monkeypatched on these instances only), then list torch.profiler's top operators."""
     projector, inner = optimizer.projector, optimizer.optimizer
@@ -97,7 +116,7 @@ def profile_wrapped(model, optimizer: NullSpaceOptimizer, x, y, device: str, ste
         start = time.perf_counter()
         result = original_step(*args, **kwargs)
         synchronize(device)
-        timings["inner AdamW step"] += time.perf_counter() - start
+        timings[f"inner {label} step"] += time.perf_counter() - start
         phase["name"] = "change projection"
         return result
 
@@ -118,7 +137,7 @@ def profile_wrapped(model, optimizer: NullSpaceOptimizer, x, y, device: str, ste
             parts = dict(timings)
             parts["forward + backward"] = middle - start
             accounted = sum(v for k, v in timings.items())
-            parts["rest of the wrapper (clone, subtract, add back, loop)"] = (end - middle) - accounted
+            parts["rest of the wrapper (copy of W0, subtract, add back, loop)"] = (end - middle) - accounted
             parts["total"] = end - start
             if _ == 0:
                 totals = defaultdict(float)
@@ -150,10 +169,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--profile", action="store_true", help="also time where the wrapper's time goes")
-    parser.add_argument("--no-project-gradients", action="store_true",
-                        help="NullSpaceOptimizer(project_gradients=False): only the change is projected")
+    parser.add_argument("--inner", choices=sorted(INNER), default="adamw",
+                        help="inner optimizer: AdamW (lr 1e-3) or SGD (lr 1e-2, momentum 0.9); default adamw")
+    parser.add_argument("--project-gradients", choices=sorted(MODES), default="auto",
+                        help="NullSpaceOptimizer(project_gradients=...): auto (default), true or false")
+    parser.add_argument("--no-project-gradients", action="store_true", help="the same as --project-gradients false")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    mode = False if args.no_project_gradients else MODES[args.project_gradients]
+    label, make_inner = INNER[args.inner]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,12 +195,12 @@ def main(argv=None) -> None:
     kept = sum(projector.ranks().values())
     total = sum(layer.dim for layer in projector.layers.values())
     flops = projection_flops(projector)
+    count, which = projections_per_step(mode, args.inner)
     env = environment(device)
     print(f"# optimizer wrapper overhead, ResNet-18 on 32x32; {env['device']}, torch {env['torch']}, {env['date']}; "
           f"projector from {observe} images at threshold {args.threshold}: kept {kept}/{total} basis columns, "
-          + (f"{flops / 1e9:.2f} GFLOP of projection per step (change only: project_gradients=False)"
-             if args.no_project_gradients else f"{2 * flops / 1e9:.2f} GFLOP of projection per step (gradient + change)"))
-    print("\n| batch | AdamW ms min / median | NullSpaceOptimizer(AdamW) ms min / median | overhead (medians) "
+          f"{count * flops / 1e9:.2f} GFLOP of projection per step ({which}: project_gradients={mode!r})")
+    print(f"\n| batch | {label} ms min / median | NullSpaceOptimizer({label}) ms min / median | overhead (medians) "
           "| overhead (mins) |")
     print("|---|---|---|---|---|")
     rows, profiles = [], {}
@@ -185,9 +209,9 @@ def main(argv=None) -> None:
         y = torch.randint(0, 10, (batch,), device=device)
         plain_model, wrapped_model = copy.deepcopy(model), copy.deepcopy(model)
         wrapped_projector = NullSpaceProjector(wrapped_model).load_state_dict(projector.state_dict())
-        plain = training_step(plain_model, torch.optim.AdamW(plain_model.parameters(), lr=1e-3), x, y)
-        wrapped_optimizer = NullSpaceOptimizer(torch.optim.AdamW(wrapped_model.parameters(), lr=1e-3),
-                                               wrapped_projector, project_gradients=not args.no_project_gradients)
+        plain = training_step(plain_model, make_inner(plain_model.parameters()), x, y)
+        wrapped_optimizer = NullSpaceOptimizer(make_inner(wrapped_model.parameters()), wrapped_projector,
+                                               project_gradients=mode)
         wrapped = training_step(wrapped_model, wrapped_optimizer, x, y)
         progress(f"batch {batch}: {warmup} warm-up + {repeat} interleaved rounds ...")
         times = time_interleaved_ms({"plain": plain, "wrapped": wrapped}, device, warmup, repeat)
@@ -200,20 +224,21 @@ def main(argv=None) -> None:
               f"| {row['overhead_median_pct']:.1f} % | {row['overhead_min_pct']:.1f} % |", flush=True)
         if args.profile:
             progress(f"batch {batch}: profiling the wrapped step ...")
-            profiles[batch] = profile_wrapped(wrapped_model, wrapped_optimizer, x, y, device)
+            profiles[batch] = profile_wrapped(wrapped_model, wrapped_optimizer, x, y, device, label)
     print(f"\nnote: {torch.get_num_threads()} torch threads; {warmup} warm-up and {repeat} timed interleaved rounds.")
     for batch, profile in profiles.items():
         print(f"\n## where the wrapped step's time goes, batch {batch} (mean of 3 steps, ms)\n")
         print("| part | ms |\n|---|---|")
         for part, ms in profile["parts_ms"].items():
             print(f"| {part} | {ms:.1f} |")
-        print("\nslowest layers (both projections): " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in profile["top_layers_ms"]))
+        print("\nslowest layers (all their projections): " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in profile["top_layers_ms"]))
         print("\ntorch.profiler, the wrapper's step alone (top operators by self CPU time):\n")
         print(profile["profiler_table"])
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"environment": env, "threads": torch.get_num_threads(), "kept": kept, "total": total,
-                       "projection_gflop_per_step": 2 * flops / 1e9, "rows": rows,
+                       "inner": args.inner, "project_gradients": mode,
+                       "projection_gflop_per_step": count * flops / 1e9, "rows": rows,
                        "profiles": {b: {k: v for k, v in p.items() if k != "profiler_table"} for b, p in profiles.items()}},
                       handle, indent=2)
 

@@ -1,19 +1,23 @@
 """NullSpaceOptimizer: any torch optimizer, with every tracked weight's change kept in the null space.
 
-Projecting the gradient alone is exact only for plain SGD: momentum, weight decay and Adam's
-per-element scaling all move the weight out of the null space again. So the wrapper
-projects the gradient (which keeps the inner optimizer's state in the null space too), lets
-the inner optimizer step, and then projects the *parameter change* itself:
-``W <- W0 + P(W - W0)`` with ``P(D) = D - D U U^T``. The guarantee holds whatever the inner
-optimizer does.
+The guarantee is about the parameter change, so projecting it, ``W <- W0 + P(W - W0)`` with
+``P(D) = D - D U U^T``, is exact whatever the inner optimizer does (weight decay, momentum and
+Adam's per-element scaling all move a weight out of the null space even from a projected
+gradient). Where the inner step is linear in the gradients (plain SGD without weight decay),
+projecting the gradients instead is just as exact and the change needs no second projection.
+``project_gradients="auto"`` (the default) runs that one projection per weight and step,
+chosen per param group (``projection_plan``); ``True`` projects both, so that Adam's moments
+are built from null-space gradients, then the change.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
 from torch.optim import Optimizer
 
+from unsc_fast.projection_plan import check_mode, projections
 from unsc_fast.projector import NullSpaceProjector
 
 UNTRACKED_POLICIES = ("freeze", "train")
@@ -28,8 +32,17 @@ class NullSpaceOptimizer(Optimizer):
         untracked: ``"freeze"`` (UNSC's choice: biases, norms and other untracked
             parameters do not move) or ``"train"``. A param group with ``project=False``
             is left entirely to the inner optimizer.
-        project_gradients: also project the gradients before the inner step, so that
-            momentum and Adam moments are built from null-space gradients.
+        project_gradients: ``"auto"`` (default): one projection per weight and step, chosen
+            per param group at every step: the gradient alone where the inner optimizer is
+            ``torch.optim.SGD`` with ``weight_decay=0`` (its steps are linear combinations of
+            the projected gradients: exact), else the change alone (exact for any optimizer).
+            ``True``: the gradient and then the change (momentum and Adam moments built from
+            null-space gradients). ``False``: the change alone.
+
+    In gradient-only groups, a momentum buffer not built there from projected gradients under
+    the current bases (after a ``build()``, a loaded state, or a step that projected the change)
+    is projected once before the step: the steps that follow equal those of projecting every
+    change, since ``P`` is linear.
 
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects
     (also after ``load_state_dict``), so LR schedulers and GradScaler work unchanged.
@@ -41,7 +54,7 @@ class NullSpaceOptimizer(Optimizer):
         projector: NullSpaceProjector,
         *,
         untracked: str = "freeze",
-        project_gradients: bool = True,
+        project_gradients: bool | str = "auto",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -59,7 +72,8 @@ class NullSpaceOptimizer(Optimizer):
         self.optimizer = optimizer
         self.projector = projector
         self.untracked = untracked
-        self.project_gradients = bool(project_gradients)
+        self.project_gradients = check_mode(project_gradients)
+        self._reset_clean_buffers()
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -108,21 +122,28 @@ class NullSpaceOptimizer(Optimizer):
     @torch.no_grad()
     def _projected_step(self) -> None:
         self.projector._require_built()
+        self._forget_clean_buffers_after_a_build()
         tracked = self.projector.protection.names
         before: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        gradient_only: list[tuple[str, torch.Tensor]] = []
         held_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
             if not group.get("project", True):
                 continue
+            project_gradient, project_change = projections(self.project_gradients, self.optimizer, group)
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param in tracked:
                     if not self.projector.protects(param):
                         continue  # nothing of the remaining data's to protect: plain step
-                    if self.project_gradients:
+                    if project_gradient:
                         self.projector.project_parameter_(tracked[param], param.grad)
-                    before.append((tracked[param], param, param.detach().clone()))
+                    if project_change:
+                        before.append((tracked[param], param, param.detach().clone()))
+                    else:
+                        self._project_momentum_unless_clean(tracked[param], param)
+                        gradient_only.append((tracked[param], param))
                 elif self.untracked == "freeze":
                     held_back.append((param, param.grad))
                     param.grad = None  # the inner optimizer skips params without a gradient
@@ -131,6 +152,7 @@ class NullSpaceOptimizer(Optimizer):
         finally:
             for param, grad in held_back:
                 param.grad = grad
+            self._mark_clean_buffers(gradient_only)
         # W <- W0 + P(W - W0), computed in the parameter's own storage: the change W - W0
         # replaces W, is projected in place, and W0 is added back (the same values as with a
         # separate change tensor, without allocating one per parameter and step).
@@ -141,6 +163,37 @@ class NullSpaceOptimizer(Optimizer):
                 self.projector.project_parameter_(name, weight)
             finally:
                 weight.add_(start)
+
+    def _project_momentum_unless_clean(self, name: str, param: torch.Tensor) -> None:
+        """Project SGD's momentum buffer unless it was built from projected gradients alone."""
+        buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
+        mark = self._clean_buffers.get(name)
+        if buffer is not None and (mark is None or mark[1]() is not buffer):
+            self.projector.project_parameter_(name, buffer)
+
+    def _mark_clean_buffers(self, gradient_only: list) -> None:
+        """After a step: the buffers of ``gradient_only`` are clean, those of parameters that
+        stepped otherwise (e.g. with weight decay) are not, the rest did not change."""
+        clean = {name: mark for name, mark in self._clean_buffers.items() if mark[0].grad is None}
+        for name, param in gradient_only:
+            buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
+            if buffer is not None:
+                clean[name] = (param, weakref.ref(buffer))
+        self._clean_buffers = clean
+
+    def _forget_clean_buffers_after_a_build(self) -> None:
+        """A new build (or a loaded projector) has new bases: no buffer is known clean there."""
+        bases = list(self.projector._bases.values())
+        if len(bases) != len(self._bases_seen) or any(ref() is not b for ref, b in zip(self._bases_seen, bases)):
+            self._clean_buffers.clear()
+            self._bases_seen = [weakref.ref(basis) for basis in bases]
+
+    def _reset_clean_buffers(self) -> None:
+        """Which momentum buffers are known to be projected (name: (parameter, weak reference
+        to its buffer); by name, as Dynamo mixes up dicts keyed by tensors) under which bases:
+        about live objects, so never saved, copied or pickled."""
+        self._clean_buffers: dict = {}
+        self._bases_seen: list = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -176,6 +229,7 @@ class NullSpaceOptimizer(Optimizer):
                 state_dict = result
         options = _check_options(state_dict.pop("null_space", None))
         self.optimizer.load_state_dict(state_dict)
+        self._reset_clean_buffers()
         if options is not None:
             self.untracked, self.project_gradients = options
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -183,10 +237,11 @@ class NullSpaceOptimizer(Optimizer):
 
     # Optimizer pickles only defaults/state/param_groups; the wrapper needs all of itself.
     def __getstate__(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_clean_buffers", "_bases_seen")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._reset_clean_buffers()
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -197,8 +252,9 @@ class NullSpaceOptimizer(Optimizer):
         )
 
 
-def _check_options(options) -> tuple[str, bool] | None:
-    """The saved ``null_space`` options, refused unless exactly what ``state_dict`` writes:
+def _check_options(options) -> tuple[str, bool | str] | None:
+    """The saved ``null_space`` options, refused unless exactly what ``state_dict`` writes
+    (``project_gradients`` True, False or "auto"; states saved before "auto" hold a bool):
     a wrong ``untracked`` would silently let biases train (or freeze them), and a truthy
     string for ``project_gradients`` is not a decision anybody made."""
     if options is None:
@@ -215,9 +271,5 @@ def _check_options(options) -> tuple[str, bool] | None:
             f"optimizer state: null_space.untracked must be one of {UNTRACKED_POLICIES}, "
             f"got {options['untracked']!r}"
         )
-    if not isinstance(options["project_gradients"], bool):
-        raise ValueError(
-            f"optimizer state: null_space.project_gradients must be True or False, "
-            f"got {options['project_gradients']!r}"
-        )
-    return options["untracked"], options["project_gradients"]
+    mode = check_mode(options["project_gradients"], where="optimizer state: null_space.project_gradients")
+    return options["untracked"], mode

@@ -30,9 +30,20 @@ def test_projector_build_quick_runs_three_pipelines(tmp_path):
     assert all(row["rank_plain"] > 0 and row["energy_ours"] >= 0.99 - 1e-4 for row in result["layers"])
 
 
+OPTIMIZER_RUNS = {  # options: what the header and the profile must show
+    "adamw_auto": ((), ["(change only: project_gradients='auto')", "NullSpaceOptimizer(AdamW)",
+                        "inner AdamW step", "change projection"]),
+    "sgd_auto": (("--inner", "sgd"), ["(gradient only: project_gradients='auto')", "NullSpaceOptimizer(SGD)",
+                                      "gradient projection", "inner SGD step"]),
+    "adamw_no_project_gradients": (("--no-project-gradients",), ["(change only: project_gradients=False)"]),
+}
+
+
 @pytest.mark.slow
-def test_optimizer_quick_runs_with_profile():
+@pytest.mark.parametrize("run", sorted(OPTIMIZER_RUNS))
+def test_optimizer_quick_runs_with_profile(run):
+    options, expected = OPTIMIZER_RUNS[run]
     out = run_benchmark("bench_optimizer", "--quick", "--batch", "2", "--observe", "4", "--repeat", "1",
-                        "--warmup", "0", "--threads", "1", "--profile")
-    assert "NullSpaceOptimizer(AdamW)" in out and "overhead" in out
-    assert "change projection" in out and "inner AdamW step" in out
+                        "--warmup", "0", "--threads", "1", "--profile", *options)
+    assert "overhead" in out
+    assert all(text in out for text in expected), [text for text in expected if text not in out]

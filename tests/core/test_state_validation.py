@@ -135,8 +135,8 @@ def optimizer_for(model, projector):
 
 BAD_OPTIONS = [
     ({"untracked": "bogus", "project_gradients": True}, r"null_space.untracked must be one of \('freeze', 'train'\), got 'bogus'"),
-    ({"untracked": "train", "project_gradients": "yes"}, r"null_space.project_gradients must be True or False, got 'yes'"),
-    ({"untracked": "train", "project_gradients": 1}, r"project_gradients must be True or False"),
+    ({"untracked": "train", "project_gradients": "yes"}, r"null_space.project_gradients must be True, False or 'auto', got 'yes'"),
+    ({"untracked": "train", "project_gradients": 1}, r"project_gradients must be True, False or 'auto'"),
     ({"untracked": "train"}, r"null_space must have the fields \['project_gradients', 'untracked'\]"),
     ({"untracked": "train", "project_gradients": True, "extra": 1}, r"null_space must have the fields"),
     ("freeze", r"null_space must be a dict, got str"),
@@ -157,7 +157,7 @@ def test_optimizer_options_are_checked_before_the_inner_optimizer_loads(options,
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(state)
     assert_bitwise_equal(target.state_dict(), before)
-    assert target.untracked == "freeze" and target.project_gradients is True
+    assert target.untracked == "freeze" and target.project_gradients == "auto"
 
 
 def test_optimizer_state_dict_must_be_a_dict():
