@@ -49,13 +49,15 @@ def test_auto_sketches_a_wide_low_rank_matrix(monkeypatch):
     sketches = count_sketches(monkeypatch)
     monkeypatch.setattr(dense, "eigh_factors", no_dense_path)
     U = ops.energy_basis(C, 0.99, torch.Generator().manual_seed(0))
-    assert sketches == [randomized.sketch_width(600, randomized.MAX_RANK_FRACTION_FP32)]
+    assert sketches == [randomized.sketch_width(600, randomized.MAX_RANK_FRACTION)]  # fp64 dense: auto's fallback
     assert k <= U.shape[1] <= k + 2
 
 
 def test_the_budget_follows_the_dense_path_auto_would_run(monkeypatch):
-    """fp32 eigh is the dense path for float32 below threshold 1, fp64 eigh otherwise; the
-    sketch's budget is where it stops beating each."""
+    """fp32 eigh would be the dense path for float32 below threshold 1 (off:
+    dense.AUTO_TRIES_FP32), fp64 eigh otherwise; the sketch's budget is where it stops
+    beating each."""
+    monkeypatch.setattr(dense, "AUTO_TRIES_FP32", True)
     C = with_spectrum(torch.exp(-torch.arange(600.0) / 15), torch.float64)
     sketches = count_sketches(monkeypatch)
     monkeypatch.setattr(dense, "eigh_factors", no_dense_path)

@@ -349,7 +349,7 @@ def _solve(covariances, threshold, generator, backend: str, method: str, complem
         solved[index] = None if basis is None else (basis, None)
     # Dense path: method "eigh", small d, a predicted overrun, or a sketch that ran out.
     return [
-        found if found is not None else dense.eigh_factors(C, threshold, method == "auto", complements)
+        found if found is not None else dense.eigh_factors(C, threshold, method == "auto" and dense.AUTO_TRIES_FP32, complements)
         for C, found in zip(covariances, solved)
     ]
 

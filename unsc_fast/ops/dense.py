@@ -1,8 +1,9 @@
 """The dense energy basis: one symmetric eigendecomposition, whose top eigenvectors are the
 basis and whose other eigenvectors are its orthogonal complement (no QR needed for it).
 
-``method="auto"`` tries float32 ``eigh`` first on a float32 covariance: it is about 2x faster
-than float64 on CPU. Its eigenvalues carry absolute errors of a few ``eps32 * ||C||`` (so
+``method="auto"`` could try float32 ``eigh`` first on a float32 covariance (about 1.6x faster
+than float64 on CPU); it does not (``AUTO_TRIES_FP32``: its eigenvectors' orthonormality,
+~sqrt(d) eps32, breaks the projection's rounding-level guarantee). Its eigenvalues carry absolute errors of a few ``eps32 * ||C||`` (so
 small eigenvalues come out negative on ill-conditioned covariances, pytorch#144384), which
 only matters where the energy cut is close: the fp32 result is kept when the cut clears the
 target by ``FP32_CUT_MARGIN`` error units on both sides (``fp32_cut``) and its eigenvectors
@@ -36,10 +37,21 @@ ORTHOGONALITY_UNITS = 10.0
 ORTHOGONALITY_PROBES = 2
 
 
+# Off: fp32 eigenvectors are orthonormal only to ~sqrt(d) eps32 (1e-6 at d = 64-864), and
+# the projection inherits that: ||dW U|| / ||dW|| came out at 1.9e-7 against the 4 * 2^-24
+# rounding bound of the guarantee (tests/core/test_unlearn_data.py, a Llama o_proj), and the
+# complement's ||U^T Q|| reached 2.5e-6. Restoring orthonormality with a float64 QR costs what
+# it saved (d = 864, 1 thread: fp32 eigh 83-89 ms + QR 55-62 ms against fp64 eigh 129-140 ms),
+# so ``auto`` stays float64; the fp32 path and its cut rule are kept, tested, for a cheaper
+# re-orthonormalisation to build on.
+AUTO_TRIES_FP32 = False
+
+
 def tries_fp32(C: torch.Tensor, threshold: float) -> bool:
-    """float32 ``eigh`` is tried on a float32 ``C`` below threshold 1 (at 1 the numerical-rank
-    floor ``d * eps32 * max`` is the size of fp32's own errors)."""
-    return C.dtype == torch.float32 and threshold < 1.0
+    """float32 ``eigh`` would be tried on a float32 ``C`` below threshold 1 (at 1 the
+    numerical-rank floor ``d * eps32 * max`` is the size of fp32's own errors); off in
+    ``auto`` (``AUTO_TRIES_FP32``)."""
+    return AUTO_TRIES_FP32 and C.dtype == torch.float32 and threshold < 1.0
 
 
 def eigh_factors(C: torch.Tensor, threshold: float, fp32_first: bool, complement: bool = True):
