@@ -232,8 +232,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ones (the remainder is indefinite; see ``unsc_fast.build_checks``).
 
         ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
-        whose rank is a small part of the width, else dense: fp32 eigh where its energy cut is
-        clear, fp64 otherwise), ``"eigh"`` (dense fp64: exact eigenvectors, also at the cut)
+        whose rank is a small part of the width, else dense fp64 eigh, whose other eigenvectors
+        are the complement), ``"eigh"`` (dense fp64 on every layer)
         or ``"randomized"``; ``generator`` seeds the sketch.
 
         Under ``torch.distributed`` (``process_group=None``: the default group when it is
