@@ -18,7 +18,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from unsc_fast import ops
 from unsc_fast.ops import reference
