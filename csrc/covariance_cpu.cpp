@@ -36,6 +36,11 @@ int64_t block_size_for(int64_t d) {
   return (d + blocks - 1) / blocks;
 }
 
+// Output positions along one axis (F.unfold's and conv's formula).
+int64_t output_size(int64_t extent, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  return (extent + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
 // Multiply-adds of the panel kernel's symmetric update per patch: (nb + 1) / (2 nb) of d^2.
 double panel_cost_per_patch(int64_t d) {
   const int64_t blocks = (d + block_size_for(d) - 1) / block_size_for(d);
@@ -49,8 +54,8 @@ bool use_shift_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t,
                       std::array<int64_t, 2> dilation) {
   if (stride[0] != 1 || stride[1] != 1 || kernel_size[0] * kernel_size[1] == 1) return false;
   const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
-  const int64_t out_h = x_shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1);
-  const int64_t out_w = x_shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1);
+  const int64_t out_h = output_size(x_shape[2], kernel_size[0], 1, padding[0], dilation[0]);
+  const int64_t out_w = output_size(x_shape[3], kernel_size[1], 1, padding[1], dilation[1]);
   const double panel = panel_cost_per_patch(d) * static_cast<double>(out_h * out_w);
   return conv_covariance_shift_cost(x_shape, kernel_size, padding, dilation) <= panel;
 }
@@ -139,12 +144,12 @@ int64_t panel_rows(int64_t d, int64_t out_w, int64_t total_rows, int64_t element
 int64_t conv_covariance_workspace_bytes(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                                         std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                                         std::array<int64_t, 2> dilation, int64_t element_size) {
-  const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
-  const int64_t out_h = (x_shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
-  const int64_t out_w = (x_shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
   if (use_shift_kernel(x_shape, kernel_size, stride, padding, dilation)) {
     return conv_covariance_shift_workspace_bytes(x_shape, kernel_size, padding, dilation, element_size);
   }
+  const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
+  const int64_t out_h = output_size(x_shape[2], kernel_size[0], stride[0], padding[0], dilation[0]);
+  const int64_t out_w = output_size(x_shape[3], kernel_size[1], stride[1], padding[1], dilation[1]);
   const int64_t total_rows = x_shape[0] * out_h;
   const int64_t rows = panel_rows(d, out_w, total_rows, element_size);
   const int64_t workers = accumulation_workers((total_rows + rows - 1) / rows);
@@ -205,8 +210,8 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
   }
   ConvGeometry g{x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], stride[0], stride[1],
                  padding[0], padding[1], dilation[0], dilation[1], 0, 0};
-  g.out_h = (g.height + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
-  g.out_w = (g.width + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  g.out_h = output_size(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+  g.out_w = output_size(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
   TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1,
               "conv_covariance_cpu_: the kernel does not fit the padded input (output size ", g.out_h,
               " x ", g.out_w, ")");

@@ -10,17 +10,21 @@
 
 namespace unsc_fast {
 
+// Worker threads accumulate_per_thread will use for this many jobs.
+inline int64_t accumulation_workers(int64_t jobs) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
+}
+
 // Runs job(W, index) for index in [0, jobs), spread round-robin over the threads, each
 // thread summing into its own zeroed d x d accumulator (and passing its worker number, so
 // that jobs can reuse per-worker buffers); returns their sum. Each thread runs its GEMMs
 // single-threaded (BLAS inside a parallel region), so a 2-core machine runs two
-// independent jobs at once instead of splitting every small GEMM in two.
-// The accumulators are (d + extra_rows) x d: room for a kernel's side sums (the shift
-// kernel's exact diagonal).
+// independent jobs at once instead of splitting every small GEMM in two. The accumulators
+// are (d + extra_rows) x d: room for a kernel's side sums (the shift kernel's exact diagonal).
 template <typename Job>
 at::Tensor accumulate_per_thread(int64_t d, int64_t jobs, const at::TensorOptions& options, const Job& job,
                                  int64_t extra_rows = 0) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
+  const int64_t workers = accumulation_workers(jobs);
   std::vector<at::Tensor> partial(workers);
   for (auto& W : partial) W = at::zeros({d + extra_rows, d}, options);
   // Grain 0: even a single worker runs inside a parallel region, so the many small ATen
@@ -44,11 +48,6 @@ inline int64_t balanced_job_size(int64_t items, int64_t fitting) {
   const int64_t rounds = (items + fitting * threads - 1) / (fitting * threads);
   const int64_t jobs = std::max<int64_t>(1, rounds * threads);
   return std::max<int64_t>(1, (items + jobs - 1) / jobs);
-}
-
-// Worker threads accumulate_per_thread will use for this many jobs.
-inline int64_t accumulation_workers(int64_t jobs) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
 }
 
 }  // namespace unsc_fast
