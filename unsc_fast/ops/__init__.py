@@ -240,23 +240,25 @@ def _check_method(method: str) -> None:
         raise ValueError(f"energy_basis: method must be one of {EIGENSOLVERS}, got {method!r}")
 
 
-def _sketch_budget(C: torch.Tensor, threshold: float) -> float:
-    """The auto sketch's budget, a fraction of d: where it crosses over with the dense path
-    that would run instead (fp32 eigh where it may, else fp64; docs/extension.md)."""
-    return randomized.MAX_RANK_FRACTION_FP32 if dense.tries_fp32(C, threshold) else randomized.MAX_RANK_FRACTION
+def _auto_fp32(method: str, C: torch.Tensor, threshold: float) -> bool:
+    """Whether auto's dense path would be fp32 eigh here (off: ``dense.AUTO_TRIES_FP32``)."""
+    return method == "auto" and dense.AUTO_TRIES_FP32 and dense.tries_fp32(C, threshold)
 
 
-def _sketches(method: str, C: torch.Tensor, threshold: float) -> bool:
-    """``auto``: dense eigh below ``randomized.MIN_RANDOMIZED_DIM`` (it is as fast there) and
-    where the pilot shows the rank overrunning the sketch's budget (``sketch_cannot_fit``),
-    else the randomized sketch, with the dense solver taking over if it still overruns."""
-    if method != "auto":
-        return method == "randomized"
+def _sketch_width(method: str, C: torch.Tensor, threshold: float) -> int | None:
+    """The sketch's width, or None for the dense solver. ``randomized``: unbudgeted. ``auto``:
+    dense below ``randomized.MIN_RANDOMIZED_DIM`` (it is as fast there) and where the pilot
+    shows the rank overrunning the budget (``sketch_cannot_fit``), else a sketch budgeted
+    where it crosses over with the dense path that would run instead (docs/extension.md),
+    the dense solver taking over if it still overruns."""
     d = C.shape[0]
-    if d < randomized.MIN_RANDOMIZED_DIM:
-        return False
-    width = randomized.sketch_width(d, _sketch_budget(C, threshold))
-    return not randomized.sketch_cannot_fit(C, threshold, width)
+    if method == "randomized":
+        return randomized.sketch_width(d, None)
+    if method != "auto" or d < randomized.MIN_RANDOMIZED_DIM:
+        return None
+    fraction = randomized.MAX_RANK_FRACTION_FP32 if _auto_fp32(method, C, threshold) else randomized.MAX_RANK_FRACTION
+    width = randomized.sketch_width(d, fraction)
+    return None if randomized.sketch_cannot_fit(C, threshold, width) else width
 
 
 def energy_basis(
@@ -330,10 +332,8 @@ def _solve(covariances, threshold, generator, backend: str, method: str, complem
     for index, C in enumerate(covariances):
         if not any(bool(C[i : i + 1024].any()) for i in range(0, C.shape[0], 1024)):  # row blocks: no d x d mask
             solved[index] = (C.new_zeros((C.shape[0], 0)), None)
-        elif _sketches(method, C, threshold):
-            budget = None if method == "randomized" else _sketch_budget(C, threshold)
-            sketch = randomized.draw_sketch(C, randomized.sketch_width(C.shape[0], budget), generator)
-            jobs[runners[C.device]].append((index, C, sketch))
+        elif (width := _sketch_width(method, C, threshold)) is not None:
+            jobs[runners[C.device]].append((index, C, randomized.draw_sketch(C, width, generator)))
     if jobs["ext"]:
         indices, matrices, sketches = zip(*jobs["ext"])
         found = load_extension().energy_bases(
@@ -349,7 +349,7 @@ def _solve(covariances, threshold, generator, backend: str, method: str, complem
         solved[index] = None if basis is None else (basis, None)
     # Dense path: method "eigh", small d, a predicted overrun, or a sketch that ran out.
     return [
-        found if found is not None else dense.eigh_factors(C, threshold, method == "auto" and dense.AUTO_TRIES_FP32, complements)
+        found if found is not None else dense.eigh_factors(C, threshold, _auto_fp32(method, C, threshold), complements)
         for C, found in zip(covariances, solved)
     ]
 

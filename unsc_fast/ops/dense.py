@@ -48,10 +48,10 @@ AUTO_TRIES_FP32 = False
 
 
 def tries_fp32(C: torch.Tensor, threshold: float) -> bool:
-    """float32 ``eigh`` would be tried on a float32 ``C`` below threshold 1 (at 1 the
-    numerical-rank floor ``d * eps32 * max`` is the size of fp32's own errors); off in
-    ``auto`` (``AUTO_TRIES_FP32``)."""
-    return AUTO_TRIES_FP32 and C.dtype == torch.float32 and threshold < 1.0
+    """float32 ``eigh`` is tried on a float32 ``C`` below threshold 1 (at 1 the numerical-rank
+    floor ``d * eps32 * max`` is the size of fp32's own errors) when ``fp32_first`` asks for
+    it; ``unsc_fast.ops`` asks only under ``AUTO_TRIES_FP32``."""
+    return C.dtype == torch.float32 and threshold < 1.0
 
 
 def eigh_factors(C: torch.Tensor, threshold: float, fp32_first: bool, complement: bool = True):
