@@ -6,7 +6,11 @@ reference path and says so once.
 """
 from setuptools import setup
 
-PACKAGES = ["unsc_fast", "unsc_fast.ops", "unsc_fast.kernels", "unsc_fast.evaluation", "unsc_fast.evaluation.methods"]
+PACKAGES = [
+    "unsc_fast", "unsc_fast.ops", "unsc_fast.adapters", "unsc_fast.tracking", "unsc_fast.statistics", "unsc_fast.solve",
+    "unsc_fast.projection", "unsc_fast.distributed", "unsc_fast.projector", "unsc_fast.kernels", "unsc_fast.evaluation",
+    "unsc_fast.evaluation.methods",
+]
 PACKAGE_DIR = {"unsc_fast": "unsc_fast", "unsc_fast.kernels": "kernels"}
 
 

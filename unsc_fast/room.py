@@ -35,7 +35,7 @@ def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> d
     (the caller's statistics are not touched). ``r_remain`` comes from the kept groups'
     covariances when the projector holds them, else ``1 - threshold``.
     """
-    from unsc_fast.projector import NullSpaceProjector
+    from unsc_fast.projector.projector import NullSpaceProjector
     from unsc_fast.training import batch_parts, model_device
 
     probe = NullSpaceProjector(model, modules=list(projector.layers))

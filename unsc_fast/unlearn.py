@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast.calibration import calibrated_labels, random_labels
-from unsc_fast.optimizer import NullSpaceOptimizer
-from unsc_fast.projector import NullSpaceProjector
+from unsc_fast.projector.optimizer import NullSpaceOptimizer
+from unsc_fast.projector.projector import NullSpaceProjector
 from unsc_fast.room import NoRoomError, selectivity
 from unsc_fast.training import Loss, Objective, Progress, batch_parts, fit, make_loader, model_device, predict_logits
 

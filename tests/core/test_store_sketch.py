@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.sketch import FrequentDirections
+from unsc_fast.statistics.sketch import FrequentDirections
 
 
 def power_law_rows(n, d, decay=1.0, seed=0):

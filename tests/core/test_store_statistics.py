@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.statistics import FORGET_KEY, TOTAL_KEY
+from unsc_fast.statistics.policies import FORGET_KEY, TOTAL_KEY
 
 
 def spectrum_data(n, d=24, rank=6, seed=0):

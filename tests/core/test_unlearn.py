@@ -156,7 +156,7 @@ def test_unlearn_argument_errors(digits_model):
 
 def test_official_preset_sets_plain_sgd_and_the_class_by_class_basis(digits_model, monkeypatch):
     from unsc_fast import unlearn as unlearn_module
-    from unsc_fast.incremental import class_thresholds
+    from unsc_fast.solve.incremental import class_thresholds
 
     split, original = digits_model
     model = copy.deepcopy(original)

@@ -16,7 +16,7 @@ from unsc_fast.evaluation.methods import UnlearningMethod, get_method
 from unsc_fast.evaluation.methods import retrain as retrain_module
 from unsc_fast.evaluation.metrics import accuracy
 from unsc_fast.evaluation.scenario import COARSE_GROUPS, coarse_class, make_scenario, memorised, sequential, sub_class
-from unsc_fast.projector import NullSpaceProjector
+from unsc_fast import NullSpaceProjector
 
 from evaluation_helpers import tiny_digits
 

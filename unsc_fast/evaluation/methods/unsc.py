@@ -28,7 +28,7 @@ guards each run: with no room the run is reported as not run (``UnsupportedScena
 from __future__ import annotations
 
 from unsc_fast.evaluation.methods.base import UnlearningMethod, UnsupportedScenario
-from unsc_fast.projector import NullSpaceProjector
+from unsc_fast import NullSpaceProjector
 from unsc_fast.room import NoRoomError
 from unsc_fast.unlearn import PRESETS, unlearn
 

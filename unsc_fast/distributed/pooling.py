@@ -36,13 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unsc_fast.bases import complement_if_cheaper, prefers_complement
-from unsc_fast.build_checks import check_definite, subtracted_diagonal
-from unsc_fast.store import CovarianceStore
+from unsc_fast.projection.bases import complement_if_cheaper, prefers_complement
+from unsc_fast.solve.checks import check_definite, subtracted_diagonal
+from unsc_fast.statistics.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
     from unsc_fast.adapters import Slot
-    from unsc_fast.projector import NullSpaceProjector
+    from unsc_fast.projector.projector import NullSpaceProjector
 
 KEEP_COVARIANCES = ("all", "rank0", "none")
 LOCAL = "local"

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from unsc_fast.adapters import LayerAdapter
-from unsc_fast.layers import Protection
-from unsc_fast.store import CovarianceStore
+from unsc_fast.tracking.layers import Protection
+from unsc_fast.statistics.store import CovarianceStore
 
 
 def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:

@@ -161,7 +161,7 @@ def sketched_layers(sketch, layers: dict, protection, labels: int, dtype, policy
     with its own slot can be sketched (the sketch hooks read its input rows directly)."""
     from torch import nn
 
-    from unsc_fast.sketch import DEFAULT_ROWS
+    from unsc_fast.statistics.sketch import DEFAULT_ROWS
 
     def sketchable(name: str) -> bool:
         layer = layers[name]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from unsc_fast import distributed, ops
+from unsc_fast import ops
+from unsc_fast.distributed import pooling as distributed
 from unsc_fast.adapters.base import Use, trailing_dims_merge_as_view
-from unsc_fast.layers import Protection
+from unsc_fast.tracking.layers import Protection
 
 
 def project_grouped_(matrices: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:

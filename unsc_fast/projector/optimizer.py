@@ -17,8 +17,8 @@ from collections import OrderedDict
 import torch
 from torch.optim import Optimizer
 
-from unsc_fast.projection_plan import check_mode, projections
-from unsc_fast.projector import NullSpaceProjector
+from unsc_fast.projection.plan import check_mode, projections
+from unsc_fast.projector.projector import NullSpaceProjector
 
 UNTRACKED_POLICIES = ("freeze", "train")
 

@@ -17,19 +17,20 @@ from typing import Hashable, Iterable
 import torch
 from torch import nn
 
-from unsc_fast import distributed, ops
-from unsc_fast import statistics as policies
+from unsc_fast import ops
+from unsc_fast.distributed import pooling as distributed
+from unsc_fast.statistics import policies
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.adapters import LayerAdapter
-from unsc_fast.bases import NullSpaceBases
-from unsc_fast import solve
-from unsc_fast.build_checks import check_rows, warn_if_everything_blocked
-from unsc_fast.persistence import PersistenceMixin
-from unsc_fast.statistics_mixin import StatisticsMixin
-from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
-from unsc_fast.observation import Observation
-from unsc_fast.persistence import STATE_FORMAT  # noqa: F401 - where users found it
-from unsc_fast.store import CovarianceStore, key_set
+from unsc_fast.projection.bases import NullSpaceBases
+from unsc_fast.solve import request as solve
+from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
+from unsc_fast.projector.persistence import PersistenceMixin
+from unsc_fast.projector.statistics_mixin import StatisticsMixin
+from unsc_fast.tracking.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
+from unsc_fast.statistics.observation import Observation
+from unsc_fast.projector.persistence import STATE_FORMAT  # noqa: F401 - where users found it
+from unsc_fast.statistics.store import CovarianceStore, key_set
 DEFAULT_GROUP = "all"
 
 
@@ -41,7 +42,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
     against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
     refuses a model with a trainable weight that no adapter protects.
 
-    ``statistics`` is the storage policy (``unsc_fast.statistics``): ``"per_label"`` keeps a
+    ``statistics`` is the storage policy (``unsc_fast.statistics.policies``): ``"per_label"`` keeps a
     covariance per label/group (memory grows with the classes; ``build(exclude=...)`` needs
     no pass over any data), ``"total"`` keeps one total per layer and serves every request
     from one pass over its forget data (``collect(forget_loader, forget=True)``, then
@@ -51,7 +52,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
     ``dtype``: accumulation dtype; default float32 per label, float64 for the total (its
     subtraction cancels in fp32 when the forget data is a large share).
     ``sketch``: ``{layer name: rows}`` of Linear layers kept as a Frequent Directions sketch
-    (``unsc_fast.sketch``: ``2 rows x d`` numbers, a stated energy guarantee, no subtraction)
+    (``unsc_fast.statistics.sketch``: ``2 rows x d`` numbers, a stated energy guarantee, no subtraction)
     instead of a ``d x d`` matrix; None: with ``statistics="auto"`` and a ``memory_budget``,
     chosen for the Linear layers whose dense statistics alone would take over half of it.
 
@@ -229,7 +230,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         forgotten may have been observed under another key), unless ``allow_unobserved=True``.
         So is a layer left with 0 input rows (only empty batches observed: its basis would be
         empty and its updates unprojected) and a ``subtract`` group that is not inside the kept
-        ones (the remainder is indefinite; see ``unsc_fast.build_checks``).
+        ones (the remainder is indefinite; see ``unsc_fast.solve.checks``).
 
         ``method`` (see ``ops.energy_basis``): ``"auto"`` (randomized sketch for wide layers
         whose rank is a small part of the width, else dense fp64 eigh, whose other eigenvectors
@@ -239,7 +240,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         Under ``torch.distributed`` (``process_group=None``: the default group when it is
         initialised with several processes; ``"local"``: this process alone) every rank must
         call ``build`` with the same arguments: covariances are summed over the ranks and
-        every rank gets the same bases (see ``unsc_fast.distributed``).
+        every rank gets the same bases (see ``unsc_fast.distributed.pooling``).
         ``keep_covariances``: ``"all"`` keeps each rank's covariances for later requests,
         ``"rank0"`` moves them all onto rank 0 (other ranks keep only bases), ``"none"``
         drops them (a later request needs a new pass over the data).
@@ -277,11 +278,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
     def build_incremental(self, exclude: Iterable[Hashable] = (), *, class_thresholds=None) -> "NullSpaceProjector":
         """The official UNSC code's basis: grown class by class over the kept labels, in sorted
         order, each class adding directions until its own threshold of its energy is inside
-        (``unsc_fast.incremental``). ``class_thresholds``: ``None`` (the official rule
+        (``unsc_fast.solve.incremental``). ``class_thresholds``: ``None`` (the official rule
         ``0.97 + 0.003 * label``, capped at 0.997), a float, a mapping label -> float, or a
         callable ``(label, position) -> float``. ``build`` (one energy basis of the summed
         covariance) stays the default. Returns ``self``."""
-        from unsc_fast import incremental
+        from unsc_fast.solve import incremental
 
         if self.statistics == "total" or self._sketches:
             raise ValueError('build_incremental() grows the basis from per-label covariances: it needs '

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from unsc_fast import ops
-from unsc_fast.projection import apply_uses_, protects_nothing, residual
+from unsc_fast.projection.apply import apply_uses_, protects_nothing, residual
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.layers import Protection
+    from unsc_fast.tracking.layers import Protection
 
 
 def prefers_complement(kept: int, dim: int) -> bool:

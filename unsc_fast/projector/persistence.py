@@ -1,17 +1,17 @@
 """Saving and restoring a projector: tensors and plain values only (``torch.load(weights_only=True)``
-reads them), checked whole before anything is installed (``unsc_fast.state_validation``)."""
+reads them), checked whole before anything is installed (``unsc_fast.projector.state_validation``)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
 
-from unsc_fast.bases import NullSpaceBases
-from unsc_fast.state_validation import parse_projector_state
-from unsc_fast.store import CovarianceStore
+from unsc_fast.projection.bases import NullSpaceBases
+from unsc_fast.projector.state_validation import parse_projector_state
+from unsc_fast.statistics.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.projector import NullSpaceProjector
+    from unsc_fast.projector.projector import NullSpaceProjector
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
 
@@ -38,7 +38,7 @@ class PersistenceMixin:
     def load_state_dict(self, state: dict) -> "NullSpaceProjector":
         """Restore a ``state_dict``; tensors follow each layer's weight device.
 
-        All or nothing: the whole state is checked first (``unsc_fast.state_validation``:
+        All or nothing: the whole state is checked first (``unsc_fast.projector.state_validation``:
         layer names and shapes, tensor shapes, dtypes, finite values, orthonormal bases,
         counts, thresholds) and nothing changes unless every check passes.
         """

@@ -1,4 +1,4 @@
-"""The projector's side of the statistics policies (``unsc_fast.statistics``): memory
+"""The projector's side of the statistics policies (``unsc_fast.statistics.policies``): memory
 estimates, forget passes, and the hooks of sketched layers."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unsc_fast import sketch
-from unsc_fast import statistics as policies
+from unsc_fast.statistics import sketch
+from unsc_fast.statistics import policies
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.observation import Observation
+    from unsc_fast.statistics.observation import Observation
 
 
 class StatisticsMixin:

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from unsc_fast.store import CovarianceStore, listed
+from unsc_fast.statistics.store import CovarianceStore, listed
 
 # Cancellation in ``kept - subtracted`` is relative to the kept sum before subtraction; a
 # deficit larger than this many ulps of it is a real one, not rounding.

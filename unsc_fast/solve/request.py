@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from unsc_fast import sketch
-from unsc_fast.bases import prefers_complement
-from unsc_fast import statistics as policies
-from unsc_fast.build_checks import check_subtraction
+from unsc_fast.statistics import sketch
+from unsc_fast.projection.bases import prefers_complement
+from unsc_fast.statistics import policies
+from unsc_fast.solve.checks import check_subtraction
 
 
 def request_keys(store, statistics: str, groups: list, forget: list, exclude: set, include, subtract: set,
