@@ -59,7 +59,7 @@ def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> d
     for name, slot in projector.protection.slots.items():
         if slot.kind != "dense" or probe.store.matrix("probe", name) is None:
             continue
-        basis = projector._bases[name].double()
+        basis = projector.solution.bases[name].double()
         forget = probe.store.matrix("probe", name).double().to(basis.device)
         r_forget = _outside(forget, basis)
         try:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
-from unsc_fast.distributed import pooling as unsc_distributed
+from unsc_fast import distributed as unsc_distributed
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"

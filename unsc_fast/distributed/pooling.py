@@ -1,5 +1,4 @@
-"""UNSC across processes with ``torch.distributed``: pooled covariances, spread basis solves,
-sharded weights.
+"""UNSC across processes with ``torch.distributed``: pooled covariances, spread basis solves.
 
 Each rank observes its own shard of the remaining data. ``NullSpaceProjector.build`` then
 
@@ -17,36 +16,36 @@ Each rank observes its own shard of the remaining data. ``NullSpaceProjector.bui
    rank, cost ~ d^3) and broadcasts it, so build time falls with more ranks and every rank
    ends with bitwise the same bases (and null-space complements).
 
+Steps 1-2 are the statistics boundary (``pool_statistics``), step 3's broadcast the bases
+boundary (``share_bases``); between them each rank solves its slots with the single-process
+code (``solve.request.solve_slot``), which knows nothing of ranks.
+
 The invariant behind repeated requests: the covariance of a label over the whole data is
 the sum over ranks of what each rank stores. ``keep_covariances="rank0"`` keeps it by
 moving every stored covariance onto rank 0 (the other ranks keep only bases);
 ``"none"`` drops them everywhere (a new request then needs a new pass over the data).
 
-Sharded weights (FSDP2 ``fully_shard``): parameters and gradients are ``DTensor`` s sharded
-along dim 0, the output rows. Projection acts on rows (``G - G U U^T``), so each rank
-projects its own rows with the full basis and no communication.
+Sharded weights (FSDP2 ``fully_shard``) need no communication: each rank projects its own
+rows with the full basis (``tracking.wrappers.local_rows``).
 """
 from __future__ import annotations
 
-import sys
-import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Hashable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from unsc_fast.projection.bases import complement_if_cheaper, prefers_complement
 from unsc_fast.solve.checks import check_definite, subtracted_diagonal
+from unsc_fast.solve.complement import complement_if_cheaper, prefers_complement
+from unsc_fast.solve.request import solve_slot
 from unsc_fast.statistics.store import CovarianceStore
+from unsc_fast.tracking.layers import slot_devices, slot_named
 
 if TYPE_CHECKING:  # pragma: no cover
     from unsc_fast.adapters import Slot
-    from unsc_fast.projector.projector import NullSpaceProjector
 
-KEEP_COVARIANCES = ("all", "rank0", "none")
 LOCAL = "local"
-WRAPPER_PREFIX = "module."
 
 
 # ------------------------------------------------------------------ process group
@@ -69,96 +68,6 @@ def resolve_group(process_group):
         raise RuntimeError("build(process_group=...) was given a group but torch.distributed is not initialized")
     group = dist.group.WORLD if process_group is None else process_group
     return group if dist.get_world_size(group) > 1 else None
-
-
-def check_keep(keep_covariances: str) -> str:
-    if keep_covariances not in KEEP_COVARIANCES:
-        raise ValueError(f"keep_covariances must be one of {KEEP_COVARIANCES}, got {keep_covariances!r}")
-    return keep_covariances
-
-
-# ------------------------------------------------------------------ wrapped / sharded models
-def _loaded(module_name: str):
-    """A torch.distributed submodule if something already imported it, else None: a model
-    cannot hold its objects otherwise, and importing it would cost every user seconds."""
-    return sys.modules.get(module_name)
-
-
-def check_model(model) -> None:
-    """Refuse wrappers whose parameters are flattened: their weights are not (out, d) matrices."""
-    fsdp = _loaded("torch.distributed.fsdp")  # never imported here: it costs seconds
-    flat = [] if fsdp is None else [
-        type(m).__name__ for m in model.modules() if isinstance(m, fsdp.FullyShardedDataParallel)
-    ]
-    if type(model).__name__ == "DeepSpeedEngine":
-        flat.append("DeepSpeedEngine")
-    if flat:
-        raise NotImplementedError(
-            f"{flat[0]} flattens parameters into 1-D buffers, which cannot be projected row by row. "
-            "Shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead, or build the projector "
-            "on the unwrapped model"
-        )
-
-
-def unprefixed_names(names, inner_names: Iterable[str]):
-    """Module names as the user knows them: a DDP/DataParallel ``module.`` prefix is dropped
-    (unless the prefixed name itself exists inside the wrapped model)."""
-    if names is None:
-        return None
-    if isinstance(names, str):
-        names = [names]
-    inner = set(inner_names)
-    return [n if n in inner or not n.startswith(WRAPPER_PREFIX) else n[len(WRAPPER_PREFIX):] for n in names]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside a DataParallel/DDP wrapper or a ``torch.compile`` module."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    if isinstance(model, wrappers):
-        return model.module
-    original = getattr(model, "_orig_mod", None)
-    if isinstance(original, nn.Module):  # torch.compile's OptimizedModule
-        warnings.warn(
-            "the model is compiled: hooks added after compilation do not fire in the compiled "
-            "graph (pytorch#117758), so run the original module (model._orig_mod) inside "
-            "observe(), or create the projector before compiling",
-            UserWarning,
-            stacklevel=3,
-        )
-        return original
-    return model
-
-
-def reshard(model) -> None:
-    """Put every FSDP2 module of ``model`` back into its sharded state (local, no communication).
-
-    After a forward without backward (as in ``observe()``) FSDP2 leaves the root module's
-    weights gathered and registered as plain unsharded parameters; an optimizer created then
-    would hold those instead of the sharded ones, and the wrapper would not find them.
-    """
-    fsdp = _loaded("torch.distributed.fsdp")
-    if fsdp is None:  # nothing can be sharded by a module nobody imported
-        return
-    for module in model.modules():
-        if isinstance(module, fsdp.FSDPModule):
-            module.reshard()
-
-
-def local_rows(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """The rows of a weight-shaped tensor this process holds: itself, or a DTensor's local
-    shard (a view sharing its storage) when it is sharded along dim 0 or replicated."""
-    dtensor = _loaded("torch.distributed.tensor")
-    if dtensor is None or not isinstance(tensor, dtensor.DTensor):
-        return tensor
-    for placement in tensor.placements:
-        if isinstance(placement, dtensor.Replicate) or (isinstance(placement, dtensor.Shard) and placement.dim == 0):
-            continue
-        raise NotImplementedError(
-            f"layer {name!r}: DTensor placement {placement!r} is not supported; the null-space "
-            "projection acts on output rows, so weights must be sharded along dim 0 (FSDP2's "
-            "default Shard(0)) or replicated, and gradients reduced (no Partial)"
-        )
-    return tensor.to_local()
 
 
 # ------------------------------------------------------------------ build
@@ -215,6 +124,22 @@ def _owners(dims: list[int], world: int) -> list[int]:
     return owners
 
 
+@dataclass
+class PooledStatistics:
+    """The statistics boundary's result on this rank: the request's kept keys, which rank
+    solves each slot, and the pooled kept sums of the slots this rank solves."""
+
+    group: object
+    names: list[str]
+    slots: list["Slot"]
+    devices: list
+    union: list  # every key observed on any rank
+    kept: list
+    owners: list[int]  # slot index -> group rank that solves it
+    owned: dict[int, torch.Tensor]  # slot index -> pooled kept sum (this rank's slots only)
+    removed: list | None  # per slot, the pooled diagonal of the subtracted keys
+
+
 def build(
     store: CovarianceStore,
     slots: dict[str, "Slot"],
@@ -232,9 +157,45 @@ def build(
 ) -> tuple[dict, dict, list]:
     """Pooled bases over ``group``: returns ``(bases, complements, kept)`` for the projector.
 
-    Every rank must call it (through ``NullSpaceProjector.build``) with the same arguments.
+    The single-process solve with communication at its two boundaries: ``pool_statistics``
+    sums the kept statistics onto the rank that solves each slot, that rank solves it as a
+    single process would (``solve.request.solve_slot``), and ``share_bases`` sends every
+    basis to every rank. Every rank must call it (through ``NullSpaceProjector.build``) with
+    the same arguments.
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    pooled = pool_statistics(store, slots, slot_devices, group, exclude=exclude, include=include, subtract=subtract,
+                             threshold=threshold, method=method, keep_covariances=keep_covariances,
+                             allow_unobserved=allow_unobserved)
+    # Solve this rank's slots; a failure is shared so that no rank waits on a broadcast.
+    solved: dict[int, torch.Tensor] = {}
+    solved_complements: dict[int, torch.Tensor] = {}
+    error = None
+    try:
+        for index in sorted(pooled.owned):
+            if pooled.removed is not None:  # the pooled remainder must still be a covariance
+                check_definite(pooled.names[index], pooled.owned[index], pooled.removed[index], subtract)
+            solved[index], complement = solve_slot(pooled.slots[index], pooled.owned[index], threshold, generator,
+                                                   method)
+            if complement is not None:
+                solved_complements[index] = complement
+    except Exception as exc:  # noqa: BLE001 - re-raised on every rank by share_bases
+        error = exc
+    pooled.owned.clear()
+    bases, complements = share_bases(pooled, solved, solved_complements, error, store.dtype)
+
+    if keep_covariances == "rank0":
+        _gather_covariances_on_rank0(store, pooled.slots, group, pooled.union, pooled.names, pooled.devices)
+    elif keep_covariances == "none":
+        store.reset()
+    return bases, complements, pooled.kept
+
+
+def pool_statistics(store: CovarianceStore, slots: dict[str, "Slot"], slot_devices: dict, group, *, exclude: set,
+                    include, subtract: set, threshold: float, method: str, keep_covariances: str,
+                    allow_unobserved: bool) -> PooledStatistics:
+    """The statistics boundary: agree on the request, union the observed keys, check the
+    pooled row counts, and reduce each slot's kept sum onto the rank that will solve it."""
+    world = dist.get_world_size(group)
     include = None if include is None else list(include)
     mine = {"request": _request(store, slots, threshold, method, exclude, include, subtract, keep_covariances),
             "groups": store.keys}
@@ -263,27 +224,22 @@ def build(
     removed = _pooled_subtracted_diagonals(store, names, layers, subtract, devices[0], group)
     owners = _owners([layer.dim * layer.groups ** (1 / 3) if layer.kind != "diagonal" else 1 for layer in layers],
                      world)
+    rank = dist.get_rank(group)
     owned: dict[int, torch.Tensor] = {}
     for index, name in enumerate(names):
         local = store.kept_sum(name, kept, subtract, shape=layers[index].shape, device=devices[index], required=False)
         dist.reduce(local, dst=_global_rank(group, owners[index]), group=group)
         if owners[index] == rank:
             owned[index] = local
+    return PooledStatistics(group, names, layers, devices, union, kept, owners, owned, removed)
 
-    # Solve this rank's layers; a failure is shared so that no rank waits on a broadcast.
-    solved: dict[int, torch.Tensor] = {}
-    solved_complements: dict[int, torch.Tensor | None] = {}
-    error = None
-    try:
-        for index in sorted(owned):
-            if removed is not None:  # the pooled remainder must still be a covariance
-                check_definite(names[index], owned[index], removed[index], subtract)
-            solved[index], complement = layers[index].solve_with_complement(owned[index], threshold, generator, method)
-            if complement is not None and prefers_complement(solved[index].shape[-1], layers[index].dim):
-                solved_complements[index] = complement  # else drop it now
-    except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-        error = exc
-    owned.clear()
+
+def share_bases(pooled: PooledStatistics, solved: dict, solved_complements: dict, error: Exception | None,
+                dtype: torch.dtype) -> tuple[dict, dict]:
+    """The bases boundary: re-raise a failed solve on every rank, then broadcast each slot's
+    basis (and its complement where that is kept) from the rank that solved it."""
+    group, names, layers, devices, owners = pooled.group, pooled.names, pooled.slots, pooled.devices, pooled.owners
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     status = torch.zeros(len(names) + 1, dtype=torch.int64, device=devices[0])
     for index, basis in solved.items():
         status[index] = basis.shape[-1]  # k (kmax for grouped); the width d for a diagonal mask
@@ -303,7 +259,7 @@ def build(
         if owners[index] == rank:
             basis = solved[index].to(devices[index]).contiguous()
         else:
-            basis = torch.empty(_basis_shape(layer, k), dtype=torch.bool if layer.kind == "diagonal" else store.dtype,
+            basis = torch.empty(_basis_shape(layer, k), dtype=torch.bool if layer.kind == "diagonal" else dtype,
                                 device=devices[index])
         if k:
             if basis.dtype == torch.bool:  # not every backend reduces or sends bool
@@ -318,16 +274,11 @@ def build(
             if owners[index] == rank:
                 complement = complement_if_cheaper(basis, solved_complements.pop(index, None))
             else:
-                complement = torch.empty(layer.dim, layer.dim - k, dtype=store.dtype, device=devices[index])
+                complement = torch.empty(layer.dim, layer.dim - k, dtype=dtype, device=devices[index])
             if complement.shape[1]:
                 dist.broadcast(complement, src=source, group=group)
             complements[name] = complement
-
-    if keep_covariances == "rank0":
-        _gather_covariances_on_rank0(store, layers, group, union, names, devices)
-    elif keep_covariances == "none":
-        store.reset()
-    return bases, complements, kept
+    return bases, complements
 
 
 def _pooled_subtracted_diagonals(store, names, slots, subtract, device, group) -> list | None:
@@ -376,13 +327,12 @@ def _gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, ke
     store.replace(covariances, counts)
 
 
-def pooled_covariance(
-    projector: "NullSpaceProjector", name: str, keys: Iterable[Hashable] | None = None, process_group=None
-) -> torch.Tensor:
-    """Covariance of layer ``name`` over ``keys`` summed over all ranks, bitwise the same on
-    every rank (one all-reduce). Every rank must call it with the same arguments."""
+def pooled_covariance(projector, name: str, keys: Iterable[Hashable] | None = None, process_group=None) -> torch.Tensor:
+    """Covariance of layer ``name`` of a ``NullSpaceProjector`` over ``keys`` summed over all
+    ranks, bitwise the same on every rank (one all-reduce). Every rank must call it with the
+    same arguments. Reads the projector's public state only (its layers, plan and store)."""
     group = resolve_group(process_group)
-    slot = projector._slot(name)
+    slot = slot_named(projector.layers, projector.protection, name)
     request = (name, None if keys is None else sorted(repr(k) for k in keys))
     keys = projector.groups if keys is None else list(keys)  # absent keys add zeros on this rank
     if group is not None:
@@ -390,7 +340,7 @@ def pooled_covariance(
         dist.all_gather_object(gathered, request, group=group)
         if any(entry != request for entry in gathered):
             raise ValueError(f"pooled_covariance(): ranks asked for different (layer, keys): {gathered}")
-    total = projector.store.kept_sum(slot.name, keys, shape=slot.shape, device=projector._slot_devices[slot.name],
+    total = projector.store.kept_sum(slot.name, keys, shape=slot.shape, device=slot_devices(projector.protection)[slot.name],
                                      required=False)
     if group is not None:
         dist.all_reduce(total, group=group)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from unsc_fast import ops
-from unsc_fast.distributed import pooling as distributed
 from unsc_fast.adapters.base import Use, trailing_dims_merge_as_view
 from unsc_fast.tracking.layers import Protection
+from unsc_fast.tracking.wrappers import local_rows
 
 
 def project_grouped_(matrices: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def apply_uses_(tensor: torch.Tensor, uses: list[Use], protection: Protection, b
     device (the projector caches the move)."""
     for use in uses:
         slot = protection.slot(use.slot)
-        rows = distributed.local_rows(tensor, use.name)  # a DTensor sharded by rows: this rank's rows
+        rows = local_rows(tensor, use.name)  # a DTensor sharded by rows: this rank's rows
         if rows is not tensor and use.side == "out":
             raise NotImplementedError(
                 f"parameter {use.name!r}: its inputs multiply dim 0, along which the DTensor is sharded; "

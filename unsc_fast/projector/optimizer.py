@@ -121,7 +121,7 @@ class NullSpaceOptimizer(Optimizer):
 
     @torch.no_grad()
     def _projected_step(self) -> None:
-        self.projector._require_built()
+        self.projector.solution.require_built()
         self._forget_clean_buffers_after_a_build()
         tracked = self.projector.protection.names
         before: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -183,7 +183,7 @@ class NullSpaceOptimizer(Optimizer):
 
     def _forget_clean_buffers_after_a_build(self) -> None:
         """A new build (or a loaded projector) has new bases: no buffer is known clean there."""
-        bases = list(self.projector._bases.values())
+        bases = list(self.projector.solution.bases.values())
         if len(bases) != len(self._bases_seen) or any(ref() is not b for ref, b in zip(self._bases_seen, bases)):
             self._clean_buffers.clear()
             self._bases_seen = [weakref.ref(basis) for basis in bases]

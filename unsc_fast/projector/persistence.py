@@ -2,16 +2,11 @@
 reads them), checked whole before anything is installed (``unsc_fast.projector.state_validation``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from unsc_fast.projection.bases import NullSpaceBases
 from unsc_fast.projector.state_validation import parse_projector_state
 from unsc_fast.statistics.store import CovarianceStore
-
-if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.projector.projector import NullSpaceProjector
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
 
@@ -35,7 +30,7 @@ class PersistenceMixin:
             "complements": dict(self._complements),
         }
 
-    def load_state_dict(self, state: dict) -> "NullSpaceProjector":
+    def load_state_dict(self, state: dict) -> PersistenceMixin:
         """Restore a ``state_dict``; tensors follow each layer's weight device.
 
         All or nothing: the whole state is checked first (``unsc_fast.projector.state_validation``:
@@ -59,5 +54,5 @@ class PersistenceMixin:
     def save(self, path) -> None:
         torch.save(self.state_dict(), path)
 
-    def load(self, path) -> "NullSpaceProjector":
+    def load(self, path) -> PersistenceMixin:
         return self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -17,20 +17,22 @@ from typing import Hashable, Iterable
 import torch
 from torch import nn
 
-from unsc_fast import ops
-from unsc_fast.distributed import pooling as distributed
-from unsc_fast.statistics import policies
-from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
+from unsc_fast import distributed, ops
 from unsc_fast.adapters import LayerAdapter
 from unsc_fast.projection.bases import NullSpaceBases
-from unsc_fast.solve import request as solve
-from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
+from unsc_fast.projector.persistence import STATE_FORMAT  # noqa: F401 - where users found it
 from unsc_fast.projector.persistence import PersistenceMixin
 from unsc_fast.projector.statistics_mixin import StatisticsMixin
-from unsc_fast.tracking.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
+from unsc_fast.solve import request as solve
+from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
+from unsc_fast.statistics import policies
 from unsc_fast.statistics.observation import Observation
-from unsc_fast.projector.persistence import STATE_FORMAT  # noqa: F401 - where users found it
 from unsc_fast.statistics.store import CovarianceStore, key_set
+from unsc_fast.tracking import wrappers
+from unsc_fast.tracking.layers import (Coverage, coverage, find_layers, plan_protection, slot_devices, slot_named,
+                                        warn_unprotected)
+from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
+
 DEFAULT_GROUP = "all"
 
 
@@ -79,13 +81,13 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         sketch: dict[str, int] | None = None,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
-        distributed.check_model(model)
-        self.model = distributed.unwrap_model(model)
+        wrappers.check_model(model)
+        self.model = wrappers.unwrap_model(model)
         if self.model is not model:  # names as the user knows them, "module." prefix or not
-            modules = distributed.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
+            modules = wrappers.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
         self.layers: dict[str, LayerAdapter] = find_layers(self.model, modules)
         self.protection = plan_protection(self.layers)
-        self._slot_devices = self._devices_of_slots()
+        self._slot_devices = slot_devices(self.protection)
         report = self.coverage()
         if strict and report.unprotected_weights:
             raise ValueError(
@@ -158,7 +160,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             if sketching is not None:
                 sketching.detach()
             self._observation = None
-            distributed.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
+            wrappers.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
     def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
                 forget: bool = False, progress: bool | None = None):
@@ -178,33 +180,6 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                 with self.observe(labels=targets if labels else None, group=group, forget=forget):
                     self.model(*args, **kwargs)
         return self
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The accumulation dtype of the covariances (float32 or float64)."""
-        return self.store.dtype
-
-    @property
-    def groups(self) -> list:
-        """The labels / group names observed so far (forget passes aside, see ``forget_keys``)."""
-        return [k for k in self._keys() if not policies.is_forget_key(k)]
-
-    def count(self, key: Hashable, name: str) -> int:
-        """Rows accumulated for layer ``name`` under label/group ``key``."""
-        return self.store.rows(key, name)
-
-    def covariance(self, name: str, keys: Iterable[Hashable] | None = None) -> torch.Tensor:
-        """Uncentred covariance sum of layer ``name`` over ``keys`` (default: every group)."""
-        self._layer(name)
-        keys = self.groups if keys is None else [k for k in key_set(keys, "keys")]
-        return self.store.kept_sum(name, keys)
-
-    def reset(self, keys: Iterable[Hashable] | None = None) -> None:
-        """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
-        keys = None if keys is None else key_set(keys, "keys")
-        self.store.reset(keys)
-        for key in list(self._sketches) if keys is None else keys:
-            self._sketches.pop(key, None)
 
     # -------------------------------------------------------------------- build
     def build(
@@ -240,7 +215,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         Under ``torch.distributed`` (``process_group=None``: the default group when it is
         initialised with several processes; ``"local"``: this process alone) every rank must
         call ``build`` with the same arguments: covariances are summed over the ranks and
-        every rank gets the same bases (see ``unsc_fast.distributed.pooling``).
+        every rank gets the same bases (see ``unsc_fast.distributed``).
         ``keep_covariances``: ``"all"`` keeps each rank's covariances for later requests,
         ``"rank0"`` moves them all onto rank 0 (other ranks keep only bases), ``"none"``
         drops them (a later request needs a new pass over the data).
@@ -248,30 +223,28 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         threshold = self.threshold if threshold is None else ops.check_threshold(threshold)
         if method not in ops.EIGENSOLVERS:
             raise ValueError(f"build(): method must be one of {ops.EIGENSOLVERS}, got {method!r}")
-        keep_covariances = distributed.check_keep(keep_covariances)
+        keep_covariances = solve.check_keep(keep_covariances)
         exclude, subtract = key_set(exclude, "exclude"), key_set(subtract, "subtract")
         include = None if include is None else key_set(include, "include")
         group = distributed.resolve_group(process_group)
-        if group is not None:
+        if group is None:  # this process's statistics alone: no communication anywhere below
+            if not self.groups:
+                raise RuntimeError("build() needs observed data: run the model inside observe() first")
+            kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
+                                                  include, subtract, allow_unobserved)
+            check_rows(self.store, self.protection.slots, kept, subtracted)
+            new_bases, new_complements = solve.local_bases(
+                self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
+                subtracted, threshold, generator, method)
+        else:  # the same solve, with the statistics pooled and the bases shared over the group
             new_bases, new_complements, kept = distributed.build(
-                self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
-                threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
-                allow_unobserved=allow_unobserved,
+                self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include,
+                subtract=subtract, threshold=threshold, generator=generator, method=method,
+                keep_covariances=keep_covariances, allow_unobserved=allow_unobserved,
             )
-            warn_if_everything_blocked(self.protection.slots, new_bases)
-            self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)
-            return self
-        if not self.groups:
-            raise RuntimeError("build() needs observed data: run the model inside observe() first")
-        kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
-                                              include, subtract, allow_unobserved)
-        check_rows(self.store, self.protection.slots, kept, subtracted)
-        new_bases, solved_complements = solve.local_bases(
-            self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
-            subtracted, threshold, generator, method)
         warn_if_everything_blocked(self.protection.slots, new_bases)
-        self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
-        if keep_covariances == "none":
+        self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)
+        if group is None and keep_covariances == "none":
             self.reset()
         return self
 
@@ -292,7 +265,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept = self.store.kept_keys(self.groups, key_set(exclude, "exclude"), None, set())
         kept = sorted(kept, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k)))
         thresholds = incremental.class_thresholds(kept, class_thresholds)
-        bases = incremental.incremental_bases(self, kept, thresholds)
+        bases = incremental.incremental_bases(self.store, self.protection.slots, kept, thresholds)
         self.solution.install({name: b.to(self._slot_devices[name]) for name, b in bases.items()},
                               built_from=kept, threshold=max(thresholds))
         return self
@@ -393,19 +366,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
 
     def _slot(self, name: str):
         """A slot by layer name (its first slot) or by slot name."""
-        if name in self.layers:
-            name = self.layers[name].slots()[0].name
-        try:
-            return self.protection.slot(name)
-        except KeyError:
-            raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(self.layers)}") from None
-
-    def _devices_of_slots(self) -> dict:
-        devices = {}
-        for param, uses in self.protection.uses.items():
-            for use in uses:
-                devices.setdefault(self.protection.slot(use.slot).name, param.device)
-        return devices
+        return slot_named(self.layers, self.protection, name)
 
     def _require_built(self) -> None:
         self.solution.require_built()

@@ -1,21 +1,50 @@
-"""The projector's side of the statistics policies (``unsc_fast.statistics.policies``): memory
-estimates, forget passes, and the hooks of sketched layers."""
+"""The projector's side of its statistics (``unsc_fast.statistics``): what it holds (keys, row
+counts, covariance sums, reset), memory estimates, forget passes, and the hooks of sketched
+layers."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Hashable, Iterable
 
 import torch
 
 from unsc_fast.statistics import sketch
 from unsc_fast.statistics import policies
+from unsc_fast.statistics.store import key_set
 
 if TYPE_CHECKING:  # pragma: no cover
     from unsc_fast.statistics.observation import Observation
 
 
 class StatisticsMixin:
-    """Part of ``NullSpaceProjector``: what its statistics cost and which keys they hold."""
+    """Part of ``NullSpaceProjector``: the statistics it holds, what they cost, which keys."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The accumulation dtype of the covariances (float32 or float64)."""
+        return self.store.dtype
+
+    @property
+    def groups(self) -> list:
+        """The labels / group names observed so far (forget passes aside, see ``forget_keys``)."""
+        return [k for k in self._keys() if not policies.is_forget_key(k)]
+
+    def count(self, key: Hashable, name: str) -> int:
+        """Rows accumulated for layer ``name`` under label/group ``key``."""
+        return self.store.rows(key, name)
+
+    def covariance(self, name: str, keys: Iterable[Hashable] | None = None) -> torch.Tensor:
+        """Uncentred covariance sum of layer ``name`` over ``keys`` (default: every group)."""
+        self._layer(name)
+        keys = self.groups if keys is None else [k for k in key_set(keys, "keys")]
+        return self.store.kept_sum(name, keys)
+
+    def reset(self, keys: Iterable[Hashable] | None = None) -> None:
+        """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
+        keys = None if keys is None else key_set(keys, "keys")
+        self.store.reset(keys)
+        for key in list(self._sketches) if keys is None else keys:
+            self._sketches.pop(key, None)
 
     def memory_estimate(self, labels: int = 1, *, dtype: torch.dtype | None = None) -> "policies.MemoryEstimate":
         """Bytes the statistics of this model would take for ``labels`` labels, per policy and

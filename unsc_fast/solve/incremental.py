@@ -100,16 +100,16 @@ def incremental_basis(covariances: Iterable[torch.Tensor], thresholds: Iterable[
     return basis
 
 
-def incremental_bases(projector, keys: list, thresholds: list[float]) -> dict[str, torch.Tensor]:
-    """Per slot of ``projector``, the class-by-class basis over ``keys`` (in that order).
+def incremental_bases(store, slots: dict, keys: list, thresholds: list[float]) -> dict[str, torch.Tensor]:
+    """Per slot (``slots``: name -> ``Slot``), the class-by-class basis over ``keys`` (in that
+    order) from the per-key covariances of ``store``.
 
     Dense slots grow one basis; grouped slots grow one per group (zero-padded as
     ``Slot.solve`` pads them); diagonal slots (embeddings) keep every row seen, as
     ``Slot.solve`` does, since the threshold does not apply there.
     """
-    store = projector.store
     bases = {}
-    for slot in projector.protection.slots.values():
+    for slot in slots.values():
         parts = [store.matrix(k, slot.name) for k in keys]
         pairs = [(p, t) for p, t in zip(parts, thresholds) if p is not None]
         if not pairs:

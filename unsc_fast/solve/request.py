@@ -10,9 +10,19 @@ from __future__ import annotations
 import torch
 
 from unsc_fast.statistics import sketch
-from unsc_fast.projection.bases import prefers_complement
 from unsc_fast.statistics import policies
 from unsc_fast.solve.checks import check_subtraction
+from unsc_fast.solve.complement import prefers_complement
+
+KEEP_COVARIANCES = ("all", "rank0", "none")
+
+
+def check_keep(keep_covariances: str) -> str:
+    """What a build leaves in the store: ``"all"``, ``"none"``, or ``"rank0"`` (a distributed
+    build moves every covariance onto rank 0; on one process it keeps them all)."""
+    if keep_covariances not in KEEP_COVARIANCES:
+        raise ValueError(f"keep_covariances must be one of {KEEP_COVARIANCES}, got {keep_covariances!r}")
+    return keep_covariances
 
 
 def request_keys(store, statistics: str, groups: list, forget: list, exclude: set, include, subtract: set,
@@ -43,12 +53,23 @@ def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices:
             continue
         covariance = store.kept_sum(slot.name, kept, subtracted)
         check_subtraction(store, slot.name, covariance, subtracted)
-        basis, complement = slot.solve_with_complement(covariance, threshold, generator, method)
+        basis, complement = solve_slot(slot, covariance, threshold, generator, method)
         del covariance
         bases[slot.name] = basis.to(devices[slot.name])
-        if complement is not None and prefers_complement(basis.shape[1], slot.dim):  # else drop it now
+        if complement is not None:
             complements[slot.name] = complement.to(devices[slot.name])
     return bases, complements
+
+
+def solve_slot(slot, covariance: torch.Tensor, threshold: float, generator, method: str) -> tuple:
+    """``(basis, complement or None)`` of one slot's kept sum (consumed: symmetrised in
+    place). The solver's complement is kept only where projecting with it is cheaper, and
+    dropped here otherwise, before the next slot's sum exists. A distributed build solves
+    its pooled sums with this same function."""
+    basis, complement = slot.solve_with_complement(covariance, threshold, generator, method)
+    if complement is None or not prefers_complement(basis.shape[-1], slot.dim):
+        return basis, None
+    return basis, complement
 
 
 def sketch_basis(sketches: dict, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:

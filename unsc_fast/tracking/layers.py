@@ -137,6 +137,25 @@ def _root(alias: dict[str, str], name: str) -> str:
     return name
 
 
+def slot_named(adapters: dict[str, LayerAdapter], protection: Protection, name: str) -> Slot:
+    """A slot by layer name (the layer's first slot) or by slot name."""
+    if name in adapters:
+        name = adapters[name].slots()[0].name
+    try:
+        return protection.slot(name)
+    except KeyError:
+        raise KeyError(f"{name!r} is not a tracked layer; tracked: {list(adapters)}") from None
+
+
+def slot_devices(protection: Protection) -> dict:
+    """Each slot's device: that of the first parameter using it (its bases live there)."""
+    devices = {}
+    for param, uses in protection.uses.items():
+        for use in uses:
+            devices.setdefault(protection.slot(use.slot).name, param.device)
+    return devices
+
+
 @dataclass
 class CoverageRow:
     name: str
