@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from unsc_fast.evaluation.report import REFERENCE, _row_order
+from unsc_fast.evaluation.rows import REFERENCE, row_order
 
 
 def _pyplot():
@@ -113,7 +113,7 @@ def _scatter_panels(results: dict, path, x_key: str, x_title: str, y_key: str, y
     legend_width = 3.2  # inches kept free on the right for the legend
     figure, axes_list = plt.subplots(1, panels, figsize=(5.4 * panels + legend_width, 5.6), squeeze=False)
     axes_list = list(axes_list[0])
-    names = [name for name in _row_order(results) if x_key in results["summary"][name]["metrics"]]
+    names = [name for name in row_order(results) if x_key in results["summary"][name]["metrics"]]
     for axes_index, axes in enumerate(axes_list):
         points = {}
         for name in names:

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-REFERENCE = "retrain"
+from unsc_fast.evaluation.rows import REFERENCE, row_order
 
 
 def _cell(stats: dict, digits: int = 1) -> str:
@@ -23,12 +23,6 @@ def _cell(stats: dict, digits: int = 1) -> str:
     if mean is None or math.isnan(mean):
         return "n/a"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _row_order(results: dict) -> list[str]:
-    names = list(results["runs"])
-    first = [name for name in ("original", REFERENCE) if name in names]
-    return first + [name for name in names if name not in first]
 
 
 def _label(results: dict, name: str) -> str:
@@ -56,7 +50,7 @@ def metrics_table(results: dict) -> str:
     extras = _headline_extras(results)
     header = ["method", *titles.values(), *(title for title, _, _ in extras.values()), "avg gap", "time s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         summary = results["summary"][name]
         cells = [_cell(summary["metrics"][key]) for key in titles]
         cells += [_cell(summary["metrics"][key], digits) for key, (_, digits, _) in extras.items()]
@@ -70,7 +64,7 @@ def distance_table(results: dict) -> str:
     titles = _extra_titles(results)
     header = ["method", *titles.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         metrics = results["summary"][name]["metrics"]
         digits = {key: (1 if key == "ulira_members" else 3) for key in titles}
         lines.append("| " + " | ".join([_label(results, name), *(_cell(metrics[key], digits[key]) if key in metrics
@@ -84,7 +78,7 @@ def gap_table(results: dict) -> str:
     titles = {key: title for key, title in results["metric_titles"].items() if key in gaps_of}
     header = ["method", *(f"Δ {title}" for title in titles.values()), "avg gap"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         if name == REFERENCE:
             continue
         gaps = results["summary"][name]["gap"]
@@ -97,7 +91,7 @@ def per_class_table(results: dict) -> str:
     classes = results["dataset"]["class_names"]
     header = ["method", *classes]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         means = [stats["mean"] for stats in results["summary"][name]["per_class_test"]]
         lines.append("| " + " | ".join([_label(results, name), *("n/a" if math.isnan(m) else f"{m:.1f}" for m in means)]) + " |")
     return "\n".join(lines)
@@ -130,7 +124,7 @@ def side_by_side_table(named_results: dict[str, dict], keys: list[str]) -> str:
 
     names: list[str] = []
     for results in named_results.values():
-        names += [name for name in _row_order(results) if name not in names]
+        names += [name for name in row_order(results) if name not in names]
     header = ["method"] + [f"{run} {title(results, key)}" for run, results in named_results.items() for key in keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name in names:
