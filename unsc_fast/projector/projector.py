@@ -227,24 +227,26 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         exclude, subtract = key_set(exclude, "exclude"), key_set(subtract, "subtract")
         include = None if include is None else key_set(include, "include")
         group = distributed.resolve_group(process_group)
-        if group is None:  # this process's statistics alone: no communication anywhere below
-            if not self.groups:
-                raise RuntimeError("build() needs observed data: run the model inside observe() first")
-            kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
-                                                  include, subtract, allow_unobserved)
-            check_rows(self.store, self.protection.slots, kept, subtracted)
-            new_bases, new_complements = solve.local_bases(
-                self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
-                subtracted, threshold, generator, method)
-        else:  # the same solve, with the statistics pooled and the bases shared over the group
+        if group is not None:
             new_bases, new_complements, kept = distributed.build(
-                self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include,
-                subtract=subtract, threshold=threshold, generator=generator, method=method,
-                keep_covariances=keep_covariances, allow_unobserved=allow_unobserved,
+                self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
+                threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
+                allow_unobserved=allow_unobserved,
             )
+            warn_if_everything_blocked(self.protection.slots, new_bases)
+            self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)
+            return self
+        if not self.groups:
+            raise RuntimeError("build() needs observed data: run the model inside observe() first")
+        kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
+                                              include, subtract, allow_unobserved)
+        check_rows(self.store, self.protection.slots, kept, subtracted)
+        new_bases, solved_complements = solve.local_bases(
+            self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
+            subtracted, threshold, generator, method)
         warn_if_everything_blocked(self.protection.slots, new_bases)
-        self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)
-        if group is None and keep_covariances == "none":
+        self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
+        if keep_covariances == "none":
             self.reset()
         return self
 
