@@ -61,7 +61,7 @@ class Slot:
     def solve_with_complement(self, covariance: torch.Tensor, threshold: float, generator=None,
                               method: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(solve(...), Q)``: for a dense slot solved by eigh, Q (d, d - k) is the orthonormal
-        complement of its basis (the other eigenvectors; ``bases.py`` keeps it where it is the
+        complement of its basis (the other eigenvectors; ``solve.complement`` keeps it where it is the
         cheaper factor instead of computing one by QR); None otherwise."""
         if self.kind == "diagonal":
             return covariance > 0, None

@@ -283,7 +283,7 @@ def share_bases(pooled: PooledStatistics, solved: dict, solved_complements: dict
 
 def _pooled_subtracted_diagonals(store, names, slots, subtract, device, group) -> list | None:
     """Per slot, the diagonal of the ``subtract`` groups summed over every rank (one
-    all-reduce), which ``build_checks.check_definite`` needs on the owner; None without subtract."""
+    all-reduce), which ``solve.checks.check_definite`` needs on the owner; None without subtract."""
     if not subtract:
         return None
     parts = [subtracted_diagonal(store, name, subtract, slot.shape, device) for name, slot in zip(names, slots)]
