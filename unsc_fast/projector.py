@@ -17,7 +17,7 @@ from typing import Hashable, Iterable
 import torch
 from torch import nn
 
-from unsc_fast import distributed, ops
+from unsc_fast import distributed, lora, ops
 from unsc_fast import statistics as policies
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 from unsc_fast.adapters import LayerAdapter
@@ -84,6 +84,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             modules = distributed.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
         self.layers: dict[str, LayerAdapter] = find_layers(self.model, modules)
         self.protection = plan_protection(self.layers)
+        self._lora = lora.lora_factors(self.model)  # PEFT LoRA factors (unsc_fast.lora)
         self._slot_devices = self._devices_of_slots()
         report = self.coverage()
         if strict and report.unprotected_weights:
@@ -257,6 +258,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
                 allow_unobserved=allow_unobserved,
             )
+            lora.start_zero_adapters_(self._lora, self.protection, new_bases, self.store)
             warn_if_everything_blocked(self.protection.slots, new_bases)
             self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)
             return self
@@ -268,6 +270,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         new_bases, solved_complements = solve.local_bases(
             self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
             subtracted, threshold, generator, method)
+        lora.start_zero_adapters_(self._lora, self.protection, new_bases, self.store)  # B = 0: A into the null space
         warn_if_everything_blocked(self.protection.slots, new_bases)
         self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
         if keep_covariances == "none":
