@@ -174,3 +174,31 @@ def test_sequence_classification_recipe_builds():
     with torch.no_grad(), projector.observe(labels=torch.tensor([0, 2])):
         model(input_ids=torch.randint(1, 64, (2, 5)))
     projector.build(exclude=(2,))
+
+
+def test_example_unlearns_through_a_fresh_adapter():
+    """examples/unlearn_peft_causal_lm.py on its tiny random-init GPT-2: the forget documents'
+    loss rises through a B = 0 adapter, the remaining documents' barely moves, and merging
+    the adapter gives the same losses. The zero start ran: every lora_B is free (rank 0) and
+    every lora_A's rows are in the null space of its remaining inputs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "unlearn_peft_causal_lm.py"
+    spec = importlib.util.spec_from_file_location("unlearn_peft_causal_lm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = example.main(epochs=2, train_epochs=5, progress_bar=False)
+    before, after, merged = result["before"], result["after"], result["merged"]
+    assert after["forget"] > before["forget"] + 1e-3
+    assert abs(after["remain"] - before["remain"]) < 0.1 * (after["forget"] - before["forget"])
+    assert merged == pytest.approx(after, rel=1e-5)
+    projector = result["projector"]
+    ranks = projector.ranks()
+    assert {r for name, r in ranks.items() if ".lora_B." in name} == {0}
+    for param, uses in projector.protection.uses.items():
+        if ".lora_A." in uses[0].name:
+            inside = param.detach().double() @ projector.basis(uses[0].slot).double()
+            assert float(inside.norm()) < 1e-5 * float(param.norm()), uses[0].name
