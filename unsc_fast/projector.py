@@ -34,10 +34,11 @@ DEFAULT_GROUP = "all"
 
 
 class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
-    """Tracks every weight-bearing layer of ``model`` that an adapter covers (Linear, Conv1d/2d/3d
-    with any groups, transformers' Conv1D, MultiheadAttention, Embedding, RNN input weights;
-    see ``unsc_fast.adapters``), or those named in ``modules``, and projects their updates onto
-    the null space of the remaining data. A parameter shared by several layers is protected
+    """Tracks every layer of ``model`` with a trainable weight that an adapter covers (Linear,
+    Conv1d/2d/3d with any groups, transformers' Conv1D, MultiheadAttention, Embedding,
+    RNN/LSTM/GRU, PEFT LoRA factors; see ``unsc_fast.adapters`` and ``unsc_fast.lora``), or
+    exactly those named in ``modules``, and projects their updates onto the null space of the
+    remaining data (frozen layers cannot change: they are left out and reported). A parameter shared by several layers is protected
     against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
     refuses a model with a trainable weight that no adapter protects.
 
