@@ -295,9 +295,9 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept = self.store.kept_keys(self.groups, key_set(exclude, "exclude"), None, set())
         kept = sorted(kept, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k)))
         thresholds = incremental.class_thresholds(kept, class_thresholds)
-        bases = incremental.incremental_bases(self, kept, thresholds)
-        self.solution.install({name: b.to(self._slot_devices[name]) for name, b in bases.items()},
-                              built_from=kept, threshold=max(thresholds))
+        bases = {name: b.to(self._slot_devices[name]) for name, b in incremental.incremental_bases(self, kept, thresholds).items()}
+        lora.start_zero_adapters_(self._lora, self.protection, bases, self.store)
+        self.solution.install(bases, built_from=kept, threshold=max(thresholds))
         return self
 
     # ------------------------------------------------------------------ project

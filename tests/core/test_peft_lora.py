@@ -202,3 +202,13 @@ def test_example_unlearns_through_a_fresh_adapter():
         if ".lora_A." in uses[0].name:
             inside = param.detach().double() @ projector.basis(uses[0].slot).double()
             assert float(inside.norm()) < 1e-5 * float(param.norm()), uses[0].name
+
+
+def test_incremental_build_starts_zero_adapters_too():
+    model = peft_model(gpt2, trained=False)
+    tokens = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(4))
+    projector = NullSpaceProjector(model, dtype=torch.float64)
+    with torch.no_grad(), projector.observe(labels=torch.tensor([0, 1])):
+        output(model, tokens)
+    projector.build_incremental(exclude=(1,))
+    assert {r for name, r in projector.ranks().items() if ".lora_B." in name} == {0}
