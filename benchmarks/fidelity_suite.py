@@ -12,8 +12,9 @@ it ends; the worst case per method is then checked against the issue's targets
 Originals are trained once per (dataset, model, seed) with the harness's recipe and cached
 under ``--out``/originals; the retrained reference is trained per request (shared by requests
 that forget the same classes); finished cases are kept under ``--out``/cases and reused when
-the suite is run again with the same settings. ``--split val`` holds out 20 % of every class of
-the training data (seeded) and reports on it instead of the test split, for choosing defaults.
+the suite is run again with the same settings and library code (``--fresh``: never).
+``--split val`` holds out 20 % of every class of the training data (seeded) and reports on it
+instead of the test split, for choosing defaults.
 
     python benchmarks/fidelity_suite.py --quick                       # one seed, classes 3 and 8
     python benchmarks/fidelity_suite.py --out fidelity_out            # the full suite
@@ -22,6 +23,7 @@ the training data (seeded) and reports on it instead of the test split, for choo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -32,6 +34,8 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import unsc_fast  # noqa: E402
 
 from benchmarks.fidelity_targets import finite_json, format_case, write_report  # noqa: E402
 from unsc_fast.evaluation.compare import parse_settings  # noqa: E402
@@ -96,17 +100,18 @@ def cases(datasets, models, seeds, classes, kinds) -> list[Case]:
 class Suite:
     """Runs cases, keeping data, originals and retrained models for the cases that share them."""
 
-    def __init__(self, out: Path, split: str, methods, settings: dict, train_epochs: int, say=print) -> None:
+    def __init__(self, out: Path, split: str, methods, settings: dict, train_epochs: int, fresh: bool = False) -> None:
         self.out, self.split, self.methods, self.settings = out, split, tuple(methods), settings
-        self.train_epochs, self.say = train_epochs, say
+        self.train_epochs, self.fresh = train_epochs, fresh
         self._data: dict = {}
         self._originals: dict = {}
         self._retrained: dict = {}
 
     def signature(self) -> dict:
-        """What a case's figures depend on besides the case: a stored case is reused only if equal."""
+        """What a case's figures depend on besides the case, the library's code included: a stored
+        case is reused only if equal (a changed ``unsc`` default is measured afresh)."""
         return {"split": self.split, "methods": list(self.methods), "settings": self.settings,
-                "train_epochs": self.train_epochs}
+                "train_epochs": self.train_epochs, "code": code_version()}
 
     def data(self, dataset: str, seed: int, labels: str) -> DatasetSplit:
         """The split a case is trained and scored on (``--split val``: a held-out part of the training
@@ -121,7 +126,8 @@ class Suite:
         return self._data[key]
 
     def original(self, case: Case):
-        """(model, seconds): trained once per (dataset, model, seed, labels), cached on disk."""
+        """(model, training seconds): trained once per (dataset, model, seed, labels), cached on disk
+        with its training time beside it."""
         key = (case.dataset, case.model, case.seed, case.labels)
         if key not in self._originals:
             split = self.data(case.dataset, case.seed, case.labels)
@@ -129,15 +135,19 @@ class Suite:
             model = create_model(case.model, split.num_classes, split.image_shape)
             path = (self.out / "originals" /
                     f"{case.dataset}-{case.model}-{case.labels}-s{case.seed}-{self.split}-e{self.train_epochs}.pt")
-            start = time.perf_counter()
-            if path.exists():
+            timing = path.with_suffix(".json")
+            if path.exists() and timing.exists():
                 model.load_state_dict(torch.load(path, weights_only=True))
+                seconds = json.loads(timing.read_text())["seconds"]
                 model.eval()
             else:
+                start = time.perf_counter()
                 train(model, split.x_train, split.y_train, epochs=self.train_epochs, seed=case.seed)
+                seconds = time.perf_counter() - start
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), path)
-            self._originals[key] = (model, time.perf_counter() - start)
+                timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+            self._originals[key] = (model, seconds)
         return self._originals[key]
 
     def scenario(self, case: Case):
@@ -166,7 +176,7 @@ class Suite:
 
     def run(self, case: Case) -> dict:
         stored = self.out / "cases" / f"{case.key}-{self.split}.json"
-        if stored.exists():
+        if stored.exists() and not self.fresh:
             record = json.loads(stored.read_text())
             if record.get("signature") == self.signature():
                 return record
@@ -188,6 +198,15 @@ class Suite:
         stored.parent.mkdir(parents=True, exist_ok=True)
         stored.write_text(json.dumps(finite_json(record), indent=1) + "\n")
         return record
+
+
+def code_version() -> str:
+    """A hash of the library's Python sources (``unsc_fast/**/*.py``)."""
+    root = Path(unsc_fast.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def measure(model, scenario, seed: int) -> dict:
@@ -215,6 +234,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--train-epochs", type=int, default=30, help="originals and retrained models (default 30)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="fidelity_out", metavar="DIR")
+    parser.add_argument("--fresh", action="store_true",
+                        help="run every case again, even one stored under --out with the same settings and code")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.classes = [0], list(QUICK_CLASSES)
@@ -231,7 +252,7 @@ def main(argv=None) -> int:
     args = parse_arguments(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    suite = Suite(out, args.split, args.methods, parse_settings(args.set), args.train_epochs)
+    suite = Suite(out, args.split, args.methods, parse_settings(args.set), args.train_epochs, args.fresh)
     chosen = cases(args.datasets, args.models, args.seeds, args.classes, args.kinds)
     print(f"{len(chosen)} cases; methods {', '.join(args.methods)}; split {args.split}; output {out}", flush=True)
     records, start = [], time.perf_counter()

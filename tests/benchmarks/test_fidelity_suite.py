@@ -87,15 +87,20 @@ def test_digits_mlp_is_64_128_64_10():
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_a_quick_run_on_a_tiny_configuration_writes_every_case_and_reuses_them(tmp_path, capsys):
+@pytest.mark.slow  # three end-to-end runs of the suite on 4 tiny cases (~10 s of CPU)
+def test_a_quick_run_on_a_tiny_configuration_writes_every_case_and_reuses_them(tmp_path, capsys, monkeypatch):
     threads = torch.get_num_threads()
-    arguments = ["--datasets", "digits", "--models", "digits_mlp", "--quick", "--kinds", "full", "sub",
-                 "--methods", "unsc", "logit_suppression", "--train-epochs", "2", "--out", str(tmp_path)]
+    options = ["--datasets", "digits", "--models", "digits_mlp", "--methods", "unsc", "logit_suppression",
+               "--train-epochs", "2", "--out", str(tmp_path)]
     try:
-        assert fidelity_suite.main(arguments) == 0
+        assert fidelity_suite.main(options + ["--quick", "--kinds", "full", "sub"]) == 0
         first = json.loads((tmp_path / "results.json").read_text())
         printed = capsys.readouterr().out
-        assert fidelity_suite.main(arguments) == 0  # every case is read back, none is run again
+        assert fidelity_suite.main(options + ["--quick", "--kinds", "full", "sub"]) == 0  # all read back, none run
+        again = json.loads((tmp_path / "results.json").read_text())["cases"]
+        monkeypatch.setattr(fidelity_suite, "code_version", lambda: "changed")  # new library code: run again
+        assert fidelity_suite.main(options + ["--seeds", "0", "--classes", "3", "--kinds", "full"]) == 0
+        rerun = json.loads((tmp_path / "results.json").read_text())["cases"]
     finally:
         torch.set_num_threads(threads)
     assert "[4/4] digits/digits_mlp seed 0: forget digit 8 (coarse pairs)" in printed
@@ -106,7 +111,9 @@ def test_a_quick_run_on_a_tiny_configuration_writes_every_case_and_reuses_them(t
     assert set(cases[0]["models"]) == {"original", "retrain", "unsc", "logit_suppression"}
     assert "cannot do sub-class" in cases[2]["not_run"]["logit_suppression"]
     assert cases[0]["models"]["logit_suppression"]["acc_forget"] == 0.0
-    assert json.loads((tmp_path / "results.json").read_text())["cases"] == cases
+    assert again == cases
+    assert rerun[0]["key"] == cases[0]["key"] and rerun[0]["case_seconds"] != cases[0]["case_seconds"]
+    assert rerun[0]["models"]["original"] == cases[0]["models"]["original"]  # the cached original, same figures
     for name in ("summary.md", "cases.md", "table.md"):
         assert (tmp_path / name).read_text().startswith(("# Fidelity suite", "| case", "| request"))
     assert len(list((tmp_path / "originals").glob("*.pt"))) == 2  # fine and coarse labels, seed 0
