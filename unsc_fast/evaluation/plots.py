@@ -220,9 +220,16 @@ def plot_representation(results: dict, path) -> None:
     """Forgetting in the features: relearn Acc_f (y) against probe Acc_f (x), both on the forgotten
     classes' test samples; the retrained model (star) is the target, the original and the
     logit-suppression baseline (output-level forgetting only) mark what not forgetting looks like."""
+    window = None
+    reference = results["summary"].get(REFERENCE)
+    if reference is not None:
+        x, y = (reference["metrics"][key]["mean"] for key in ("probe_forget", "relearn_forget"))
+        if None not in (x, y) and not (math.isnan(x) or math.isnan(y)):
+            window = ((max(-1.0, x - 10.0), min(101.0, x + 10.0)), (max(-1.0, y - 20.0), min(101.0, y + 20.0)))
     _scatter_panels(results, path, "probe_forget", "linear probe Acc_f test %  (closer to retrain is better)",
                     "relearn_forget", "relearn attack Acc_f test %",
-                    "representation level: " + results["scenario"]["description"])
+                    "representation level: " + results["scenario"]["description"], window,
+                    "zoom: around the retrained model (star)")
 
 
 def plot_privacy(results: dict, path) -> None:
