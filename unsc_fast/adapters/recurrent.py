@@ -17,6 +17,7 @@ from unsc_fast.adapters.base import LayerAdapter, Slot, Use, check_floating, fir
 
 class RecurrentInputAdapter(LayerAdapter):
     kind = "rnn_input"
+    per_token = True
 
     def slots(self) -> list[Slot]:
         return [Slot(self.slot_name(), self.module.input_size)]
