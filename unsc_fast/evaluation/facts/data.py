@@ -45,7 +45,7 @@ class FactsSpec:
     validation: int = 20
     unseen: int = 20
     symbols: int = 32           # the general tasks' alphabet
-    copy_train: int = 1000      # copy 4-tuples trained on
+    copy_train: int = 400       # copy 4-tuples trained on
     copy_test: int = 200        # held-out 4-tuples (the copy skill, not memorised pairs)
     perturbed: int = 5          # wrong answers per fact (truth ratio)
 

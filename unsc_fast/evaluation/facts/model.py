@@ -35,10 +35,10 @@ class TrainSpec:
     cosine decay over ``max_epochs``, checked every ``check_every`` epochs and stopped once
     every fact and general answer it trains on is right."""
 
-    max_epochs: int = 60
+    max_epochs: int = 40
     lr: float = 3e-3
     weight_decay: float = 0.0
-    batch_size: int = 32
+    batch_size: int = 64
     check_every: int = 5
     warmup_steps: int = 100
 

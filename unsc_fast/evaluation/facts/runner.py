@@ -39,6 +39,7 @@ class FactsConfig:
     settings: dict = field(default_factory=dict)   # method -> {setting: value}; "lr" fixes the learning rate
     output: str | None = "compare_results"
     workers: int = 2
+    pick_lr_each_seed: bool = False  # False: the first seed's validation persons pick each method's lr
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -54,8 +55,8 @@ def quick_config(**overrides) -> FactsConfig:
         seeds=(0,), spec=FactsSpec(persons=24, relations=2, values_per_relation=6, forget=4, validation=4, unseen=4,
                                    symbols=8, copy_train=64, copy_test=16, perturbed=3),
         model=ModelSpec(n_layer=1, n_embd=32, n_head=2),
-        train=TrainSpec(max_epochs=40, lr=1e-2, batch_size=32, check_every=10, warmup_steps=10),
-        settings={name: {"max_steps": 20} for name in METHODS}, output=None, workers=1)
+        train=TrainSpec(max_epochs=30, lr=1e-2, batch_size=32, check_every=10, warmup_steps=10),
+        settings={name: {"max_steps": 10} for name in METHODS}, output=None, workers=1)
     return replace(base, **overrides)
 
 
@@ -92,8 +93,9 @@ def unlearning_context(task: FactsTask) -> UnlearningContext:
                              task.facts(task.persons("forget")))
 
 
-def run_method(config: FactsConfig, seed: int, name: str) -> dict:
-    """Pick the learning rate on the validation persons, then evaluate the chosen run."""
+def run_method(config: FactsConfig, seed: int, name: str, lr: float | None = None) -> dict:
+    """Pick the learning rate on the validation persons (unless ``lr`` is given), then
+    evaluate the chosen run."""
     torch.set_num_threads(1)
     task = FactsTask(config.spec, seed)
     original, _ = trained_model(config, seed, "original")
@@ -102,19 +104,21 @@ def run_method(config: FactsConfig, seed: int, name: str) -> dict:
     context = unlearning_context(task)
     method = METHODS[name]
     base = method_settings(name, config.settings.get(name))
-    grid = (base["lr"],) if "lr" in base else method.lr_grid
+    grid = (lr,) if lr is not None else (base["lr"],) if "lr" in base else method.lr_grid
     validation = task.facts(task.persons("validation"))
     best, tried = None, []
     start = time.perf_counter()
-    for lr in grid:
+    for rate in grid:
         torch.manual_seed(seed)
         began = time.perf_counter()
-        model, info = method.run(original, context, {**base, "lr": lr}, seed)
+        model, info = method.run(original, context, {**base, "lr": rate}, seed)
         score = knows_fraction(model, validation)
-        tried.append({"lr": lr, "validation_accuracy": score, "seconds": time.perf_counter() - began, **info})
-        rank = (bool(info.get("reached")), score if info.get("reached") else -info["final_forget_accuracy"])
+        tried.append({"lr": rate, "validation_accuracy": score, "seconds": time.perf_counter() - began, **info})
+        # reaching the stop rule first; short of it, the least forget accuracy left; then the validation persons kept
+        reached = bool(info.get("reached"))
+        rank = (reached, 0.0 if reached else -info["final_forget_accuracy"], score)
         if best is None or rank > best[0]:
-            best = (rank, model, info, lr)
+            best = (rank, model, info, rate)
     _, model, info, lr = best
     seconds = time.perf_counter() - start
     return {"seed": seed, "method": name, "lr": lr, "tried": tried, "seconds": seconds,
@@ -152,13 +156,19 @@ def run_facts(config: FactsConfig, progress: Progress | None = None) -> dict:
         Path(config.output).mkdir(parents=True, exist_ok=True)
     jobs = [(seed, role) for seed in config.seeds for role in ROLES]
     with _pool(config.workers) as pool:
-        trained = _map(pool, _train_job, [(config, s, r) for s, r in jobs])
+        trained = _map(pool, [(_train_job, (config, s, r)) for s, r in jobs])
         for (seed, role), info in zip(jobs, trained):
             say(f"seed {seed}: {role} " + ("cached" if "cached" in info else f"trained in {info['seconds']:.0f} s, "
                                            f"{info['epochs']} epochs"))
-        references = _map(pool, reference_rows, [(config, s) for s in config.seeds])
-        tasks = [(config, seed, name) for seed in config.seeds for name in config.methods]
-        results = _map(pool, run_method, tasks, lambda r: say(_brief(r)))
+        rest = config.seeds[1:]
+        picking = config.seeds if config.pick_lr_each_seed else config.seeds[:1]
+        pickers = [(run_method, (config, seed, name)) for seed in picking for name in config.methods]
+        done = _map(pool, [(reference_rows, (config, s)) for s in config.seeds] + pickers, lambda r: _report(r, say))
+        references, results = done[:len(config.seeds)], done[len(config.seeds):]
+        if not config.pick_lr_each_seed and rest:
+            picked = {r["method"]: r["lr"] for r in results}
+            results += _map(pool, [(run_method, (config, seed, name, picked[name])) for seed in rest
+                                   for name in config.methods], lambda r: _report(r, say))
     rows = [row for rows in references for row in rows] + results
     return {
         "config": _jsonable(asdict(config)),
@@ -191,22 +201,28 @@ def _pool(workers: int):
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _map(pool, function, arguments: list[tuple], each=None) -> list:
-    """``function(*a)`` for every ``a``, in order; ``each(result)`` as results arrive."""
+def _map(pool, calls: list[tuple], each=None) -> list:
+    """``function(*arguments)`` for every ``(function, arguments)`` of ``calls``, in order;
+    ``each(result)`` as results arrive (in order)."""
     if pool is None:
         results = []
-        for a in arguments:
-            results.append(function(*a))
+        for function, arguments in calls:
+            results.append(function(*arguments))
             if each is not None:
                 each(results[-1])
         return results
-    futures = [pool.submit(function, *a) for a in arguments]
+    futures = [pool.submit(function, *arguments) for function, arguments in calls]
     results = []
     for future in futures:
         results.append(future.result())
         if each is not None:
             each(results[-1])
     return results
+
+
+def _report(result, say) -> None:
+    if isinstance(result, dict):
+        say(_brief(result))
 
 
 def _jsonable(value):
