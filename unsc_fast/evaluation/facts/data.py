@@ -237,12 +237,12 @@ class FactsTask:
         rows = [[BOS, SUCC, *(s0 + (a + i) % s for i in range(4)), EOS] for a in range(s)] * repeats
         return _sequences(rows, [[3, 4, 5]] * len(rows), answer_only=True)
 
-    def describe(self) -> str:
+    def describe(self, seed: bool = True) -> str:
         spec = self.spec
         return (f"facts: {spec.persons} persons x {spec.relations} relations x {TEMPLATES} templates "
                 f"(forget {spec.forget}, validation {spec.validation}, unseen {spec.unseen}, "
                 f"retain {len(self.splits['retain'])}); copy {spec.copy_train}/{spec.copy_test}, "
-                f"successor {spec.symbols}; vocabulary {self.vocab.size}; seed {self.seed}")
+                f"successor {spec.symbols}; vocabulary {self.vocab.size}" + (f"; seed {self.seed}" if seed else ""))
 
 
 def _distinct_tuples(count: int, symbols: int, generator: torch.Generator) -> torch.Tensor:

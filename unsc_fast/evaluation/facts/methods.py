@@ -181,8 +181,8 @@ def _objective_method(name: str, title: str, objective: str, lr_grid: tuple, **o
 # projected AdamW step keeps a fraction of each update, so its best rates sit at the top of
 # it, an unprotected one's at the bottom. SGD's rates are larger: the forget facts are
 # memorised (p ~ 1), where ascent's and NPO's gradients (~ 1 - p) are tiny.
-ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
-SGD_GRID = (0.1, 0.3, 1.0)
+ADAMW_GRID = (1e-3, 3e-3, 1e-2)
+SGD_GRID = (0.03, 0.1, 0.3)
 _objective_method("ga", "GA (AdamW)", "ga", ADAMW_GRID)
 _objective_method("graddiff", "GradDiff (AdamW)", "graddiff", ADAMW_GRID)
 _objective_method("npo", "NPO (AdamW)", "npo", ADAMW_GRID)

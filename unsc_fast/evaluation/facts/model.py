@@ -33,14 +33,17 @@ class ModelSpec:
 class TrainSpec:
     """How the original (and the retrained) model is trained: AdamW, linear warm-up then
     cosine decay over ``max_epochs``, checked every ``check_every`` epochs and stopped once
-    every fact and general answer it trains on is right."""
+    ``target`` % of the facts it trains on and 99 % of the general answers are right. (100 %
+    is reached on some seeds only: a handful of the 2,400 statements stay wrong for the last
+    epochs of a 60-epoch run, so the goal is 99.5 %.)"""
 
-    max_epochs: int = 40
+    max_epochs: int = 50
     lr: float = 3e-3
     weight_decay: float = 0.0
     batch_size: int = 64
     check_every: int = 5
     warmup_steps: int = 100
+    target: float = 99.5
 
 
 def gpt2(vocab_size: int, spec: ModelSpec = ModelSpec(), seed: int = 0) -> nn.Module:
@@ -86,8 +89,9 @@ class Batches:
 def train_language_model(model: nn.Module, sequences: Sequences, spec: TrainSpec, seed: int,
                          done: Callable[[nn.Module], bool] | None = None, progress: Progress | None = None,
                          label: str = "train") -> dict:
-    """Train ``model`` in place with the library's ``fit``; returns ``{"epochs": ...}``.
-    ``done(model)`` is asked every ``check_every`` epochs (stop when it says so)."""
+    """Train ``model`` in place with the library's ``fit``; returns ``{"epochs": ..., "converged":
+    ...}``. ``done(model)`` is asked every ``check_every`` epochs (stop when it says so;
+    ``converged`` is its last answer)."""
     batches = Batches(sequences, spec.batch_size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     total = spec.max_epochs * len(batches)
@@ -96,7 +100,7 @@ def train_language_model(model: nn.Module, sequences: Sequences, spec: TrainSpec
         torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, max(warmup, 1)),
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total - warmup, 1)),
     ], milestones=[warmup])
-    epochs = 0
+    epochs, finished = 0, False
     while epochs < spec.max_epochs:
         chunk = min(spec.check_every, spec.max_epochs - epochs)
         losses = fit(model, batches, optimizer, epochs=chunk, loss=causal_lm_loss, scheduler=schedule,
@@ -104,11 +108,11 @@ def train_language_model(model: nn.Module, sequences: Sequences, spec: TrainSpec
         epochs += chunk
         finished = done is not None and done(model)
         if progress is not None:
-            progress(f"{label}: epoch {epochs}, loss {losses[-1]:.4f}" + (", every answer right" if finished else ""))
+            progress(f"{label}: epoch {epochs}, loss {losses[-1]:.4f}" + (", goal reached" if finished else ""))
         if finished:
             break
     model.eval()
-    return {"epochs": epochs}
+    return {"epochs": epochs, "converged": finished}
 
 
 _MEMORY: dict[str, tuple[dict, dict]] = {}  # this process's trained models, by key digest

@@ -34,11 +34,12 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def format_table(results: dict) -> str:
     """One row per method: mean ± std over the seeds of every column, the picked learning
-    rates, the steps taken and the seconds per seed (learning-rate search included)."""
+    rates, the steps taken and the seconds of the reported run (training for the original
+    and the retrained model; the learning-rate search is in the total)."""
     by_method: dict[str, list[dict]] = {}
     for row in results["rows"]:
         by_method.setdefault(row["method"], []).append(row)
-    header = ["method", "lr (picked)", "steps"] + [title for title, _ in COLUMNS.values()] + ["s / seed"]
+    header = ["method", "lr (picked)", "steps"] + [title for title, _ in COLUMNS.values()] + ["s / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, rows in by_method.items():
         title = TITLES.get(name) or (METHODS[name].title if name in METHODS else name)
@@ -49,8 +50,11 @@ def format_table(results: dict) -> str:
         lines.append("| " + " | ".join([title, lrs, steps, *cells, seconds]) + " |")
     seeds = sorted({r["seed"] for r in results["rows"]})
     lines.append("")
+    per_seed = results["config"].get("pick_lr_each_seed")
     lines.append(f"{results['task']}. Seeds {', '.join(map(str, seeds))}; every run stops at forget value accuracy "
-                 f"<= 2 % or its step budget. Whole run: {results['seconds']:.0f} s with "
+                 f"<= 2 % or its step budget; learning rates picked on "
+                 f"{'each seed' if per_seed else f'seed {seeds[0]}'}'s validation persons. Whole run (training, "
+                 f"learning-rate search, evaluation): {results['seconds']:.0f} s with "
                  f"{results['environment']['workers']} worker process(es).")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ import torch
 
 from unsc_fast.evaluation.facts.data import FactsSpec, FactsTask, Sequences
 from unsc_fast.evaluation.facts.methods import METHODS, UnlearningContext, method_settings
-from unsc_fast.evaluation.facts.metrics import evaluate, knows_everything, truth_ratios
+from unsc_fast.evaluation.facts.metrics import answer_log_probs, evaluate, knows_facts, truth_ratios
 from unsc_fast.evaluation.facts.model import ModelSpec, TrainSpec, cached_model, gpt2, spec_key, train_language_model
 from unsc_fast.training import Progress
 
@@ -79,7 +79,7 @@ def trained_model(config: FactsConfig, seed: int, role: str, progress: Progress 
     def train(model):
         start = time.perf_counter()
         info = train_language_model(model, sequences, config.train, seed,
-                                    done=lambda m: knows_everything(m, task, persons), progress=progress,
+                                    done=lambda m: knows_facts(m, task, persons, config.train.target), progress=progress,
                                     label=f"seed {seed}: {role}")
         return {**info, "seconds": time.perf_counter() - start}
 
@@ -118,16 +118,13 @@ def run_method(config: FactsConfig, seed: int, name: str, lr: float | None = Non
         reached = bool(info.get("reached"))
         rank = (reached, 0.0 if reached else -info["final_forget_accuracy"], score)
         if best is None or rank > best[0]:
-            best = (rank, model, info, rate)
-    _, model, info, lr = best
-    seconds = time.perf_counter() - start
+            best = (rank, model, info, rate, tried[-1]["seconds"])
+    _, model, info, lr, seconds = best
     return {"seed": seed, "method": name, "lr": lr, "tried": tried, "seconds": seconds,
-            "metrics": evaluate(model, task, reference), "info": info}
+            "search_seconds": time.perf_counter() - start, "metrics": evaluate(model, task, reference), "info": info}
 
 
 def knows_fraction(model, sequences: Sequences) -> float:
-    from unsc_fast.evaluation.facts.metrics import answer_log_probs
-
     return 100.0 * answer_log_probs(model, sequences)[1].float().mean().item()
 
 
@@ -151,7 +148,7 @@ def run_facts(config: FactsConfig, progress: Progress | None = None) -> dict:
     say = progress or (lambda message: None)
     start = time.perf_counter()
     first = FactsTask(config.spec, config.seeds[0])
-    say(first.describe() + f"; methods: {', '.join(config.methods)}; seeds: {', '.join(map(str, config.seeds))}")
+    say(first.describe(seed=False) + f"; methods: {', '.join(config.methods)}; seeds: {', '.join(map(str, config.seeds))}")
     if config.output is not None:
         Path(config.output).mkdir(parents=True, exist_ok=True)
     jobs = [(seed, role) for seed in config.seeds for role in ROLES]
@@ -159,7 +156,8 @@ def run_facts(config: FactsConfig, progress: Progress | None = None) -> dict:
         trained = _map(pool, [(_train_job, (config, s, r)) for s, r in jobs])
         for (seed, role), info in zip(jobs, trained):
             say(f"seed {seed}: {role} " + ("cached" if "cached" in info else f"trained in {info['seconds']:.0f} s, "
-                                           f"{info['epochs']} epochs"))
+                                           f"{info['epochs']} epochs")
+                + ("" if info.get("converged", True) else f", BELOW its target of {config.train.target} % (max_epochs reached)"))
         rest = config.seeds[1:]
         picking = config.seeds if config.pick_lr_each_seed else config.seeds[:1]
         pickers = [(run_method, (config, seed, name)) for seed in picking for name in config.methods]
@@ -172,7 +170,7 @@ def run_facts(config: FactsConfig, progress: Progress | None = None) -> dict:
     rows = [row for rows in references for row in rows] + results
     return {
         "config": _jsonable(asdict(config)),
-        "task": first.describe(),
+        "task": first.describe(seed=False),
         "rows": rows,
         "seconds": time.perf_counter() - start,
         "environment": {"torch": torch.__version__, "workers": config.workers, "python": sys.version.split()[0],
