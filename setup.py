@@ -9,7 +9,7 @@ from setuptools import setup
 PACKAGES = [
     "unsc_fast", "unsc_fast.ops", "unsc_fast.adapters", "unsc_fast.tracking", "unsc_fast.statistics", "unsc_fast.solve",
     "unsc_fast.projection", "unsc_fast.distributed", "unsc_fast.projector", "unsc_fast.kernels", "unsc_fast.evaluation",
-    "unsc_fast.evaluation.methods",
+    "unsc_fast.evaluation.methods", "unsc_fast.evaluation.facts", "unsc_fast.objectives",
 ]
 PACKAGE_DIR = {"unsc_fast": "unsc_fast", "unsc_fast.kernels": "kernels"}
 

@@ -311,6 +311,10 @@ def main(args) -> int:
     """``unsc-fast compare``: run, print the table, write table/plots/JSON under ``--output``."""
     from unsc_fast.evaluation.report import format_report, write_outputs
 
+    if getattr(args, "dataset", None) == "facts":  # the language-model benchmark has its own runner
+        from unsc_fast.evaluation.facts.cli import main as facts_main
+
+        return facts_main(args)
     if args.list_methods:
         for method in METHODS.values():
             scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)  # sequential: any with full-class

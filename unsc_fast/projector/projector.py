@@ -26,7 +26,7 @@ from unsc_fast.projector.statistics_mixin import StatisticsMixin
 from unsc_fast.solve import lora
 from unsc_fast.solve import request as solve
 from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
-from unsc_fast.statistics import policies
+from unsc_fast.statistics import batches, policies
 from unsc_fast.statistics.observation import Observation
 from unsc_fast.statistics.store import CovarianceStore, key_set
 from unsc_fast.tracking import wrappers
@@ -118,7 +118,9 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         """Accumulate the tracked layers' input covariances for the forwards run inside.
 
         ``labels`` (batch,) files each sample's rows under its label; ``group`` files the
-        whole batch under one name; with neither, under ``"all"``. Under
+        whole batch under one name; with neither, under ``"all"``. A forward given an
+        ``attention_mask`` keyword (B, T) is observed at its real tokens only
+        (``unsc_fast.adapters.tokens``): padding never enters the statistics. Under
         ``statistics="total"`` every batch goes into the one total (labels and groups are
         not kept apart). ``forget=True`` marks a pass over a request's forget data: the next
         ``build()`` subtracts it from the data it sums (see ``build``).
@@ -166,13 +168,18 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             self._observation = None
             wrappers.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
-    def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
+    def collect(self, loader, *, labels: bool | str | None = None, group: Hashable | None = None, device=None,
                 forget: bool = False, progress: bool | None = None):
         """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
 
-        A batch is ``(inputs, targets, ...)`` (targets are the labels when ``labels``), a
-        tensor, or a dict of keyword inputs (no labels). Inputs are moved to ``device``
-        (default: the model's). ``forget=True``: this is a request's forget data (see
+        A batch is ``(inputs, targets, ...)``, a tensor, or a dict of keyword inputs (Hugging
+        Face: ``"labels"`` are the targets; an ``attention_mask`` keeps padding out, see
+        ``observe``). ``labels=None`` decides from each batch (``unsc_fast.statistics.batches``): a
+        classifier's targets (one per sample) are its labels, a language-model batch (a dict
+        batch with per-token or no labels; integer (B, T) tokens with (B, T) targets) is one
+        group. ``True``: always the targets; ``False``: never; ``"key"``: a dict batch's entry
+        with one label per sequence (removed from the model's inputs). Inputs are moved to
+        ``device`` (default: the model's). ``forget=True``: a request's forget data (see
         ``observe``). ``progress``: a tqdm bar (None: only on a terminal, after 2 s).
         The model's train/eval modes are restored afterwards.
         """
@@ -181,7 +188,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         with eval_mode(self.model), torch.no_grad():
             for batch in bar:
                 args, kwargs, targets = batch_parts(to_device(batch, device))
-                with self.observe(labels=targets if labels else None, group=group, forget=forget):
+                kwargs, chosen = batches.observed_labels(args, kwargs, targets, labels)
+                with self.observe(labels=chosen, group=group, forget=forget):
                     self.model(*args, **kwargs)
         return self
 

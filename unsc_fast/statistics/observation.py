@@ -5,6 +5,10 @@ the whole forward has succeeded, after one finiteness check per layer (a NaN/Inf
 in a column of the input shows up on the diagonal of ``x^T x``). A forward that raises
 leaves nothing behind: the next forward (or the end of the block) starts from clean buffers.
 
+A forward with an ``attention_mask`` keyword (Hugging Face batches) is observed at its real
+tokens only: the root module's forward pre-hook reads the mask, and every layer keeps the
+rows of real tokens (``adapters.tokens``), per label group where there are labels.
+
 Module hooks are global to the module, not to the thread: a forward that another thread runs
 on the same model while the block is open would fire them too, and be filed under this
 block's labels. So an ``Observation`` belongs to the thread that opened it: the hooks, the
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from unsc_fast.adapters import LayerAdapter
+from unsc_fast.adapters.tokens import TokenMask, padding_mask
 from unsc_fast.tracking.layers import Protection
 from unsc_fast.statistics.store import CovarianceStore
 
@@ -63,13 +68,15 @@ class Observation:
         self.broadcast_layers: list[str] = []  # this forward's layers whose batch of 1 served every sample
         self.saw_labelled_batch = False  # whether a layer of this forward saw one sample per label
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.token_mask: torch.Tensor | None = None  # this forward's real tokens (attention_mask)
+        self._token_masks_on: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # hooks -------------------------------------------------------------------
     def attach(self, root: nn.Module, layers: Iterable[LayerAdapter]) -> None:
         for layer in layers:
             hook = functools.partial(self._accumulate, layer)
             self.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-        self.handles.append(root.register_forward_pre_hook(lambda *_: self.discard()))
+        self.handles.append(root.register_forward_pre_hook(self._begin, with_kwargs=True))
         self.handles.append(root.register_forward_hook(lambda *_: self.commit()))
 
     def detach(self) -> None:
@@ -88,6 +95,18 @@ class Observation:
             self.inputs_finite.clear()
             self.broadcast_layers.clear()
             self.saw_labelled_batch = False
+            self.token_mask = None
+            self._token_masks_on.clear()
+
+    def _begin(self, module, args, kwargs) -> None:
+        """A new forward of the root: clean buffers, and its padding mask (if any)."""
+        self.discard()
+        if not self.records():
+            return
+        self.token_mask = padding_mask(kwargs)
+        if self.token_mask is not None and self.batch_size is not None and self.token_mask.shape[0] != self.batch_size:
+            raise ValueError(f"labels has {self.batch_size} entries but attention_mask {tuple(self.token_mask.shape)} "
+                             "has another batch size; labels need one entry per sequence")
 
     # accumulation -------------------------------------------------------------
     def _accumulate(self, layer: LayerAdapter, module, args, kwargs, output) -> None:
@@ -97,11 +116,18 @@ class Observation:
         if getattr(layer, "busy", False):
             return  # the adapter re-running its own module (attention's out_proj inputs)
         self.calls += 1
+        if self.token_mask is not None and not layer.per_token:
+            raise ValueError(
+                f"layer {layer.name!r}: a {type(layer.module).__name__}'s rows are not one per token, so the "
+                "forward's attention_mask cannot select its real tokens: observe without attention_mask, or "
+                "leave the layer out with modules=[...]"
+            )
         batch = layer.batch_size(args, kwargs)
-        broadcast = self.batch_size is not None and batch == 1 and self.batch_size > 1
-        if self.batch_size is not None and batch != self.batch_size and not broadcast:
+        masked = self.token_mask is not None  # the mask lines each layer's rows up with the sequences
+        broadcast = not masked and self.batch_size is not None and batch == 1 and self.batch_size > 1
+        if self.batch_size is not None and not masked and batch != self.batch_size and not broadcast:
             raise ValueError(_mismatch(layer.name, self.batch_size, batch))
-        self.saw_labelled_batch |= self.batch_size is not None and batch == self.batch_size
+        self.saw_labelled_batch |= self.batch_size is not None and (masked or batch == self.batch_size)
         device = layer.weight.device
         with torch.no_grad():
             inputs_finite = _inputs_finite(args, kwargs)  # unsynchronised; read only if a delta is not finite
@@ -111,7 +137,10 @@ class Observation:
                 return
             for position, (key, index) in enumerate(self.groups):
                 deltas = _SlotDeltas(self, key, device)
-                chosen = None if index is None else self._index(position, index, device)
+                if self.token_mask is not None:
+                    chosen = TokenMask(self._token_mask(position, index, device), layer.name)
+                else:
+                    chosen = None if index is None else self._index(position, index, device)
                 rows = layer.accumulate_(deltas, args, kwargs, output, chosen)
                 self._count(key, rows, inputs_finite)
 
@@ -138,6 +167,18 @@ class Observation:
             cached = self._indices_on[(position, device)] = index.to(device)
         return cached
 
+    def _token_mask(self, position: int, index: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The real tokens of group ``position``'s sequences (all sequences without labels)."""
+        cached = self._token_masks_on.get((position, device))
+        if cached is None:
+            mask = self.token_mask.to(device)
+            if index is not None:
+                chosen = torch.zeros(mask.shape[0], dtype=torch.bool, device=device)
+                chosen[index.to(device)] = True
+                mask = mask & chosen[:, None]
+            cached = self._token_masks_on[(position, device)] = mask
+        return cached
+
     # commit -------------------------------------------------------------------
     def commit(self) -> None:
         """Check every pending delta, then add them all to the store (this thread's forwards only)."""
@@ -147,6 +188,8 @@ class Observation:
         inputs_finite, self.inputs_finite = self.inputs_finite, {}
         broadcast, self.broadcast_layers = self.broadcast_layers, []
         labelled, self.saw_labelled_batch = self.saw_labelled_batch, False
+        self.token_mask = None
+        self._token_masks_on.clear()
         if broadcast and not labelled:  # every layer saw one sample: the labels are not this batch's
             raise ValueError(_mismatch(broadcast[0], self.batch_size, 1) + "; nothing from this batch was kept")
         if not pending:

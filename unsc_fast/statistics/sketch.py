@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from unsc_fast.adapters.tokens import TokenMask, padding_mask
+
 DEFAULT_ROWS = 256
 
 
@@ -132,13 +134,18 @@ class SketchObservation:
         self.pending: list[tuple] = []
         self.handles: list = []
         self.calls = 0  # sketched layer forwards seen
+        self.token_mask: torch.Tensor | None = None  # the forward's real tokens (``adapters.tokens``)
 
     def attach(self, root) -> None:
         for layer in self.layers:
             self.handles.append(layer.module.register_forward_hook(
                 lambda module, args, output, layer=layer: self._record(layer, args[0])))
-        self.handles.append(root.register_forward_pre_hook(lambda *_: self.pending.clear()))
+        self.handles.append(root.register_forward_pre_hook(self._begin, with_kwargs=True))
         self.handles.append(root.register_forward_hook(lambda *_: self.commit()))
+
+    def _begin(self, module, args, kwargs) -> None:
+        self.pending.clear()
+        self.token_mask = padding_mask(kwargs)
 
     def _record(self, layer: SketchTarget, x) -> None:
         self.calls += 1
@@ -146,7 +153,13 @@ class SketchObservation:
             raise ValueError(f"layer {layer.name!r}: expected a floating-point input ending in {layer.dim}")
         x = x.detach()
         for key, index in self.groups:
-            part = x if index is None else x.index_select(0, index.to(x.device))
+            if self.token_mask is not None:  # real tokens only, of this group's sequences
+                mask = self.token_mask.to(x.device)
+                if index is not None:
+                    mask = mask & torch.isin(torch.arange(mask.shape[0], device=x.device), index.to(x.device))[:, None]
+                part = TokenMask(mask, layer.name).rows(x)
+            else:
+                part = x if index is None else x.index_select(0, index.to(x.device))
             self.pending.append((key, layer.name, part.reshape(-1, layer.dim)))
 
     def commit(self) -> None:
