@@ -163,15 +163,16 @@ def test_official_preset_sets_plain_sgd_and_the_class_by_class_basis(digits_mode
     seen = {}
     real_sgd = torch.optim.SGD
 
-    def recording_sgd(params, lr, momentum):
-        seen.update(lr=lr, momentum=momentum)
-        return real_sgd(params, lr=lr, momentum=momentum)
+    def recording_sgd(params, lr, momentum, weight_decay=0.0):
+        seen.update(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return real_sgd(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     monkeypatch.setattr(unlearn_module.torch.optim, "SGD", recording_sgd)
     forget = class_mask(split.y_train, [3])
     result = unlearn(model, (split.x_train[forget], split.y_train[forget]), (split.x_train[~forget], split.y_train[~forget]),
                      forget_classes=[3], preset="official", epochs=1)
-    assert seen == {"lr": 0.04, "momentum": 0.0}
+    assert seen == {"lr": 0.04, "momentum": 0.0, "weight_decay": 0.0}
+    assert result.stop_reason == "budget" and result.epochs == 1  # no stop rule: exactly the epochs asked for
     kept = tuple(c for c in range(10) if c != 3)
     assert result.projector.built_from == kept
     assert result.projector.built_threshold == pytest.approx(max(class_thresholds(list(kept), None)))

@@ -23,6 +23,7 @@ from unsc_fast.projection.bases import NullSpaceBases
 from unsc_fast.projector.persistence import STATE_FORMAT  # noqa: F401 - where users found it
 from unsc_fast.projector.persistence import PersistenceMixin
 from unsc_fast.projector.statistics_mixin import StatisticsMixin
+from unsc_fast.solve import per_label
 from unsc_fast.solve import request as solve
 from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
 from unsc_fast.statistics import policies
@@ -104,6 +105,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         dense = {name: size for name, size in self._slot_sizes().items() if name not in self._sketch_slots}
         self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
         self._sketches: dict = {}  # key -> slot name -> sketch.FrequentDirections
+        self._spectra = per_label.SpectrumCache()  # criterion="per_label": the last request's eigenvectors
         self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
         self.solution = NullSpaceBases(self.protection)  # the bases of the last build
         self._observation: Observation | None = None
@@ -194,6 +196,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         process_group=None,
         keep_covariances: str = "all",
         allow_unobserved: bool = False,
+        criterion: str = "total",
     ) -> "NullSpaceProjector":
         """Basis per layer from the observed groups, less ``exclude`` (the forgotten labels).
 
@@ -219,14 +222,23 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ``keep_covariances``: ``"all"`` keeps each rank's covariances for later requests,
         ``"rank0"`` moves them all onto rank 0 (other ranks keep only bases), ``"none"``
         drops them (a later request needs a new pass over the data).
+
+        ``criterion``: ``"total"`` (the summed covariance keeps ``threshold`` of its energy) or
+        ``"per_label"`` (every kept label keeps ``threshold`` of its own energy in every layer:
+        ``unsc_fast.solve.per_label``; dense fp64 eigenvectors, per-label statistics, one
+        process; a rebuild of the same request at another threshold reuses the solve).
         """
         threshold = self.threshold if threshold is None else ops.check_threshold(threshold)
+        criterion = solve.check_criterion(criterion)
         if method not in ops.EIGENSOLVERS:
             raise ValueError(f"build(): method must be one of {ops.EIGENSOLVERS}, got {method!r}")
         keep_covariances = solve.check_keep(keep_covariances)
         exclude, subtract = key_set(exclude, "exclude"), key_set(subtract, "subtract")
         include = None if include is None else key_set(include, "include")
         group = distributed.resolve_group(process_group)
+        if group is not None and criterion == "per_label":
+            raise NotImplementedError('build(criterion="per_label") runs on one process; under torch.distributed '
+                                      'use criterion="total" (or build with process_group="local" on pooled statistics)')
         if group is not None:
             new_bases, new_complements, kept = distributed.build(
                 self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
@@ -241,9 +253,14 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
                                               include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
-        new_bases, solved_complements = solve.local_bases(
-            self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
-            subtracted, threshold, generator, method)
+        if criterion == "per_label":
+            new_bases, solved_complements = per_label.request_bases(
+                self.store, self.protection.slots, self._slot_devices, kept, subtracted, threshold, self._spectra,
+                statistics=self.statistics, sketched=list(self._sketch_slots))
+        else:
+            new_bases, solved_complements = solve.local_bases(
+                self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
+                subtracted, threshold, generator, method)
         warn_if_everything_blocked(self.protection.slots, new_bases)
         self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
         if keep_covariances == "none":

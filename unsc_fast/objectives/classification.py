@@ -1,0 +1,59 @@
+"""Classifier objectives: cross-entropy on the new labels, and the feature-erasure term.
+
+``FeatureErasure`` is why a class leaves the features, not only the logits (issue 27). At the
+classifier's input (the features ``phi``) the remaining data occupies the protected subspace
+``U`` of that layer. The part of a forget sample's features outside it, ``(I - U U^T) phi``, is
+what the remaining data does not have there: directions the forgotten class has to itself.
+The term ``||(I - U U^T) phi||^2``, normalised by its value on the forget data at the start,
+pulls those components to zero, so that the forget samples' features look like remaining
+data's in every direction the remaining data leaves free. The weights that make it are
+confined to the null spaces like every other change, so the remaining samples' features do not
+move (the guarantee), and what a linear probe or a relearning attack could read about the class
+from the free directions goes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class CrossEntropy:
+    """Cross-entropy of the outputs against the step's targets (the calibrated labels)."""
+
+    needs_step = True
+
+    def __call__(self, step) -> torch.Tensor:
+        return F.cross_entropy(step.outputs, step.targets)
+
+
+class FeatureErasure:
+    """``base(step) + weight * ||(I - U U^T) phi||^2 / scale``: ``U`` the classifier's protected
+    basis, ``phi`` its inputs on the forget batch (``step.features``), ``scale`` the mean of the
+    same norm on the forget data before unlearning (so ``weight`` is unitless)."""
+
+    needs_step = True
+    needs_features = True
+
+    def __init__(self, base, weight: float) -> None:
+        if weight < 0:
+            raise ValueError(f"the feature-erasure weight must be >= 0, got {weight}")
+        self.base, self.weight = base, float(weight)
+        self.basis: torch.Tensor | None = None
+        self.scale = 1.0
+
+    def calibrate(self, basis: torch.Tensor, forget_features: torch.Tensor) -> None:
+        """Set the protected basis of the classifier's input and the normalising scale."""
+        self.basis = basis
+        outside = self.outside_energy(forget_features)
+        self.scale = float(outside.mean()) if outside.numel() and float(outside.mean()) > 0 else 1.0
+
+    def outside_energy(self, features: torch.Tensor) -> torch.Tensor:
+        """Per sample, the squared norm of the features outside the protected subspace."""
+        basis = self.basis.to(features.dtype)
+        return (features - (features @ basis) @ basis.T).square().sum(1)
+
+    def __call__(self, step) -> torch.Tensor:
+        loss = self.base(step)
+        if self.weight == 0.0 or self.basis is None:
+            return loss
+        return loss + self.weight * self.outside_energy(step.features).mean() / self.scale
