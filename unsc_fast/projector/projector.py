@@ -23,7 +23,7 @@ from unsc_fast.projection.bases import NullSpaceBases
 from unsc_fast.projector.persistence import STATE_FORMAT  # noqa: F401 - where users found it
 from unsc_fast.projector.persistence import PersistenceMixin
 from unsc_fast.projector.statistics_mixin import StatisticsMixin
-from unsc_fast.solve import per_label
+from unsc_fast.solve import lora, per_label
 from unsc_fast.solve import request as solve
 from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
 from unsc_fast.statistics import policies
@@ -32,16 +32,17 @@ from unsc_fast.statistics.store import CovarianceStore, key_set
 from unsc_fast.tracking import wrappers
 from unsc_fast.tracking.layers import (Coverage, coverage, find_layers, plan_protection, slot_devices, slot_named,
                                         warn_unprotected)
-from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 
 DEFAULT_GROUP = "all"
 
 
 class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
-    """Tracks every weight-bearing layer of ``model`` that an adapter covers (Linear, Conv1d/2d/3d
-    with any groups, transformers' Conv1D, MultiheadAttention, Embedding, RNN input weights;
-    see ``unsc_fast.adapters``), or those named in ``modules``, and projects their updates onto
-    the null space of the remaining data. A parameter shared by several layers is protected
+    """Tracks every layer of ``model`` with a trainable weight that an adapter covers (Linear,
+    Conv1d/2d/3d with any groups, transformers' Conv1D, MultiheadAttention, Embedding,
+    RNN/LSTM/GRU, PEFT LoRA factors; see ``unsc_fast.adapters`` and ``unsc_fast.solve.lora``), or
+    exactly those named in ``modules``, and projects their updates onto the null space of the
+    remaining data (frozen layers cannot change: they are left out and reported). A parameter
+    shared by several layers is protected
     against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
     refuses a model with a trainable weight that no adapter protects.
 
@@ -88,6 +89,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             modules = wrappers.unprefixed_names(modules, (n for n, _ in self.model.named_modules()))
         self.layers: dict[str, LayerAdapter] = find_layers(self.model, modules)
         self.protection = plan_protection(self.layers)
+        self._lora = lora.lora_factors(self.model)  # PEFT LoRA factors (unsc_fast.solve.lora)
         self._slot_devices = slot_devices(self.protection)
         report = self.coverage()
         if strict and report.unprotected_weights:
@@ -164,25 +166,6 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             self._observation = None
             wrappers.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
-    def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
-                forget: bool = False, progress: bool | None = None):
-        """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
-
-        A batch is ``(inputs, targets, ...)`` (targets are the labels when ``labels``), a
-        tensor, or a dict of keyword inputs (no labels). Inputs are moved to ``device``
-        (default: the model's). ``forget=True``: this is a request's forget data (see
-        ``observe``). ``progress``: a tqdm bar (None: only on a terminal, after 2 s).
-        The model's train/eval modes are restored afterwards.
-        """
-        device = model_device(self.model) if device is None else device
-        bar = progress_bar(loader, "observing forget data" if forget else "observing", progress)
-        with eval_mode(self.model), torch.no_grad():
-            for batch in bar:
-                args, kwargs, targets = batch_parts(to_device(batch, device))
-                with self.observe(labels=targets if labels else None, group=group, forget=forget):
-                    self.model(*args, **kwargs)
-        return self
-
     # -------------------------------------------------------------------- build
     def build(
         self,
@@ -245,6 +228,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
                 allow_unobserved=allow_unobserved,
             )
+            lora.start_zero_adapters_(self._lora, self.protection, new_bases, self.store)
             warn_if_everything_blocked(self.protection.slots, new_bases)
             self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)
             return self
@@ -261,6 +245,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             new_bases, solved_complements = solve.local_bases(
                 self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
                 subtracted, threshold, generator, method)
+        lora.start_zero_adapters_(self._lora, self.protection, new_bases, self.store)  # B = 0: A into the null space
         warn_if_everything_blocked(self.protection.slots, new_bases)
         self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
         if keep_covariances == "none":
@@ -284,9 +269,10 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept = self.store.kept_keys(self.groups, key_set(exclude, "exclude"), None, set())
         kept = sorted(kept, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k)))
         thresholds = incremental.class_thresholds(kept, class_thresholds)
-        bases = incremental.incremental_bases(self.store, self.protection.slots, kept, thresholds)
-        self.solution.install({name: b.to(self._slot_devices[name]) for name, b in bases.items()},
-                              built_from=kept, threshold=max(thresholds))
+        bases = {name: b.to(self._slot_devices[name])
+                 for name, b in incremental.incremental_bases(self.store, self.protection.slots, kept, thresholds).items()}
+        lora.start_zero_adapters_(self._lora, self.protection, bases, self.store)
+        self.solution.install(bases, built_from=kept, threshold=max(thresholds))
         return self
 
     # ------------------------------------------------------------------ project

@@ -11,6 +11,7 @@ import torch
 from unsc_fast.statistics import sketch
 from unsc_fast.statistics import policies
 from unsc_fast.statistics.store import key_set
+from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from unsc_fast.statistics.observation import Observation
@@ -78,3 +79,22 @@ class StatisticsMixin:
     def _slot_sizes(self) -> dict[str, int]:
         """Numbers each slot's statistics hold (d^2 for a dense slot)."""
         return {slot.name: math.prod(slot.shape) for slot in self.protection.slots.values()}
+
+    def collect(self, loader, *, labels: bool = True, group: Hashable | None = None, device=None,
+                forget: bool = False, progress: bool | None = None):
+        """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
+
+        A batch is ``(inputs, targets, ...)`` (targets are the labels when ``labels``), a
+        tensor, or a dict of keyword inputs (no labels). Inputs are moved to ``device``
+        (default: the model's). ``forget=True``: this is a request's forget data (see
+        ``observe``). ``progress``: a tqdm bar (None: only on a terminal, after 2 s).
+        The model's train/eval modes are restored afterwards.
+        """
+        device = model_device(self.model) if device is None else device
+        bar = progress_bar(loader, "observing forget data" if forget else "observing", progress)
+        with eval_mode(self.model), torch.no_grad():
+            for batch in bar:
+                args, kwargs, targets = batch_parts(to_device(batch, device))
+                with self.observe(labels=targets if labels else None, group=group, forget=forget):
+                    self.model(*args, **kwargs)
+        return self

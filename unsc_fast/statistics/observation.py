@@ -10,6 +10,13 @@ on the same model while the block is open would fire them too, and be filed unde
 block's labels. So an ``Observation`` belongs to the thread that opened it: the hooks, the
 discard and the commit do nothing in any other thread (those forwards run unrecorded, and
 are counted in ``foreign_calls`` so that an empty block can say why).
+
+Broadcast inputs: under ``labels`` with n entries, a layer input whose batch dimension is 1
+while other layers of the same forward see the n samples (Hugging Face position ids
+``(1, T)``, broadcast over the batch) is used by every sample. Its rows are counted once for
+each sample: each label's statistics get ``n_label`` times the input's covariance, which is
+what the model does with it. A forward in which no layer saw the n samples is refused (the
+labels do not match the batch).
 """
 from __future__ import annotations
 
@@ -53,6 +60,8 @@ class Observation:
         self.foreign_calls = 0  # layer forwards run by other threads, never recorded
         self.thread = threading.get_ident()  # the thread whose forwards are recorded
         self.inputs_finite: dict[str, list] = {}  # per slot, this forward's input checks
+        self.broadcast_layers: list[str] = []  # this forward's layers whose batch of 1 served every sample
+        self.saw_labelled_batch = False  # whether a layer of this forward saw one sample per label
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # hooks -------------------------------------------------------------------
@@ -77,6 +86,8 @@ class Observation:
         if self.records():
             self.pending.clear()
             self.inputs_finite.clear()
+            self.broadcast_layers.clear()
+            self.saw_labelled_batch = False
 
     # accumulation -------------------------------------------------------------
     def _accumulate(self, layer: LayerAdapter, module, args, kwargs, output) -> None:
@@ -87,22 +98,39 @@ class Observation:
             return  # the adapter re-running its own module (attention's out_proj inputs)
         self.calls += 1
         batch = layer.batch_size(args, kwargs)
-        if self.batch_size is not None and batch != self.batch_size:
-            raise ValueError(
-                f"layer {layer.name!r}: labels has {self.batch_size} entries but the layer's input "
-                f"has batch size {batch}; labels need one entry per sample along the batch dimension"
-            )
+        broadcast = self.batch_size is not None and batch == 1 and self.batch_size > 1
+        if self.batch_size is not None and batch != self.batch_size and not broadcast:
+            raise ValueError(_mismatch(layer.name, self.batch_size, batch))
+        self.saw_labelled_batch |= self.batch_size is not None and batch == self.batch_size
         device = layer.weight.device
         with torch.no_grad():
             inputs_finite = _inputs_finite(args, kwargs)  # unsynchronised; read only if a delta is not finite
+            if broadcast:
+                self.broadcast_layers.append(layer.name)
+                self._accumulate_broadcast(layer, args, kwargs, output, device, inputs_finite)
+                return
             for position, (key, index) in enumerate(self.groups):
                 deltas = _SlotDeltas(self, key, device)
                 chosen = None if index is None else self._index(position, index, device)
                 rows = layer.accumulate_(deltas, args, kwargs, output, chosen)
-                for own_name, count in rows.items():
-                    slot = self.protection.slot(own_name).name
-                    self.pending[(key, slot)][1] += count
-                    self.inputs_finite.setdefault(slot, []).append(inputs_finite)
+                self._count(key, rows, inputs_finite)
+
+    def _accumulate_broadcast(self, layer: LayerAdapter, args, kwargs, output, device, inputs_finite) -> None:
+        """One input shared by the whole batch: its statistics once, then ``n_label`` times
+        into each label's accumulators (every sample of the label used it)."""
+        once = _FreshDeltas(self, device)
+        rows = layer.accumulate_(once, args, kwargs, output, None)
+        for key, index in self.groups:
+            deltas, samples = _SlotDeltas(self, key, device), index.numel()
+            for own_name, delta in once.items():
+                deltas[own_name].add_(delta, alpha=samples)
+            self._count(key, {name: count * samples for name, count in rows.items()}, inputs_finite)
+
+    def _count(self, key, rows: dict[str, int], inputs_finite) -> None:
+        for own_name, count in rows.items():
+            slot = self.protection.slot(own_name).name
+            self.pending[(key, slot)][1] += count
+            self.inputs_finite.setdefault(slot, []).append(inputs_finite)
 
     def _index(self, position: int, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         cached = self._indices_on.get((position, device))
@@ -117,6 +145,10 @@ class Observation:
             return
         pending, self.pending = self.pending, {}
         inputs_finite, self.inputs_finite = self.inputs_finite, {}
+        broadcast, self.broadcast_layers = self.broadcast_layers, []
+        labelled, self.saw_labelled_batch = self.saw_labelled_batch, False
+        if broadcast and not labelled:  # every layer saw one sample: the labels are not this batch's
+            raise ValueError(_mismatch(broadcast[0], self.batch_size, 1) + "; nothing from this batch was kept")
         if not pending:
             return
         finite = _finite_flags([_diagonal(delta) for delta, _ in pending.values()])
@@ -125,6 +157,13 @@ class Observation:
                 raise ValueError(_non_finite_message(key, name, pending[(key, name)][0], inputs_finite.get(name, [])))
         for (key, name), (delta, rows) in pending.items():
             self.store.add(key, name, delta, rows)
+
+
+def _mismatch(layer: str, labels: int, batch: int) -> str:
+    return (
+        f"layer {layer!r}: labels has {labels} entries but the layer's input has batch size {batch}; "
+        "labels need one entry per sample along the batch dimension"
+    )
 
 
 def _inputs_finite(args, kwargs) -> torch.Tensor | None:
@@ -177,6 +216,20 @@ class _SlotDeltas(dict):
             self.observation.pending[(self.key, slot.name)] = entry
         self[own_name] = entry[0]
         return entry[0]
+
+
+class _FreshDeltas(dict):
+    """Zero accumulators by an adapter's own slot names, outside the pending ones: a broadcast
+    input's statistics, computed once before they are added to every label."""
+
+    def __init__(self, observation: Observation, device: torch.device) -> None:
+        super().__init__()
+        self.observation, self.device = observation, device
+
+    def __missing__(self, own_name: str) -> torch.Tensor:
+        slot = self.observation.protection.slot(own_name)
+        self[own_name] = slot.zeros(self.observation.store.dtype, self.device)
+        return self[own_name]
 
 
 def _diagonal(delta: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,14 @@ def _check_supported(adapter: LayerAdapter) -> None:
 
 
 def find_layers(model: nn.Module, names=None) -> dict[str, LayerAdapter]:
-    """Adapters by ``named_modules()`` name: every module with one, or exactly ``names``.
+    """Adapters by ``named_modules()`` name: every module with one and a trainable weight, or
+    exactly ``names`` (frozen or not).
 
-    A module inside a tracked module (attention's ``out_proj``) belongs to its parent's
-    adapter. A module whose class overrides a known layer's ``forward`` is refused.
+    A frozen layer (no weight with ``requires_grad``) cannot change, so it needs no
+    statistics: by default it is left out (``coverage()`` lists it as frozen), which is what
+    makes a LoRA model cheap (its frozen base layers are not observed). A module inside a
+    tracked module (attention's ``out_proj``) belongs to its parent's adapter. A module whose
+    class overrides a known layer's ``forward`` is refused.
     """
     modules = dict(model.named_modules())
     if names is not None:
@@ -56,20 +60,39 @@ def find_layers(model: nn.Module, names=None) -> dict[str, LayerAdapter]:
                 )
             chosen[name] = adapter
     else:
-        chosen, inside = {}, set()
-        for name, module in modules.items():
-            if any(name.startswith(parent + ".") or parent == "" for parent in inside):
-                continue
-            adapter = adapter_for(name, module)
-            if adapter is not None:
-                chosen[name] = adapter
-                if any(True for _ in module.children()):
-                    inside.add(name)
+        chosen, frozen = discover_layers(model)
         if not chosen:
+            if frozen:
+                raise ValueError(
+                    f"{type(model).__name__}: every layer with an adapter is frozen (no weight requires grad: "
+                    f"{list(frozen)[:8]}): nothing can change, so nothing needs protection. Unfreeze the "
+                    "weights to unlearn with, or name layers with modules=[...] to track them anyway"
+                )
             raise ValueError(f"{type(model).__name__} has no layer that an adapter tracks")
     for adapter in chosen.values():
         _check_supported(adapter)
     return chosen
+
+
+def discover_layers(model: nn.Module, refuse_overridden: bool = True) -> tuple[dict, dict]:
+    """``(trainable, frozen)``: the adapters of every weight-bearing module, split by whether
+    any of its weights requires grad. Modules inside one with an adapter are its own. A
+    subclass overriding a known layer's ``forward`` raises, or is skipped when not
+    ``refuse_overridden`` (a report naming what is there)."""
+    trainable, frozen, inside = {}, {}, set()
+    for name, module in model.named_modules():
+        if any(name.startswith(parent + ".") or parent == "" for parent in inside):
+            continue
+        adapter = adapter_for(name, module) if refuse_overridden else _safe_adapter(name, module)
+        if adapter is None:
+            continue
+        if any(use.param.requires_grad for use in adapter.uses()):
+            trainable[name] = adapter
+        else:
+            frozen[name] = adapter
+        if any(True for _ in module.children()):
+            inside.add(name)
+    return trainable, frozen
 
 
 def _safe_adapter(name, module):
@@ -162,7 +185,7 @@ class CoverageRow:
     shape: tuple[int, ...]
     numel: int
     status: str  # "protected", "frozen", "unprotected"
-    layers: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()  # tracked layers using it; for a frozen, untracked weight its frozen layer
 
 
 @dataclass
@@ -170,6 +193,7 @@ class Coverage:
     """What the projection covers: every parameter of the model, once (tied ones once)."""
 
     rows: list[CoverageRow]
+    frozen_layers: tuple[str, ...] = ()  # layers with an adapter left untracked: no trainable weight
 
     def share(self, status: str, weights_only: bool = True) -> float:
         """Fraction of the (trainable, if status != 'frozen') weight elements with ``status``."""
@@ -186,7 +210,8 @@ class Coverage:
     def __str__(self) -> str:
         lines = [
             f"protected {self.share('protected'):.2%} of trainable weight elements; "
-            f"{len(self.unprotected_weights)} trainable weight parameter(s) unprotected",
+            f"{len(self.unprotected_weights)} trainable weight parameter(s) unprotected; "
+            f"{len(self.frozen_layers)} frozen layer(s) not tracked (nothing of them can change)",
             "| parameter | shape | status | layers |",
             "|---|---|---|---|",
         ]
@@ -199,6 +224,10 @@ def coverage(model: nn.Module, protection: Protection, adapters: dict[str, Layer
     for adapter in adapters.values():
         for use in adapter.uses():
             users.setdefault(use.param, []).append(adapter.name)
+    frozen_layers = [name for name in discover_layers(model, refuse_overridden=False)[1] if name not in adapters]
+    for name in frozen_layers:
+        for use in adapter_for(name, model.get_submodule(name)).uses():
+            users.setdefault(use.param, []).append(name)
     rows, seen = [], set()
     for name, param in model.named_parameters(remove_duplicate=True):
         if id(param) in seen:
@@ -211,7 +240,7 @@ def coverage(model: nn.Module, protection: Protection, adapters: dict[str, Layer
         else:
             status = "unprotected"
         rows.append(CoverageRow(name, tuple(param.shape), param.numel(), status, tuple(users.get(param, ()))))
-    return Coverage(rows)
+    return Coverage(rows, tuple(frozen_layers))
 
 
 def warn_unprotected(report: Coverage, stacklevel: int = 4) -> None:
