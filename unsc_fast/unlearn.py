@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast.objectives import CrossEntropy, FeatureErasure, as_objective
+from unsc_fast.objectives.classification import outside_share
 from unsc_fast.projector import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
 from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
@@ -51,7 +52,7 @@ PRESETS = {
     # (lowered while forgetting stalls, raised when the guard shows damage), SGD with momentum,
     # stopped by the stop rule within 50 passes over the forget data
     "default": dict(threshold=0.99, epochs=50, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
-                    class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=0.0),
+                    class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=1.0),
     # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb):
     # a fixed number of epochs, no stop rule, no adaptation
     "official": dict(threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
@@ -234,7 +235,8 @@ def unlearn(
         parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask]) if holdout_mask is not None else forget]
         if holdout_mask is not None and bool(holdout_mask.any()):
             parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
-        monitor = Monitor(correct_predictions, parts, guard_data, original)
+        measure = (lambda m: outside_share(erasure, head, m, parts[0][0])) if erasure is not None else None
+        monitor = Monitor(correct_predictions, parts, guard_data, original, measure)
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
         outcome = loop.run(model, batches, make_optimizer, lr, chosen, rule, schedule, monitor, head=head,

@@ -57,3 +57,21 @@ class FeatureErasure:
         if self.weight == 0.0 or self.basis is None:
             return loss
         return loss + self.weight * self.outside_energy(step.features).mean() / self.scale
+
+
+@torch.no_grad()
+def outside_share(erasure: FeatureErasure, module: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor,
+                  batch_size: int = 512) -> float:
+    """The forget features' mean outside energy now, as a share of ``erasure``'s starting scale."""
+    from unsc_fast.training import eval_mode, model_device
+
+    recorded = []
+    handle = module.register_forward_hook(lambda _m, args, _o: recorded.append(args[0].detach().flatten(1)))
+    try:
+        with eval_mode(model):
+            device = model_device(model)
+            for start in range(0, len(x), batch_size):
+                model(x[start:start + batch_size].to(device))
+    finally:
+        handle.remove()
+    return float(erasure.outside_energy(torch.cat(recorded)).mean()) / erasure.scale

@@ -72,15 +72,17 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
     result = LoopResult()
     saved = _snapshot(model)
     best, stalled, backoffs = float("inf"), 0, 0
+    best_erased, erase_stalled = float("inf"), 0
     pass_total = pass_count = 0.0
 
     def check(event_if_continue: str = "") -> str | None:
         """Measure; return why the run stops, or None to go on."""
-        nonlocal saved, best, stalled, backoffs, optimizer, lr
+        nonlocal saved, best, stalled, backoffs, optimizer, lr, best_erased, erase_stalled
         forget = monitor.forget(model) if monitor is not None else None
         damage, significant = monitor.guard_damage(model) if monitor is not None else (None, False)
+        erased = monitor.features(model) if monitor is not None and monitor.features is not None else None
         entry = Check(result.steps, result.steps / per_pass if per_pass else float(result.epochs), schedule.threshold,
-                      lr, forget, damage, event_if_continue)
+                      lr, forget, damage, erased, event_if_continue)
         result.trajectory.append(entry)
         if damage is not None and damage > rule.tolerance and significant:
             _restore(model, saved)
@@ -101,8 +103,19 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
             entry.event = "callback"
             return "callback"
         if forget is not None and forget <= rule.forget_target:
-            entry.event = "forgotten"
-            return "forgotten"
+            # forgotten at the outputs; with feature erasure, go on at this protection (never lower
+            # it for the features) until they are erased or their erasure stops progressing
+            if erased is None or erased <= rule.feature_target:
+                entry.event = "forgotten"
+                return "forgotten"
+            if erased < best_erased * (1.0 - rule.min_feature_progress):
+                best_erased, erase_stalled = erased, 0
+            else:
+                erase_stalled += 1
+            if erase_stalled >= rule.patience:
+                entry.event = "forgotten"
+                return "forgotten"
+            return None
         if forget is not None:
             if forget < best - rule.min_progress:
                 best, stalled = forget, 0

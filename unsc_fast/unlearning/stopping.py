@@ -49,6 +49,8 @@ class StopRule:
     max_epochs: int = 50
     max_steps: int | None = None
     check_every: int | None = None  # steps between checks; None: once per pass over the forget data
+    feature_target: float = 0.1  # with feature erasure: share of the forget features' outside energy left
+    min_feature_progress: float = 0.05  # relative fall of that share that counts as progress
 
     def __post_init__(self) -> None:
         for name in ("holdout", "guard"):
@@ -75,6 +77,7 @@ class Check:
     lr: float
     forget: float | None  # points of the forget data still right (None: not measured)
     guard_damage: float | None  # points of the guard lost against the original (None: no guard)
+    features: float | None = None  # forget features' energy outside the protected subspace, share of the start
     event: str = ""  # "", "backoff", "lower protection", or why the run stopped
 
     def as_dict(self) -> dict:
@@ -101,9 +104,11 @@ def _reduced(values: torch.Tensor) -> torch.Tensor:
 class Monitor:
     """Measures a model against the forget data and the guard (module docstring)."""
 
-    def __init__(self, correct: Correct, forget_sets: list, guard, original: torch.nn.Module | None) -> None:
+    def __init__(self, correct: Correct, forget_sets: list, guard, original: torch.nn.Module | None,
+                 features: Callable[[torch.nn.Module], float] | None = None) -> None:
         self.correct, self.forget_sets, self.guard = correct, [s for s in forget_sets if s is not None], guard
         self.guard_before = correct(original, guard) if guard is not None else None
+        self.features = features  # model -> share of the forget features' outside energy left (erasure)
 
     def forget(self, model) -> float | None:
         """Points of the forget data still right: the largest over the trained and held-out parts."""
