@@ -6,7 +6,7 @@ import sys
 
 # Plain names, so that building the parser imports neither torch nor the harness.
 DATASET_NAMES = ("digits", "mnist1d", "cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "folder")
-MODEL_NAMES = ("digits_cnn", "allcnn", "vgg11", "alexnet", "resnet18", "mnist1d_cnn", "mnist1d_mlp")
+MODEL_NAMES = ("digits_cnn", "digits_mlp", "allcnn", "vgg11", "alexnet", "resnet18", "mnist1d_cnn", "mnist1d_mlp")
 
 
 def build_parser() -> argparse.ArgumentParser:
