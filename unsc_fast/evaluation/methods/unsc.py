@@ -32,7 +32,10 @@ from unsc_fast import NullSpaceProjector
 from unsc_fast.room import NoRoomError
 from unsc_fast.unlearn import PRESETS, unlearn
 
-DEFAULTS = {k: v for k, v in PRESETS["default"].items() if k in ("threshold", "epochs", "lr", "momentum", "batch_size")}
+DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
+                if k in ("threshold", "epochs", "lr", "momentum", "batch_size", "features", "criterion", "adaptive")},
+            "stop": "rule"}  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
+STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
 SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the same layer inputs, so the "
                "null-space projection removes almost all of the forget gradient and the model would not change; "
@@ -45,6 +48,11 @@ SUB_CLASS = {"sub_class": {"threshold": 0.99}}  # protect the sibling fine label
 
 def _runner(calibrate: bool, project: bool, preset: str = "default"):
     def run(model, scenario, settings, seed, progress):
+        settings = dict(settings)
+        if "stop" in settings:
+            if settings["stop"] not in STOPS:
+                raise ValueError(f"unsc: stop must be one of {sorted(STOPS)}, got {settings['stop']!r}")
+            settings["stop"] = STOPS[settings["stop"]]
         forget_classes = scenario.forget_classes if scenario.kind == "full_class" else None
         remain, projector = scenario.remain, None
         if project and scenario.carry is not None:  # a later request of a sequence: no pass over the data
