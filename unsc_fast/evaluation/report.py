@@ -98,7 +98,7 @@ def representation_table(results: dict) -> str:
     gap_keys = [key for key in ("probe_forget", "relearn_forget") if key in titles]
     header = ["method", *titles.values(), *(f"Δ {titles[key]}" for key in gap_keys), "representation gap"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         summary = results["summary"][name]
         cells = [_cell(summary["metrics"][key]) for key in titles]
         cells += [_cell(summary["gap"][key]) for key in gap_keys]
