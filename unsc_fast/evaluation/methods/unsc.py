@@ -43,7 +43,7 @@ SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the
 
 
 PROJECTED = ("full_class", "sub_class")  # and sequential: a series of full-class requests
-SUB_CLASS = {"sub_class": {"threshold": 0.99}}  # protect the sibling fine label (module docstring)
+SUB_CLASS = {"sub_class": {"threshold": 0.99}}  # protect the sibling fine label (module docstring; the default start now)
 
 
 def _runner(calibrate: bool, project: bool, preset: str = "default"):
