@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast.objectives import CrossEntropy, FeatureErasure, as_objective
-from unsc_fast.objectives.classification import outside_share
+from unsc_fast.objectives.classification import RetainDistillation, outside_share
 from unsc_fast.projector import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
 from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
@@ -52,11 +52,12 @@ PRESETS = {
     # (lowered while forgetting stalls, raised when the guard shows damage), SGD with momentum,
     # stopped by the stop rule within 50 passes over the forget data
     "default": dict(threshold=0.99, epochs=50, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
-                    class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=1.0),
+                    class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=1.0,
+                    distill=0.0),
     # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb):
     # a fixed number of epochs, no stop rule, no adaptation
     "official": dict(threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
-                     class_thresholds=None, criterion="total", adaptive=False, stop=None, features=0.0),
+                     class_thresholds=None, criterion="total", adaptive=False, stop=None, features=0.0, distill=0.0),
 }
 
 
@@ -101,7 +102,9 @@ def unlearn(
     stop: StopRule | None | str = "preset",
     guard=None,
     features: float | None = None,
+    distill: float | None = None,
     evaluate: Callable | None = None,
+    retain=None,
     calibrate: bool = True,
     labels: str | Relabel | None = None,
     loss: Loss = F.cross_entropy,
@@ -170,11 +173,11 @@ def unlearn(
     basis_rule, explicit_threshold = None, threshold
     if hp["basis"] == "incremental":
         basis_rule = hp["class_thresholds"] if threshold is None else threshold
-    threshold, epochs, lr, momentum, batch_size, criterion, adaptive, features = (
+    threshold, epochs, lr, momentum, batch_size, criterion, adaptive, features, distill = (
         hp[name] if value is None else value
         for name, value in (("threshold", threshold), ("epochs", epochs), ("lr", lr), ("momentum", momentum),
                             ("batch_size", batch_size), ("criterion", criterion), ("adaptive", adaptive),
-                            ("features", features)))
+                            ("features", features), ("distill", distill)))
     rule_labels = labels if labels is not None else ("calibrate" if calibrate else "random")
     if not callable(rule_labels) and rule_labels not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule_labels!r}")
@@ -227,6 +230,9 @@ def unlearn(
             return _inner(model, optimizer, step_size, momentum, weight_decay)
 
     base = CrossEntropy() if (objective is None and loss is F.cross_entropy) else as_objective(loss, objective)
+    if distill and classifier and is_tensor_pair(observed_remain) and retain is None:
+        base = RetainDistillation(base, distill)
+        retain = (observed_remain[0], predict_logits(model, observed_remain[0]).to(observed_remain[0].device))
     chosen = erasure if erasure is not None else base
     if erasure is not None:
         erasure.base = base
@@ -239,7 +245,9 @@ def unlearn(
         monitor = Monitor(correct_predictions, parts, guard_data, original, measure)
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
+        retain_batches = make_loader(*retain, batch_size, shuffle=True, seed=seed) if is_tensor_pair(retain) else retain
         outcome = loop.run(model, batches, make_optimizer, lr, chosen, rule, schedule, monitor, head=head,
+                           retain=retain_batches,
                            on_protection=(lambda: erasure.calibrate(projector.basis(erasure.layer), erasure.start))
                            if erasure is not None else None,
                            evaluate=evaluate, progress=progress, progress_bar_enabled=progress_bar)

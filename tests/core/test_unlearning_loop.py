@@ -20,7 +20,7 @@ class Scripted(Monitor):
     def forget(self, model):
         return self.script[min(self.calls, len(self.script) - 1)][0]
 
-    def guard_damage(self, model):
+    def guard_damage(self, model, tolerance=0.0):
         entry = self.script[min(self.calls, len(self.script) - 1)]
         self.calls += 1
         return entry[1], entry[2]
@@ -67,9 +67,9 @@ def test_the_restored_state_is_the_last_one_that_passed_the_guard():
     states = []
 
     class Recording(Scripted):
-        def guard_damage(self, m):
+        def guard_damage(self, m, tolerance=0.0):
             states.append(m.weight.detach().clone())
-            return super().guard_damage(m)
+            return super().guard_damage(m, tolerance)
 
     loop.run(model, batches, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.5,
              lambda step: nn.functional.cross_entropy(step.outputs, step.targets), StopRule(max_epochs=3),
@@ -137,6 +137,8 @@ def test_guard_damage_counts_net_losses_against_the_original():
     now[:2] = True  # 2 won
     damage, significant = monitor.guard_damage(lambda x: now)
     assert damage == pytest.approx(8.0) and significant  # 8 > 2 sqrt(12)
+    damage, significant = monitor.guard_damage(lambda x: now, tolerance=2.0)
+    assert damage == pytest.approx(8.0) and not significant  # 8 - 2 < 2 sqrt(12): not clearly past 2 points
     now = before.clone()
     now[10:13] = False
     now[:1] = True

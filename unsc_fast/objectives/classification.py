@@ -75,3 +75,39 @@ def outside_share(erasure: FeatureErasure, module: torch.nn.Module, model: torch
     finally:
         handle.remove()
     return float(erasure.outside_energy(torch.cat(recorded)).mean()) / erasure.scale
+
+
+class RetainDistillation:
+    """``base(step) + weight * KL(original || model)`` on the next batch of remaining samples: their
+    outputs held to the original model's (``step.retain()`` yields the model's outputs and the
+    original's logits). The projection keeps them to first order; this holds the rest."""
+
+    needs_step = True
+
+    def __init__(self, base, weight: float) -> None:
+        if weight < 0:
+            raise ValueError(f"the distillation weight must be >= 0, got {weight}")
+        self.base, self.weight = base, float(weight)
+
+    def __call__(self, step) -> torch.Tensor:
+        loss = self.base(step)
+        if self.weight == 0.0:
+            return loss
+        outputs, original = step.retain()
+        kl = F.kl_div(torch.log_softmax(outputs.float(), -1), torch.log_softmax(original.float(), -1),
+                      log_target=True, reduction="batchmean")
+        return loss + self.weight * kl
+
+
+class Complement:
+    """``-log(1 - p(forgotten classes))``: the probability of the forgotten classes pushed down, the
+    mass going to the remaining classes as the model already ranks them (a soft calibration)."""
+
+    needs_step = True
+
+    def __init__(self, classes) -> None:
+        self.classes = sorted({int(c) for c in classes})
+
+    def __call__(self, step) -> torch.Tensor:
+        p = torch.softmax(step.outputs.float(), -1)[:, self.classes].sum(1)
+        return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()

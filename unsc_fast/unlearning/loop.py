@@ -79,7 +79,7 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
         """Measure; return why the run stops, or None to go on."""
         nonlocal saved, best, stalled, backoffs, optimizer, lr, best_erased, erase_stalled
         forget = monitor.forget(model) if monitor is not None else None
-        damage, significant = monitor.guard_damage(model) if monitor is not None else (None, False)
+        damage, significant = monitor.guard_damage(model, rule.tolerance) if monitor is not None else (None, False)
         erased = monitor.features(model) if monitor is not None and monitor.features is not None else None
         entry = Check(result.steps, result.steps / per_pass if per_pass else float(result.epochs), schedule.threshold,
                       lr, forget, damage, erased, event_if_continue)

@@ -12,9 +12,12 @@ forgotten after 1-3 epochs at 0.97, 13 points of remaining accuracy lost after 1
 * **guard**: a held-out slice of the remaining data (``guard``), never observed and never trained
   on, compared sample by sample with the original model: ``damage`` is the share of it the
   original got right and the model now gets wrong, less the share it now gets right and the
-  original did not, in points. A run backs off when the damage is past ``tolerance`` *and*
-  significant (McNemar: the net loss exceeds twice the square root of the changed samples), so
-  that one or two borderline samples flipping on a small guard do not count as damage.
+  original did not, in points. A run backs off when the damage is *significantly* past
+  ``tolerance``: the net loss, less the tolerance's worth of samples, exceeds twice the square
+  root of the samples that changed (a one-sided McNemar-style test at ~2 sigma). On a guard of a
+  few hundred samples a handful of borderline samples flip either way from noise alone (measured:
+  4-5 net losses of 290 on MNIST-1D with no change on 720 validation samples), and backing off on
+  those stopped every hard request far from forgotten.
 
 Backing off restores the last state that passed the guard, halves the learning rate and raises
 the protection's floor (``schedule``); after ``max_backoffs`` the run stops there. Progress is
@@ -119,8 +122,8 @@ class Monitor:
                 scores.append(100.0 * right / total)
         return max(scores) if scores else None
 
-    def guard_damage(self, model) -> tuple[float | None, bool]:
-        """``(points lost, significant)`` on the guard against the original model."""
+    def guard_damage(self, model, tolerance: float = 0.0) -> tuple[float | None, bool]:
+        """``(points lost, significantly more than tolerance)`` on the guard against the original model."""
         if self.guard is None:
             return None, False
         now = self.correct(model, self.guard)
@@ -128,4 +131,5 @@ class Monitor:
         lost, won, total = _reduced(torch.tensor([float((before & ~now).sum()), float((~before & now).sum()),
                                                   float(now.numel())], dtype=torch.float64)).tolist()
         damage = 100.0 * (lost - won) / max(total, 1.0)
-        return damage, (lost - won) > GUARD_SIGMAS * (lost + won) ** 0.5
+        allowed = tolerance / 100.0 * total
+        return damage, (lost - won - allowed) > GUARD_SIGMAS * (lost + won) ** 0.5
