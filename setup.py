@@ -10,6 +10,7 @@ PACKAGES = [
     "unsc_fast", "unsc_fast.ops", "unsc_fast.adapters", "unsc_fast.tracking", "unsc_fast.statistics", "unsc_fast.solve",
     "unsc_fast.projection", "unsc_fast.distributed", "unsc_fast.projector", "unsc_fast.kernels", "unsc_fast.evaluation",
     "unsc_fast.evaluation.methods", "unsc_fast.evaluation.facts", "unsc_fast.objectives",
+    "unsc_fast.unlearning",
 ]
 PACKAGE_DIR = {"unsc_fast": "unsc_fast", "unsc_fast.kernels": "kernels"}
 

@@ -35,7 +35,8 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("projection", ("unsc_fast.projection",)),
     ("distributed", ("unsc_fast.distributed",)),
     ("projector", ("unsc_fast.projector",)),
-    ("procedure", ("unsc_fast.calibration", "unsc_fast.room", "unsc_fast.objectives", "unsc_fast.unlearn")),
+    ("procedure", ("unsc_fast.calibration", "unsc_fast.room", "unsc_fast.objectives", "unsc_fast.unlearning",
+                   "unsc_fast.unlearn")),
     ("api", ("unsc_fast",)),  # the package root alone: the public names
     ("harness", ("unsc_fast.evaluation",)),
     ("cli", ("unsc_fast.__main__",)),

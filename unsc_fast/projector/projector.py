@@ -23,16 +23,15 @@ from unsc_fast.projection.bases import NullSpaceBases
 from unsc_fast.projector.persistence import STATE_FORMAT  # noqa: F401 - where users found it
 from unsc_fast.projector.persistence import PersistenceMixin
 from unsc_fast.projector.statistics_mixin import StatisticsMixin
-from unsc_fast.solve import lora
+from unsc_fast.solve import lora, per_label
 from unsc_fast.solve import request as solve
 from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
-from unsc_fast.statistics import batches, policies
+from unsc_fast.statistics import policies
 from unsc_fast.statistics.observation import Observation
 from unsc_fast.statistics.store import CovarianceStore, key_set
 from unsc_fast.tracking import wrappers
 from unsc_fast.tracking.layers import (Coverage, coverage, find_layers, plan_protection, slot_devices, slot_named,
                                         warn_unprotected)
-from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 
 DEFAULT_GROUP = "all"
 
@@ -108,6 +107,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         dense = {name: size for name, size in self._slot_sizes().items() if name not in self._sketch_slots}
         self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
         self._sketches: dict = {}  # key -> slot name -> sketch.FrequentDirections
+        self._spectra = per_label.SpectrumCache()  # criterion="per_label": the last request's eigenvectors
         self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
         self.solution = NullSpaceBases(self.protection)  # the bases of the last build
         self._observation: Observation | None = None
@@ -168,31 +168,6 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             self._observation = None
             wrappers.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
-    def collect(self, loader, *, labels: bool | str | None = None, group: Hashable | None = None, device=None,
-                forget: bool = False, progress: bool | None = None):
-        """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
-
-        A batch is ``(inputs, targets, ...)``, a tensor, or a dict of keyword inputs (Hugging
-        Face: ``"labels"`` are the targets; an ``attention_mask`` keeps padding out, see
-        ``observe``). ``labels=None`` decides from each batch (``unsc_fast.statistics.batches``): a
-        classifier's targets (one per sample) are its labels, a language-model batch (a dict
-        batch with per-token or no labels; integer (B, T) tokens with (B, T) targets) is one
-        group. ``True``: always the targets; ``False``: never; ``"key"``: a dict batch's entry
-        with one label per sequence (removed from the model's inputs). Inputs are moved to
-        ``device`` (default: the model's). ``forget=True``: a request's forget data (see
-        ``observe``). ``progress``: a tqdm bar (None: only on a terminal, after 2 s).
-        The model's train/eval modes are restored afterwards.
-        """
-        device = model_device(self.model) if device is None else device
-        bar = progress_bar(loader, "observing forget data" if forget else "observing", progress)
-        with eval_mode(self.model), torch.no_grad():
-            for batch in bar:
-                args, kwargs, targets = batch_parts(to_device(batch, device))
-                kwargs, chosen = batches.observed_labels(args, kwargs, targets, labels)
-                with self.observe(labels=chosen, group=group, forget=forget):
-                    self.model(*args, **kwargs)
-        return self
-
     # -------------------------------------------------------------------- build
     def build(
         self,
@@ -206,6 +181,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         process_group=None,
         keep_covariances: str = "all",
         allow_unobserved: bool = False,
+        criterion: str = "total",
     ) -> "NullSpaceProjector":
         """Basis per layer from the observed groups, less ``exclude`` (the forgotten labels).
 
@@ -231,14 +207,23 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ``keep_covariances``: ``"all"`` keeps each rank's covariances for later requests,
         ``"rank0"`` moves them all onto rank 0 (other ranks keep only bases), ``"none"``
         drops them (a later request needs a new pass over the data).
+
+        ``criterion``: ``"total"`` (the summed covariance keeps ``threshold`` of its energy) or
+        ``"per_label"`` (every kept label keeps ``threshold`` of its own energy in every layer:
+        ``unsc_fast.solve.per_label``; dense fp64 eigenvectors, per-label statistics, one
+        process; a rebuild of the same request at another threshold reuses the solve).
         """
         threshold = self.threshold if threshold is None else ops.check_threshold(threshold)
+        criterion = solve.check_criterion(criterion)
         if method not in ops.EIGENSOLVERS:
             raise ValueError(f"build(): method must be one of {ops.EIGENSOLVERS}, got {method!r}")
         keep_covariances = solve.check_keep(keep_covariances)
         exclude, subtract = key_set(exclude, "exclude"), key_set(subtract, "subtract")
         include = None if include is None else key_set(include, "include")
         group = distributed.resolve_group(process_group)
+        if group is not None and criterion == "per_label":
+            raise NotImplementedError('build(criterion="per_label") runs on one process; under torch.distributed '
+                                      'use criterion="total" (or build with process_group="local" on pooled statistics)')
         if group is not None:
             new_bases, new_complements, kept = distributed.build(
                 self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
@@ -254,9 +239,14 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
                                               include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
-        new_bases, solved_complements = solve.local_bases(
-            self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
-            subtracted, threshold, generator, method)
+        if criterion == "per_label":
+            new_bases, solved_complements = per_label.request_bases(
+                self.store, self.protection.slots, self._slot_devices, kept, subtracted, threshold, self._spectra,
+                statistics=self.statistics, sketched=list(self._sketch_slots))
+        else:
+            new_bases, solved_complements = solve.local_bases(
+                self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
+                subtracted, threshold, generator, method)
         lora.start_zero_adapters_(self._lora, self.protection, new_bases, self.store)  # B = 0: A into the null space
         warn_if_everything_blocked(self.protection.slots, new_bases)
         self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)

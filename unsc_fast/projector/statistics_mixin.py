@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Hashable, Iterable
 import torch
 
 from unsc_fast.statistics import sketch
-from unsc_fast.statistics import policies
+from unsc_fast.statistics import batches, policies
 from unsc_fast.statistics.store import key_set
+from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from unsc_fast.statistics.observation import Observation
@@ -78,3 +79,28 @@ class StatisticsMixin:
     def _slot_sizes(self) -> dict[str, int]:
         """Numbers each slot's statistics hold (d^2 for a dense slot)."""
         return {slot.name: math.prod(slot.shape) for slot in self.protection.slots.values()}
+
+    def collect(self, loader, *, labels: bool | str | None = None, group: Hashable | None = None, device=None,
+                forget: bool = False, progress: bool | None = None):
+        """Observe every batch of ``loader`` (any iterable) in eval mode, without grad.
+
+        A batch is ``(inputs, targets, ...)``, a tensor, or a dict of keyword inputs (Hugging
+        Face: ``"labels"`` are the targets; an ``attention_mask`` keeps padding out, see
+        ``observe``). ``labels=None`` decides from each batch (``unsc_fast.statistics.batches``): a
+        classifier's targets (one per sample) are its labels, a language-model batch (a dict
+        batch with per-token or no labels; integer (B, T) tokens with (B, T) targets) is one
+        group. ``True``: always the targets; ``False``: never; ``"key"``: a dict batch's entry
+        with one label per sequence (removed from the model's inputs). Inputs are moved to
+        ``device`` (default: the model's). ``forget=True``: a request's forget data (see
+        ``observe``). ``progress``: a tqdm bar (None: only on a terminal, after 2 s).
+        The model's train/eval modes are restored afterwards.
+        """
+        device = model_device(self.model) if device is None else device
+        bar = progress_bar(loader, "observing forget data" if forget else "observing", progress)
+        with eval_mode(self.model), torch.no_grad():
+            for batch in bar:
+                args, kwargs, targets = batch_parts(to_device(batch, device))
+                kwargs, chosen = batches.observed_labels(args, kwargs, targets, labels)
+                with self.observe(labels=chosen, group=group, forget=forget):
+                    self.model(*args, **kwargs)
+        return self

@@ -15,6 +15,7 @@ from unsc_fast.solve.checks import check_subtraction
 from unsc_fast.solve.complement import prefers_complement
 
 KEEP_COVARIANCES = ("all", "rank0", "none")
+CRITERIA = ("total", "per_label")  # the energy kept: of the summed covariance, or of every label's own
 
 
 def check_keep(keep_covariances: str) -> str:
@@ -23,6 +24,12 @@ def check_keep(keep_covariances: str) -> str:
     if keep_covariances not in KEEP_COVARIANCES:
         raise ValueError(f"keep_covariances must be one of {KEEP_COVARIANCES}, got {keep_covariances!r}")
     return keep_covariances
+
+
+def check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(f"build(): criterion must be one of {CRITERIA}, got {criterion!r}")
+    return criterion
 
 
 def request_keys(store, statistics: str, groups: list, forget: list, exclude: set, include, subtract: set,

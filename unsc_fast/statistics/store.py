@@ -57,6 +57,7 @@ class CovarianceStore:
         self.dtype = dtype
         self._matrices: dict[Key, dict[str, torch.Tensor]] = {}
         self._rows: dict[Key, dict[str, int]] = {}
+        self.version = 0  # bumped by every change: a cached solve of this content is stale when it moves
 
     # ------------------------------------------------------------------ read
     @property
@@ -81,6 +82,7 @@ class CovarianceStore:
     # ------------------------------------------------------------------ write
     def add(self, key: Key, name: str, delta: torch.Tensor, rows: int) -> None:
         """Add ``delta`` (rows^T rows of ``rows`` rows) to ``key``'s sum; the store may keep ``delta``."""
+        self.version += 1
         per_layer = self._matrices.setdefault(key, {})
         if name in per_layer:
             per_layer[name].add_(delta)
@@ -91,18 +93,21 @@ class CovarianceStore:
 
     def pop(self, key: Key, name: str) -> tuple[torch.Tensor | None, int]:
         """Remove and return ``(matrix, rows)`` of one key and layer."""
+        self.version += 1
         matrix = self._matrices.get(key, {}).pop(name, None)
         rows = self._rows.get(key, {}).pop(name, 0)
         return matrix, rows
 
     def reset(self, keys: Iterable[Key] | None = None) -> None:
         """Forget ``keys`` (default: all)."""
+        self.version += 1
         for key in self.keys if keys is None else list(keys):
             self._matrices.pop(key, None)
             self._rows.pop(key, None)
 
     def replace(self, matrices: dict, rows: dict) -> None:
         """Swap in a whole new content (distributed: after pooling onto one rank)."""
+        self.version += 1
         self._matrices, self._rows = matrices, rows
 
     # ------------------------------------------------------------------ requests
