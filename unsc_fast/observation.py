@@ -39,14 +39,18 @@ def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
 class Observation:
     """Pending per-(group, layer) covariance deltas of the forward in progress."""
 
-    def __init__(self, store: CovarianceStore, protection: Protection, labels, group: Hashable) -> None:
+    def __init__(self, store: CovarianceStore, protection: Protection, labels, group: Hashable, *,
+                 pool_labels: bool = False) -> None:
+        """``pool_labels``: file every sample under ``group`` (the total policy keeps no
+        per-label split) while still checking ``labels`` as under every other policy."""
         self.store = store
         self.protection = protection
-        if labels is None:
-            self.batch_size = None
-            self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
-        else:
-            self.batch_size, self.groups = _label_groups(labels)
+        self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
+        self.batch_size = None
+        if labels is not None:
+            self.batch_size, by_label = _label_groups(labels)
+            if not pool_labels:
+                self.groups = by_label
         self.pending: dict[tuple[Hashable, str], list] = {}  # (key, slot) -> [delta, rows]
         self.handles: list = []
         self.calls = 0  # layer forwards seen, committed or not

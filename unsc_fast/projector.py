@@ -113,7 +113,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ``labels`` (batch,) files each sample's rows under its label; ``group`` files the
         whole batch under one name; with neither, under ``"all"``. Under
         ``statistics="total"`` every batch goes into the one total (labels and groups are
-        not kept apart). ``forget=True`` marks a pass over a request's forget data: the next
+        not kept apart; labels are still checked: one integer per sample). ``forget=True`` marks a pass over a request's forget data: the next
         ``build()`` subtracts it from the data it sums (see ``build``).
         Each forward of the model is committed whole or not at all: a batch that fails
         (label count mismatch, non-finite activations) leaves the stored covariances exactly
@@ -128,10 +128,12 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
-        if self.statistics == "total":  # one matrix per layer: no per-label split in the hook
-            labels, group = None, policies.TOTAL_KEY
+        pooled = self.statistics == "total"  # one matrix per layer: labels checked, then pooled
+        if pooled:
+            group = policies.TOTAL_KEY
         router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
-        observation = Observation(router, self.protection, labels, DEFAULT_GROUP if group is None else group)
+        observation = Observation(router, self.protection, labels, DEFAULT_GROUP if group is None else group,
+                                  pool_labels=pooled)
         sketching = self._sketch_observation(observation, router)
         self._observation = observation
         try:

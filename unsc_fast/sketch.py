@@ -24,6 +24,7 @@ layers sum the kept keys' sketches (class-wise requests, named groups). Linear l
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -125,9 +126,13 @@ class SketchObservation:
     finiteness check (all or nothing, like ``observation.Observation``).
     """
 
-    def __init__(self, sketches: dict, targets: list[SketchTarget], groups: list, dtype: torch.dtype) -> None:
-        """``groups``: ``[(key, sample_indices or None)]``, as ``observation._label_groups`` makes."""
+    def __init__(self, sketches: dict, targets: list[SketchTarget], groups: list, dtype: torch.dtype,
+                 batch_size: int | None = None) -> None:
+        """``groups``: ``[(key, sample_indices or None)]``, as ``observation._label_groups`` makes;
+        ``batch_size``: the number of labels, which every sketched input must match."""
         self.sketches, self.layers, self.groups, self.dtype = sketches, list(targets), groups, dtype
+        self.batch_size = batch_size
+        self.thread = threading.get_ident()  # only this thread's forwards are recorded
         self.rows = {target.name: target.rows for target in self.layers}
         self.pending: list[tuple] = []
         self.handles: list = []
@@ -137,19 +142,36 @@ class SketchObservation:
         for layer in self.layers:
             self.handles.append(layer.module.register_forward_hook(
                 lambda module, args, output, layer=layer: self._record(layer, args[0])))
-        self.handles.append(root.register_forward_pre_hook(lambda *_: self.pending.clear()))
+        self.handles.append(root.register_forward_pre_hook(lambda *_: self._discard()))
         self.handles.append(root.register_forward_hook(lambda *_: self.commit()))
 
+    def _records(self) -> bool:
+        return threading.get_ident() == self.thread
+
+    def _discard(self) -> None:
+        if self._records():
+            self.pending.clear()
+
     def _record(self, layer: SketchTarget, x) -> None:
+        if not self._records():
+            return
         self.calls += 1
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape[-1] != layer.dim:
             raise ValueError(f"layer {layer.name!r}: expected a floating-point input ending in {layer.dim}")
+        batch = 1 if x.dim() == 1 else x.shape[0]
+        if self.batch_size is not None and batch != self.batch_size:
+            raise ValueError(
+                f"layer {layer.name!r}: labels has {self.batch_size} entries but the layer's input "
+                f"has batch size {batch}; labels need one entry per sample along the batch dimension"
+            )
         x = x.detach()
         for key, index in self.groups:
             part = x if index is None else x.index_select(0, index.to(x.device))
             self.pending.append((key, layer.name, part.reshape(-1, layer.dim)))
 
     def commit(self) -> None:
+        if not self._records():
+            return
         pending, self.pending = self.pending, []
         for _, name, rows in pending:
             if not bool(torch.isfinite(rows).all()):
