@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unsc_fast.bases import complement_if_cheaper, prefers_complement
-from unsc_fast.build_checks import check_definite, subtracted_diagonal
+from unsc_fast.build_checks import check_definite, pooled_removals
 from unsc_fast.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -260,7 +260,7 @@ def build(
             "observe()? Leave them out with modules=[...] if the model never calls them"
         )
 
-    removed = _pooled_subtracted_diagonals(store, names, layers, subtract, devices[0], group)
+    removed = pooled_removals(store, names, layers, kept, subtract, devices[0], group)
     owners = _owners([layer.dim * layer.groups ** (1 / 3) if layer.kind != "diagonal" else 1 for layer in layers],
                      world)
     owned: dict[int, torch.Tensor] = {}
@@ -328,17 +328,6 @@ def build(
     elif keep_covariances == "none":
         store.reset()
     return bases, complements, kept
-
-
-def _pooled_subtracted_diagonals(store, names, slots, subtract, device, group) -> list | None:
-    """Per slot, the diagonal of the ``subtract`` groups summed over every rank (one
-    all-reduce), which ``build_checks.check_definite`` needs on the owner; None without subtract."""
-    if not subtract:
-        return None
-    parts = [subtracted_diagonal(store, name, subtract, slot.shape, device) for name, slot in zip(names, slots)]
-    flat = torch.cat([part.reshape(-1) for part in parts])
-    dist.all_reduce(flat, group=group)
-    return [piece.view(part.shape) for piece, part in zip(flat.split([p.numel() for p in parts]), parts)]
 
 
 def _basis_shape(slot, k: int) -> tuple[int, ...]:

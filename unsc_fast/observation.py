@@ -57,6 +57,7 @@ class Observation:
         self.foreign_calls = 0  # layer forwards run by other threads, never recorded
         self.thread = threading.get_ident()  # the thread whose forwards are recorded
         self.inputs_finite: dict[str, list] = {}  # per slot, this forward's input checks
+        self.row_dtypes: dict[str, set] = {}  # per slot, this forward's floating input dtypes
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # hooks -------------------------------------------------------------------
@@ -81,6 +82,7 @@ class Observation:
         if self.records():
             self.pending.clear()
             self.inputs_finite.clear()
+            self.row_dtypes.clear()
 
     # accumulation -------------------------------------------------------------
     def _accumulate(self, layer: LayerAdapter, module, args, kwargs, output) -> None:
@@ -99,6 +101,7 @@ class Observation:
         device = layer.weight.device
         with torch.no_grad():
             inputs_finite = _inputs_finite(args, kwargs)  # unsynchronised; read only if a delta is not finite
+            row_dtype = _coarsest_dtype(args, kwargs)
             for position, (key, index) in enumerate(self.groups):
                 deltas = _SlotDeltas(self, key, device)
                 chosen = None if index is None else self._index(position, index, device)
@@ -107,6 +110,8 @@ class Observation:
                     slot = self.protection.slot(own_name).name
                     self.pending[(key, slot)][1] += count
                     self.inputs_finite.setdefault(slot, []).append(inputs_finite)
+                    if row_dtype is not None:
+                        self.row_dtypes.setdefault(slot, set()).add(row_dtype)
 
     def _index(self, position: int, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         cached = self._indices_on.get((position, device))
@@ -121,6 +126,7 @@ class Observation:
             return
         pending, self.pending = self.pending, {}
         inputs_finite, self.inputs_finite = self.inputs_finite, {}
+        row_dtypes, self.row_dtypes = self.row_dtypes, {}
         if not pending:
             return
         finite = _finite_flags([_diagonal(delta) for delta, _ in pending.values()])
@@ -129,6 +135,9 @@ class Observation:
                 raise ValueError(_non_finite_message(key, name, pending[(key, name)][0], inputs_finite.get(name, [])))
         for (key, name), (delta, rows) in pending.items():
             self.store.add(key, name, delta, rows)
+        for name, dtypes in row_dtypes.items():
+            for dtype in dtypes:
+                self.store.note_row_dtype(name, dtype)
 
 
 def _inputs_finite(args, kwargs) -> torch.Tensor | None:
@@ -139,6 +148,13 @@ def _inputs_finite(args, kwargs) -> torch.Tensor | None:
         return None
     flags = [_finite_flag(t) for t in tensors]
     return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def _coarsest_dtype(args, kwargs) -> torch.dtype | None:
+    """The floating dtype with the largest epsilon among a layer's tensor inputs (None when
+    it received none: embedding indices are exact)."""
+    dtypes = {t.dtype for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps, default=None)
 
 
 def _finite_flag(t: torch.Tensor) -> torch.Tensor:

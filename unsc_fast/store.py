@@ -57,6 +57,9 @@ class CovarianceStore:
         self.dtype = dtype
         self._matrices: dict[Key, dict[str, torch.Tensor]] = {}
         self._rows: dict[Key, dict[str, int]] = {}
+        # Per layer, the coarsest dtype its input rows arrived in: two forwards of the same
+        # sample round differently at that precision, which ``build_checks`` must allow for.
+        self.row_dtypes: dict[str, torch.dtype] = {}
 
     # ------------------------------------------------------------------ read
     @property
@@ -89,6 +92,12 @@ class CovarianceStore:
         counts = self._rows.setdefault(key, {})
         counts[name] = counts.get(name, 0) + int(rows)
 
+    def note_row_dtype(self, name: str, dtype: torch.dtype) -> None:
+        """Layer ``name`` received rows in ``dtype``: keep the coarsest seen."""
+        known = self.row_dtypes.get(name)
+        if known is None or torch.finfo(dtype).eps > torch.finfo(known).eps:
+            self.row_dtypes[name] = dtype
+
     def pop(self, key: Key, name: str) -> tuple[torch.Tensor | None, int]:
         """Remove and return ``(matrix, rows)`` of one key and layer."""
         matrix = self._matrices.get(key, {}).pop(name, None)
@@ -97,6 +106,8 @@ class CovarianceStore:
 
     def reset(self, keys: Iterable[Key] | None = None) -> None:
         """Forget ``keys`` (default: all)."""
+        if keys is None:
+            self.row_dtypes.clear()
         for key in self.keys if keys is None else list(keys):
             self._matrices.pop(key, None)
             self._rows.pop(key, None)
