@@ -82,6 +82,21 @@ class FrequentDirections:
         """``B``: the sketch rows in use (a view)."""
         return self.buffer[: self.filled]
 
+    def state(self) -> dict:
+        """Tensors and plain values that ``restore`` turns back into this sketch, bit for bit
+        (the rows past ``filled`` are always zero)."""
+        return {"matrix": self.matrix().clone(), "sketch_rows": self.l, "trace": self.trace,
+                "shrunk": self.shrunk, "count": self.count}
+
+    @classmethod
+    def restore(cls, matrix: torch.Tensor, sketch_rows: int, trace: float, shrunk: float, count: int,
+                device: torch.device | None = None) -> "FrequentDirections":
+        """The sketch that ``state`` described (its fields checked by ``unsc_fast.sketch_state``)."""
+        sketch = cls(matrix.shape[1], sketch_rows, matrix.dtype, device)
+        sketch.buffer[: matrix.shape[0]] = matrix.to(sketch.buffer.device)
+        sketch.filled, sketch.trace, sketch.shrunk, sketch.count = matrix.shape[0], trace, shrunk, count
+        return sketch
+
 
 def basis(sketches: list[FrequentDirections], threshold: float, name: str = "") -> torch.Tensor:
     """``(d, k)`` orthonormal basis keeping at least ``threshold`` of the true energy of the rows
