@@ -77,7 +77,12 @@ class PersistenceMixin:
         store.replace(parsed.matrices, parsed.rows)
         store.row_dtypes.update(parsed.row_dtypes)
         self.threshold, self.store, self._sketches = parsed.threshold, store, sketches
-        self.solution = solution
+        if self.solution and solution.fingerprint() == self.solution.fingerprint():
+            # The very bases in place: keep their objects, so that what is known about them
+            # (the optimizer's clean momentum buffers) still holds, as it does bit for bit.
+            self.solution.built_from, self.solution.threshold = solution.built_from, solution.threshold
+        else:
+            self.solution = solution
         return self
 
     def save(self, path) -> None:
