@@ -113,8 +113,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ``labels`` (batch,) files each sample's rows under its label; ``group`` files the
         whole batch under one name; with neither, under ``"all"``. Under
         ``statistics="total"`` every batch goes into the one total (labels and groups are
-        not kept apart; labels are still checked: one integer per sample). ``forget=True`` marks a pass over a request's forget data: the next
-        ``build()`` subtracts it from the data it sums (see ``build``).
+        not kept apart; labels are still checked). ``forget=True`` marks a pass over a
+        request's forget data: the next ``build()`` subtracts it from the data it sums.
         Each forward of the model is committed whole or not at all: a batch that fails
         (label count mismatch, non-finite activations) leaves the stored covariances exactly
         as they were. The hooks are removed on exit, also when the body raises.
@@ -129,11 +129,9 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
         pooled = self.statistics == "total"  # one matrix per layer: labels checked, then pooled
-        if pooled:
-            group = policies.TOTAL_KEY
+        group = policies.TOTAL_KEY if pooled else DEFAULT_GROUP if group is None else group
         router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
-        observation = Observation(router, self.protection, labels, DEFAULT_GROUP if group is None else group,
-                                  pool_labels=pooled)
+        observation = Observation(router, self.protection, labels, group, pool_labels=pooled)
         sketching = self._sketch_observation(observation, router)
         self._observation = observation
         try:
