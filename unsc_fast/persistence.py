@@ -103,7 +103,7 @@ def read_state_file(path):
     where = repr(os.fspath(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, MemoryError):
         raise
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -88,10 +89,8 @@ class ProjectorMachine(RuleBasedStateMachine):
         return model, projector, optimizer
 
     def teardown(self):
-        for path in getattr(self, "scratch", Path("/nonexistent")).glob("*"):
-            path.unlink()
         if hasattr(self, "scratch"):
-            self.scratch.rmdir()
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers
     def snapshot(self) -> tuple:
