@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Hashable, Iterable
 import torch
 import torch.distributed as dist
 
-from unsc_fast.solve.checks import check_definite, subtracted_diagonal
+from unsc_fast.solve.checks import Removal, check_definite, removal
 from unsc_fast.solve.complement import complement_if_cheaper, prefers_complement
 from unsc_fast.solve.request import solve_slot
 from unsc_fast.statistics.store import CovarianceStore
@@ -221,7 +221,7 @@ def pool_statistics(store: CovarianceStore, slots: dict[str, "Slot"], slot_devic
             "observe()? Leave them out with modules=[...] if the model never calls them"
         )
 
-    removed = _pooled_subtracted_diagonals(store, names, layers, subtract, devices[0], group)
+    removed = pooled_removals(store, names, layers, kept, subtract, devices[0], group)
     owners = _owners([layer.dim * layer.groups ** (1 / 3) if layer.kind != "diagonal" else 1 for layer in layers],
                      world)
     rank = dist.get_rank(group)
@@ -281,15 +281,23 @@ def share_bases(pooled: PooledStatistics, solved: dict, solved_complements: dict
     return bases, complements
 
 
-def _pooled_subtracted_diagonals(store, names, slots, subtract, device, group) -> list | None:
-    """Per slot, the diagonal of the ``subtract`` groups summed over every rank (one
-    all-reduce), which ``solve.checks.check_definite`` needs on the owner; None without subtract."""
+def pooled_removals(store: CovarianceStore, names: list, slots: list, kept: list, subtract: Iterable, device,
+                    group) -> list | None:
+    """``removal`` of every slot summed over the ranks of ``group`` (rows summed, the
+    coarsest row dtype kept), which ``check_definite`` needs on the slot's owner; None
+    without subtract."""
     if not subtract:
         return None
-    parts = [subtracted_diagonal(store, name, subtract, slot.shape, device) for name, slot in zip(names, slots)]
-    flat = torch.cat([part.reshape(-1) for part in parts])
+    parts = [removal(store, name, kept, subtract, slot.shape, device) for name, slot in zip(names, slots)]
+    flat = torch.cat([part.diagonal.reshape(-1) for part in parts])
+    rows = torch.tensor([part.rows for part in parts], dtype=torch.int64, device=device)
+    eps = torch.tensor([part.row_eps for part in parts], dtype=torch.float64, device=device)
     dist.all_reduce(flat, group=group)
-    return [piece.view(part.shape) for piece, part in zip(flat.split([p.numel() for p in parts]), parts)]
+    dist.all_reduce(rows, group=group)
+    dist.all_reduce(eps, op=dist.ReduceOp.MAX, group=group)
+    pieces = flat.split([part.diagonal.numel() for part in parts])
+    return [Removal(piece.view(part.diagonal.shape), int(n), float(e))
+            for piece, part, n, e in zip(pieces, parts, rows.tolist(), eps.tolist())]
 
 
 def _basis_shape(slot, k: int) -> tuple[int, ...]:

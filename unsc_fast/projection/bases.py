@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from unsc_fast.projection.apply import apply_uses_, protects_nothing, residual
+from unsc_fast.projection.checksum import state_checksum
 from unsc_fast.solve.complement import complement_if_cheaper
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +29,7 @@ class NullSpaceBases:
         self.complements: dict[str, torch.Tensor] = {}
         self.built_from: tuple = ()
         self.threshold: float | None = None
+        self._fingerprint: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.bases)
@@ -43,6 +45,15 @@ class NullSpaceBases:
         self.bases = bases
         self.complements = {name: q for name, q in complements.items() if q is not None}
         self.built_from, self.threshold = tuple(built_from), threshold
+        self._fingerprint = None
+
+    def fingerprint(self) -> str:
+        """A checksum of the bases and complements (what the projection depends on), computed
+        once per build: equal fingerprints project bit for bit alike, also across a save and
+        load (the optimizer's saved knowledge of clean momentum buffers is tied to it)."""
+        if self._fingerprint is None:
+            self._fingerprint = state_checksum({"bases": self.bases, "complements": self.complements})
+        return self._fingerprint
 
     def ranks(self) -> dict[str, int | list[int]]:
         """Kept dimensions per slot (one per group for grouped slots)."""

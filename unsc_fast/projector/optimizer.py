@@ -42,7 +42,9 @@ class NullSpaceOptimizer(Optimizer):
     In gradient-only groups, a momentum buffer not built there from projected gradients under
     the current bases (after a ``build()``, a loaded state, or a step that projected the change)
     is projected once before the step: the steps that follow equal those of projecting every
-    change, since ``P`` is linear.
+    change, since ``P`` is linear. Which buffers are known clean travels in ``state_dict``
+    (``null_space.clean_momentum``, tied to a fingerprint of the bases) and through pickling,
+    so a resumed run skips exactly the projections the original skips: resume is bitwise.
 
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects
     (also after ``load_state_dict``), so LR schedulers and GradScaler work unchanged.
@@ -123,6 +125,7 @@ class NullSpaceOptimizer(Optimizer):
     def _projected_step(self) -> None:
         self.projector.solution.require_built()
         self._forget_clean_buffers_after_a_build()
+        self._adopt_loaded_clean_buffers()
         tracked = self.projector.protection.names
         before: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         gradient_only: list[tuple[str, torch.Tensor]] = []
@@ -181,19 +184,46 @@ class NullSpaceOptimizer(Optimizer):
                 clean[name] = (param, weakref.ref(buffer))
         self._clean_buffers = clean
 
+    def _bases_changed(self) -> bool:
+        bases = list(self.projector.solution.bases.values())
+        return len(bases) != len(self._bases_seen) or any(ref() is not b for ref, b in zip(self._bases_seen, bases))
+
     def _forget_clean_buffers_after_a_build(self) -> None:
         """A new build (or a loaded projector) has new bases: no buffer is known clean there."""
-        bases = list(self.projector.solution.bases.values())
-        if len(bases) != len(self._bases_seen) or any(ref() is not b for ref, b in zip(self._bases_seen, bases)):
+        if self._bases_changed():
             self._clean_buffers.clear()
-            self._bases_seen = [weakref.ref(basis) for basis in bases]
+            self._bases_seen = [weakref.ref(basis) for basis in self.projector.solution.bases.values()]
 
-    def _reset_clean_buffers(self) -> None:
+    def _adopt_loaded_clean_buffers(self) -> None:
+        """Marks from a loaded state (or an unpickled wrapper) hold for the buffers now in the
+        state where the bases are still those they were saved under (same fingerprint)."""
+        loaded, self._loaded_clean = self._loaded_clean, None
+        if loaded is None or loaded["bases"] != self.projector.solution.fingerprint():
+            return
+        params = {name: param for param, name in self.projector.protection.names.items()}
+        for name in loaded["layers"]:
+            buffer = self.optimizer.state.get(params.get(name), {}).get("momentum_buffer")
+            if buffer is not None:
+                self._clean_buffers[name] = (params[name], weakref.ref(buffer))
+
+    def _clean_momentum(self) -> dict | None:
+        """The marks as plain values (``null_space.clean_momentum``): the names of the tracked
+        weights whose momentum buffer is clean and the fingerprint of the bases it is clean under."""
+        if self._loaded_clean is not None:
+            return self._loaded_clean
+        if not self._clean_buffers or self._bases_changed():
+            return None
+        names = sorted(name for name, (param, ref) in self._clean_buffers.items()
+                       if ref() is not None and ref() is self.optimizer.state.get(param, {}).get("momentum_buffer"))
+        return {"layers": names, "bases": self.projector.solution.fingerprint()} if names else None
+
+    def _reset_clean_buffers(self, loaded: dict | None = None) -> None:
         """Which momentum buffers are known to be projected (name: (parameter, weak reference
-        to its buffer); by name, as Dynamo mixes up dicts keyed by tensors) under which bases:
-        about live objects, so never saved, copied or pickled."""
+        to its buffer); by name, as Dynamo mixes up dicts keyed by tensors) under which bases
+        (weak references to them); ``loaded``: marks read from a state, adopted at the next step."""
         self._clean_buffers: dict = {}
         self._bases_seen: list = []
+        self._loaded_clean: dict | None = loaded
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -207,6 +237,9 @@ class NullSpaceOptimizer(Optimizer):
             hook(self)
         state = self.optimizer.state_dict()
         state["null_space"] = {"untracked": self.untracked, "project_gradients": self.project_gradients}
+        clean = self._clean_momentum()
+        if clean is not None:
+            state["null_space"]["clean_momentum"] = {"layers": list(clean["layers"]), "bases": clean["bases"]}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
             if result is not None:
@@ -229,19 +262,23 @@ class NullSpaceOptimizer(Optimizer):
                 state_dict = result
         options = _check_options(state_dict.pop("null_space", None))
         self.optimizer.load_state_dict(state_dict)
-        self._reset_clean_buffers()
+        self._reset_clean_buffers(None if options is None else options[2])
         if options is not None:
-            self.untracked, self.project_gradients = options
+            self.untracked, self.project_gradients = options[:2]
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     # Optimizer pickles only defaults/state/param_groups; the wrapper needs all of itself.
+    # The marks of clean buffers are about live objects: they travel as plain values.
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_clean_buffers", "_bases_seen")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_clean_buffers", "_bases_seen", "_loaded_clean")}
+        state["_loaded_clean"] = self._clean_momentum()
+        return state
 
     def __setstate__(self, state: dict) -> None:
+        loaded = state.pop("_loaded_clean", None)
         self.__dict__.update(state)
-        self._reset_clean_buffers()
+        self._reset_clean_buffers(loaded)
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -252,24 +289,33 @@ class NullSpaceOptimizer(Optimizer):
         )
 
 
-def _check_options(options) -> tuple[str, bool | str] | None:
+def _check_options(options) -> tuple[str, bool | str, dict | None] | None:
     """The saved ``null_space`` options, refused unless exactly what ``state_dict`` writes
-    (``project_gradients`` True, False or "auto"; states saved before "auto" hold a bool):
-    a wrong ``untracked`` would silently let biases train (or freeze them), and a truthy
-    string for ``project_gradients`` is not a decision anybody made."""
+    (``project_gradients`` True, False or "auto"; states saved before "auto" hold a bool;
+    ``clean_momentum`` where buffers are known clean): a wrong ``untracked`` would silently
+    let biases train (or freeze them), and a truthy string for ``project_gradients`` is not a
+    decision anybody made."""
     if options is None:
         return None
     if not isinstance(options, dict):
         raise ValueError(f"optimizer state: null_space must be a dict, got {type(options).__name__}")
     expected = {"untracked", "project_gradients"}
-    if set(options) != expected:
+    if not expected <= set(options) <= expected | {"clean_momentum"}:
         raise ValueError(
-            f"optimizer state: null_space must have the fields {sorted(expected)}, got {sorted(map(str, options))}"
+            f"optimizer state: null_space must have the fields {sorted(expected)} (and optionally "
+            f"clean_momentum), got {sorted(map(str, options))}"
         )
+    clean = options.get("clean_momentum")
+    if clean is not None and not (
+        isinstance(clean, dict) and set(clean) == {"layers", "bases"} and isinstance(clean["bases"], str)
+        and isinstance(clean["layers"], list) and all(isinstance(name, str) for name in clean["layers"])
+    ):
+        raise ValueError("optimizer state: null_space.clean_momentum must be {'layers': [names], 'bases': str}, "
+                         f"got {clean!r}")
     if options["untracked"] not in UNTRACKED_POLICIES:
         raise ValueError(
             f"optimizer state: null_space.untracked must be one of {UNTRACKED_POLICIES}, "
             f"got {options['untracked']!r}"
         )
     mode = check_mode(options["project_gradients"], where="optimizer state: null_space.project_gradients")
-    return options["untracked"], mode
+    return options["untracked"], mode, clean

@@ -122,8 +122,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         ``attention_mask`` keyword (B, T) is observed at its real tokens only
         (``unsc_fast.adapters.tokens``): padding never enters the statistics. Under
         ``statistics="total"`` every batch goes into the one total (labels and groups are
-        not kept apart). ``forget=True`` marks a pass over a request's forget data: the next
-        ``build()`` subtracts it from the data it sums (see ``build``).
+        not kept apart; labels are still checked). ``forget=True`` marks a pass over a
+        request's forget data: the next ``build()`` subtracts it from the data it sums.
         Each forward of the model is committed whole or not at all: a batch that fails
         (label count mismatch, non-finite activations) leaves the stored covariances exactly
         as they were. The hooks are removed on exit, also when the body raises.
@@ -137,10 +137,10 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
-        if self.statistics == "total":  # one matrix per layer: no per-label split in the hook
-            labels, group = None, policies.TOTAL_KEY
+        pooled = self.statistics == "total"  # one matrix per layer: labels checked, then pooled
+        group = policies.TOTAL_KEY if pooled else DEFAULT_GROUP if group is None else group
         router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
-        observation = Observation(router, self.protection, labels, DEFAULT_GROUP if group is None else group)
+        observation = Observation(router, self.protection, labels, group, pool_labels=pooled)
         sketching = self._sketch_observation(observation, router)
         self._observation = observation
         try:

@@ -12,15 +12,21 @@ field, and the layer where there is one (RELIABILITY 65).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Hashable
 
 import torch
 
+from unsc_fast.projection.checksum import CHECKSUM_FIELD, ChecksumError, state_checksum
+
 ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REQUIRED_FIELDS = ("format", "threshold", "dtype", "layers", "groups", "bases", "built_from", "built_threshold")
-# States saved before the complements were kept have none: a QR rebuilds them on load.
-OPTIONAL_FIELDS = ("complements",)
+# Fields that older states lack: complements (a QR rebuilds them), the rows' dtypes (taken as
+# float32 by build()'s definiteness check), the sketches of sketched layers, the checksum.
+OPTIONAL_FIELDS = ("complements", "row_dtypes", "sketches", CHECKSUM_FIELD)
+ROW_DTYPES = {name: getattr(torch, name) for name in
+              ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")}
 
 # Largest |U^T U - I| entry accepted, per basis dtype. Bases come out of eigh / Rayleigh-Ritz
 # orthonormal to a few ulps times sqrt(d); these bounds leave room for that (and for a
@@ -44,6 +50,7 @@ class ProjectorState:
     built_from: tuple
     built_threshold: float | None
     complements: dict
+    row_dtypes: dict
 
 
 def check_threshold_field(value, field: str) -> float:
@@ -228,16 +235,48 @@ def _parse_complements(complements, slots: dict[str, tuple], bases: dict, device
     return parsed
 
 
-def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], devices: dict) -> ProjectorState:
+def verify_checksum(state: dict, where: str) -> None:
+    """Refuse ``state`` when its content does not match its checksum; warn when it has none."""
+    if CHECKSUM_FIELD not in state:
+        warnings.warn(
+            f"{where} carries no checksum (saved by an earlier version of unsc_fast, or unsealed after an "
+            "edit): its content cannot be verified; save it again to add one",
+            UserWarning, stacklevel=4,
+        )
+        return
+    try:
+        expected = state_checksum(state)
+    except ChecksumError as error:
+        raise StateError(f"projector state: {error}") from None
+    if state[CHECKSUM_FIELD] != expected:
+        raise StateError(
+            f"projector state: its content does not match its checksum ({str(state[CHECKSUM_FIELD])[:19]}... "
+            f"saved, {expected[:19]}... now): the state is damaged and nothing was loaded. A state edited on "
+            "purpose loads once resealed with unsc_fast.projector.persistence.seal_state(state)"
+        )
+
+
+def _parse_row_dtypes(value, slots: dict) -> dict:
+    value = _mapping(value, "row_dtypes")
+    for name, dtype in value.items():
+        if name not in slots or dtype not in ROW_DTYPES:
+            raise StateError(f"projector state: row_dtypes[{name!r}] = {dtype!r}: need a tracked layer and one "
+                             f"of {sorted(ROW_DTYPES)}")
+    return {name: ROW_DTYPES[dtype] for name, dtype in value.items()}
+
+
+def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], devices: dict,
+                          where: str = "projector state") -> ProjectorState:
     """Check ``state`` against a model whose tracked slots are ``{name: (kind, shape of the
     statistics)}`` with weights on ``devices``; return its content converted, or raise
-    ``StateError`` naming the field."""
+    ``StateError`` naming the field. Its checksum is verified before any field is read."""
     if not isinstance(state, dict):
         raise StateError(f"not a NullSpaceProjector state: expected a dict, got {type(state).__name__}")
     if state.get("format") != expected_format:
         raise StateError(
             f"not a NullSpaceProjector state (expected format {expected_format!r}, got {state.get('format')!r})"
         )
+    verify_checksum(state, where)
     missing = [field for field in REQUIRED_FIELDS if field not in state]
     unknown = sorted(str(field) for field in state if field not in REQUIRED_FIELDS + OPTIONAL_FIELDS)
     if missing or unknown:
@@ -261,4 +300,6 @@ def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], 
         raise StateError(f"projector state: built_from must be a list of labels or names, got {built_from!r}")
     if bases and built_threshold is None:
         raise StateError("projector state: bases are present but built_threshold is None")
-    return ProjectorState(threshold, dtype, matrices, rows, bases, tuple(built_from), built_threshold, complements)
+    row_dtypes = _parse_row_dtypes(state.get("row_dtypes", {}), slots)
+    return ProjectorState(threshold, dtype, matrices, rows, bases, tuple(built_from), built_threshold, complements,
+                          row_dtypes)

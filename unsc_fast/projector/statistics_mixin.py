@@ -74,7 +74,7 @@ class StatisticsMixin:
         groups = [(router.key(key), index) for key, index in observation.groups]
         targets = [sketch.SketchTarget(slot, self.layers[name].module, self.sketch_rows[name])
                    for slot, name in self._sketch_slots.items()]
-        return sketch.SketchObservation(self._sketches, targets, groups, torch.float64)
+        return sketch.SketchObservation(self._sketches, targets, groups, torch.float64, observation.batch_size)
 
     def _slot_sizes(self) -> dict[str, int]:
         """Numbers each slot's statistics hold (d^2 for a dense slot)."""

@@ -59,7 +59,7 @@ def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices:
             bases[slot.name] = sketch_basis(sketches, slot.name, kept, subtracted, threshold).to(devices[slot.name])
             continue
         covariance = store.kept_sum(slot.name, kept, subtracted)
-        check_subtraction(store, slot.name, covariance, subtracted)
+        check_subtraction(store, slot.name, covariance, kept, subtracted)
         basis, complement = solve_slot(slot, covariance, threshold, generator, method)
         del covariance
         bases[slot.name] = basis.to(devices[slot.name])

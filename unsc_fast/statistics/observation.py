@@ -51,14 +51,18 @@ def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
 class Observation:
     """Pending per-(group, layer) covariance deltas of the forward in progress."""
 
-    def __init__(self, store: CovarianceStore, protection: Protection, labels, group: Hashable) -> None:
+    def __init__(self, store: CovarianceStore, protection: Protection, labels, group: Hashable, *,
+                 pool_labels: bool = False) -> None:
+        """``pool_labels``: file every sample under ``group`` (the total policy keeps no
+        per-label split) while still checking ``labels`` as under every other policy."""
         self.store = store
         self.protection = protection
-        if labels is None:
-            self.batch_size = None
-            self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
-        else:
-            self.batch_size, self.groups = _label_groups(labels)
+        self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
+        self.batch_size = None
+        if labels is not None:
+            self.batch_size, by_label = _label_groups(labels)
+            if not pool_labels:
+                self.groups = by_label
         self.pending: dict[tuple[Hashable, str], list] = {}  # (key, slot) -> [delta, rows]
         self.handles: list = []
         self.calls = 0  # layer forwards seen, committed or not
@@ -67,6 +71,7 @@ class Observation:
         self.inputs_finite: dict[str, list] = {}  # per slot, this forward's input checks
         self.broadcast_layers: list[str] = []  # this forward's layers whose batch of 1 served every sample
         self.saw_labelled_batch = False  # whether a layer of this forward saw one sample per label
+        self.row_dtypes: dict[str, set] = {}  # per slot, this forward's floating input dtypes
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.token_mask: torch.Tensor | None = None  # this forward's real tokens (attention_mask)
         self._token_masks_on: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -95,6 +100,7 @@ class Observation:
             self.inputs_finite.clear()
             self.broadcast_layers.clear()
             self.saw_labelled_batch = False
+            self.row_dtypes.clear()
             self.token_mask = None
             self._token_masks_on.clear()
 
@@ -131,9 +137,10 @@ class Observation:
         device = layer.weight.device
         with torch.no_grad():
             inputs_finite = _inputs_finite(args, kwargs)  # unsynchronised; read only if a delta is not finite
+            row_dtype = _coarsest_dtype(args, kwargs)
             if broadcast:
                 self.broadcast_layers.append(layer.name)
-                self._accumulate_broadcast(layer, args, kwargs, output, device, inputs_finite)
+                self._accumulate_broadcast(layer, args, kwargs, output, device, inputs_finite, row_dtype)
                 return
             for position, (key, index) in enumerate(self.groups):
                 deltas = _SlotDeltas(self, key, device)
@@ -142,9 +149,10 @@ class Observation:
                 else:
                     chosen = None if index is None else self._index(position, index, device)
                 rows = layer.accumulate_(deltas, args, kwargs, output, chosen)
-                self._count(key, rows, inputs_finite)
+                self._count(key, rows, inputs_finite, row_dtype)
 
-    def _accumulate_broadcast(self, layer: LayerAdapter, args, kwargs, output, device, inputs_finite) -> None:
+    def _accumulate_broadcast(self, layer: LayerAdapter, args, kwargs, output, device, inputs_finite,
+                              row_dtype) -> None:
         """One input shared by the whole batch: its statistics once, then ``n_label`` times
         into each label's accumulators (every sample of the label used it)."""
         once = _FreshDeltas(self, device)
@@ -153,13 +161,15 @@ class Observation:
             deltas, samples = _SlotDeltas(self, key, device), index.numel()
             for own_name, delta in once.items():
                 deltas[own_name].add_(delta, alpha=samples)
-            self._count(key, {name: count * samples for name, count in rows.items()}, inputs_finite)
+            self._count(key, {name: count * samples for name, count in rows.items()}, inputs_finite, row_dtype)
 
-    def _count(self, key, rows: dict[str, int], inputs_finite) -> None:
+    def _count(self, key, rows: dict[str, int], inputs_finite, row_dtype) -> None:
         for own_name, count in rows.items():
             slot = self.protection.slot(own_name).name
             self.pending[(key, slot)][1] += count
             self.inputs_finite.setdefault(slot, []).append(inputs_finite)
+            if row_dtype is not None:
+                self.row_dtypes.setdefault(slot, set()).add(row_dtype)
 
     def _index(self, position: int, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         cached = self._indices_on.get((position, device))
@@ -188,6 +198,7 @@ class Observation:
         inputs_finite, self.inputs_finite = self.inputs_finite, {}
         broadcast, self.broadcast_layers = self.broadcast_layers, []
         labelled, self.saw_labelled_batch = self.saw_labelled_batch, False
+        row_dtypes, self.row_dtypes = self.row_dtypes, {}
         self.token_mask = None
         self._token_masks_on.clear()
         if broadcast and not labelled:  # every layer saw one sample: the labels are not this batch's
@@ -200,6 +211,9 @@ class Observation:
                 raise ValueError(_non_finite_message(key, name, pending[(key, name)][0], inputs_finite.get(name, [])))
         for (key, name), (delta, rows) in pending.items():
             self.store.add(key, name, delta, rows)
+        for name, dtypes in row_dtypes.items():
+            for dtype in dtypes:
+                self.store.note_row_dtype(name, dtype)
 
 
 def _mismatch(layer: str, labels: int, batch: int) -> str:
@@ -217,6 +231,13 @@ def _inputs_finite(args, kwargs) -> torch.Tensor | None:
         return None
     flags = [_finite_flag(t) for t in tensors]
     return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def _coarsest_dtype(args, kwargs) -> torch.dtype | None:
+    """The floating dtype with the largest epsilon among a layer's tensor inputs (None when
+    it received none: embedding indices are exact)."""
+    dtypes = {t.dtype for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps, default=None)
 
 
 def _finite_flag(t: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,9 @@ class StatisticsRouter:
                 )
         self.store.add(key, name, delta, rows)
 
+    def note_row_dtype(self, name: str, dtype: torch.dtype) -> None:
+        self.store.note_row_dtype(name, dtype)
+
 
 def sketched_layers(sketch, layers: dict, protection, labels: int, dtype, policy: str,
                     budget: int | None) -> dict[str, int]:

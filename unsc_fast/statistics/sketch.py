@@ -24,6 +24,7 @@ layers sum the kept keys' sketches (class-wise requests, named groups). Linear l
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -83,6 +84,21 @@ class FrequentDirections:
         """``B``: the sketch rows in use (a view)."""
         return self.buffer[: self.filled]
 
+    def state(self) -> dict:
+        """Tensors and plain values that ``restore`` turns back into this sketch, bit for bit
+        (the rows past ``filled`` are always zero)."""
+        return {"matrix": self.matrix().clone(), "sketch_rows": self.l, "trace": self.trace,
+                "shrunk": self.shrunk, "count": self.count}
+
+    @classmethod
+    def restore(cls, matrix: torch.Tensor, sketch_rows: int, trace: float, shrunk: float, count: int,
+                device: torch.device | None = None) -> "FrequentDirections":
+        """The sketch that ``state`` described (its fields checked by ``unsc_fast.projector.sketch_state``)."""
+        sketch = cls(matrix.shape[1], sketch_rows, matrix.dtype, device)
+        sketch.buffer[: matrix.shape[0]] = matrix.to(sketch.buffer.device)
+        sketch.filled, sketch.trace, sketch.shrunk, sketch.count = matrix.shape[0], trace, shrunk, count
+        return sketch
+
 
 def basis(sketches: list[FrequentDirections], threshold: float, name: str = "") -> torch.Tensor:
     """``(d, k)`` orthonormal basis keeping at least ``threshold`` of the true energy of the rows
@@ -127,9 +143,13 @@ class SketchObservation:
     finiteness check (all or nothing, like ``observation.Observation``).
     """
 
-    def __init__(self, sketches: dict, targets: list[SketchTarget], groups: list, dtype: torch.dtype) -> None:
-        """``groups``: ``[(key, sample_indices or None)]``, as ``observation._label_groups`` makes."""
+    def __init__(self, sketches: dict, targets: list[SketchTarget], groups: list, dtype: torch.dtype,
+                 batch_size: int | None = None) -> None:
+        """``groups``: ``[(key, sample_indices or None)]``, as ``observation._label_groups`` makes;
+        ``batch_size``: the number of labels, which every sketched input must match."""
         self.sketches, self.layers, self.groups, self.dtype = sketches, list(targets), groups, dtype
+        self.batch_size = batch_size
+        self.thread = threading.get_ident()  # only this thread's forwards are recorded
         self.rows = {target.name: target.rows for target in self.layers}
         self.pending: list[tuple] = []
         self.handles: list = []
@@ -143,14 +163,27 @@ class SketchObservation:
         self.handles.append(root.register_forward_pre_hook(self._begin, with_kwargs=True))
         self.handles.append(root.register_forward_hook(lambda *_: self.commit()))
 
+    def _records(self) -> bool:
+        return threading.get_ident() == self.thread
+
     def _begin(self, module, args, kwargs) -> None:
-        self.pending.clear()
-        self.token_mask = padding_mask(kwargs)
+        """A new forward of the root (this thread's only): clean buffers, and its padding mask."""
+        if self._records():
+            self.pending.clear()
+            self.token_mask = padding_mask(kwargs)
 
     def _record(self, layer: SketchTarget, x) -> None:
+        if not self._records():
+            return
         self.calls += 1
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape[-1] != layer.dim:
             raise ValueError(f"layer {layer.name!r}: expected a floating-point input ending in {layer.dim}")
+        batch = 1 if x.dim() == 1 else x.shape[0]
+        if self.batch_size is not None and batch != self.batch_size:
+            raise ValueError(
+                f"layer {layer.name!r}: labels has {self.batch_size} entries but the layer's input "
+                f"has batch size {batch}; labels need one entry per sample along the batch dimension"
+            )
         x = x.detach()
         for key, index in self.groups:
             if self.token_mask is not None:  # real tokens only, of this group's sequences
@@ -163,6 +196,8 @@ class SketchObservation:
             self.pending.append((key, layer.name, part.reshape(-1, layer.dim)))
 
     def commit(self) -> None:
+        if not self._records():
+            return
         pending, self.pending = self.pending, []
         for _, name, rows in pending:
             if not bool(torch.isfinite(rows).all()):

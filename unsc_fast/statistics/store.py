@@ -58,6 +58,9 @@ class CovarianceStore:
         self._matrices: dict[Key, dict[str, torch.Tensor]] = {}
         self._rows: dict[Key, dict[str, int]] = {}
         self.version = 0  # bumped by every change: a cached solve of this content is stale when it moves
+        # Per layer, the coarsest dtype its input rows arrived in: two forwards of the same
+        # sample round differently at that precision, which ``solve.checks`` must allow for.
+        self.row_dtypes: dict[str, torch.dtype] = {}
 
     # ------------------------------------------------------------------ read
     @property
@@ -91,6 +94,12 @@ class CovarianceStore:
         counts = self._rows.setdefault(key, {})
         counts[name] = counts.get(name, 0) + int(rows)
 
+    def note_row_dtype(self, name: str, dtype: torch.dtype) -> None:
+        """Layer ``name`` received rows in ``dtype``: keep the coarsest seen."""
+        known = self.row_dtypes.get(name)
+        if known is None or torch.finfo(dtype).eps > torch.finfo(known).eps:
+            self.row_dtypes[name] = dtype
+
     def pop(self, key: Key, name: str) -> tuple[torch.Tensor | None, int]:
         """Remove and return ``(matrix, rows)`` of one key and layer."""
         self.version += 1
@@ -101,6 +110,8 @@ class CovarianceStore:
     def reset(self, keys: Iterable[Key] | None = None) -> None:
         """Forget ``keys`` (default: all)."""
         self.version += 1
+        if keys is None:
+            self.row_dtypes.clear()
         for key in self.keys if keys is None else list(keys):
             self._matrices.pop(key, None)
             self._rows.pop(key, None)
