@@ -11,8 +11,8 @@
 //   S(f) = (A^T A + B^T B) + i (G - G^T),  G = A^T B,
 // so per frequency one (Cin x 2n)(2n x Cin) and one (Cin x n)(n x Cin) product over the n
 // images: 3 Cin^2 multiply-adds per image and frequency, against Cin^2 per image, padded
-// position and distinct shift for the direct products (13 shifts for a 3x3 kernel): about a
-// fifth of the work on All-CNN's 16x16 and 32x32 maps. The transforms themselves are two
+// position and distinct shift for the direct products (13 shifts for a 3x3 kernel): an eighth
+// on All-CNN's 16x16 and 32x32 maps, a fifth to a third with the transforms and the inverse. The transforms themselves are two
 // small dense DFT matrices applied as GEMMs (real DFT down the rows, complex along them), laid
 // out so that their result is already (frequency, [re | im] x image, channel); the inverse at
 // the shifts is one GEMM per block of frequencies against tables of weighted cosines and sines.

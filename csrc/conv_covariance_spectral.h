@@ -1,5 +1,5 @@
 // The shift kernel's shifted products through the 2-D discrete Fourier transform: the same
-// F(s) for every tap shift s with about a fifth of the multiply-adds on All-CNN's layers.
+// F(s) for every tap shift s with a fifth to a third of the multiply-adds on All-CNN's layers.
 // See conv_covariance_spectral.cpp and docs/extension.md, "Stride 1: shifted products".
 #pragma once
 
