@@ -23,7 +23,7 @@
 //
 // Where the kernel's reads past a row's end land in zero padding ("same" padding), F is the
 // plain 2-D correlation of the images at each shift, which conv_covariance_spectral.cpp
-// computes for the whole batch through the DFT with a fifth of the multiply-adds; the chunks
+// computes for the whole batch through the DFT with a fifth to a third of the multiply-adds; the chunks
 // then only subtract the corrections, and F is added once at the end.
 #include "conv_covariance_shift.h"
 #include "conv_covariance_spectral.h"
@@ -129,6 +129,7 @@ struct ShiftPlan {
     std::map<std::pair<int64_t, int64_t>, int64_t> row_key_index;
     for (int64_t i = 0; i < g.kernel_h; ++i) row_positions.push_back(outside_rows(g, i * g.dilation_h));
     for (int64_t a = 0; a < g.taps(); ++a) column_positions.push_back(outside_columns(g, g.tap_row(a), g.tap_col(a)));
+    column_pairs.resize(g.taps());
     for (int64_t a = 0; a < g.taps(); ++a) {
       for (int64_t b = a; b < g.taps(); ++b) {
         const int64_t off = g.offset(a, b);
@@ -140,7 +141,6 @@ struct ShiftPlan {
         pairs.emplace_back(a, b);
         pair_offset.push_back(found.first->second);
         if (!column_positions[a].empty() && partners_hold_data(g, column_positions[a], off)) {
-          column_pairs.resize(a + 1);
           column_pairs[a].push_back(static_cast<int64_t>(pairs.size()) - 1);
         }
         const int64_t row = a / g.kernel_w;
@@ -162,7 +162,6 @@ struct ShiftPlan {
       row_key_count.push_back(static_cast<int64_t>(
           std::count(row_key_first.begin(), row_key_first.end(), row_key_first[k])));
     }
-    column_pairs.resize(g.taps());
   }
 
   // Correction panels stacked in one GEMM: a kernel row's offsets, or a tap's partners.
