@@ -17,9 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="forget one digit class on the bundled digits data")
     demo.add_argument("--forget-class", type=int, default=3, help="digit to forget (default 3)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threshold", type=float, default=0.99, help="energy kept per layer, in (0, 1]")
-    demo.add_argument("--epochs", type=int, default=5, help="unlearning epochs over the forget set")
-    demo.add_argument("--lr", type=float, default=0.01, help="unlearning learning rate (SGD, momentum 0.9)")
+    demo.add_argument("--threshold", type=float, default=None,
+                      help="UNSC's starting energy per layer, in (0, 1] (default: unlearn()'s preset, 0.99)")
+    demo.add_argument("--epochs", type=int, default=5,
+                      help="epochs of the naive baseline (UNSC stops by its stop rule)")
+    demo.add_argument("--lr", type=float, default=0.01, help="learning rate of the naive baseline")
     demo.add_argument("--train-epochs", type=int, default=30, help="epochs for the original and retrained models")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: the digits' tiny convolutions run fastest, and do not "

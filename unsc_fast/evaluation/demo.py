@@ -61,14 +61,16 @@ def format_table(rows: list[DemoRow]) -> str:
 def run_demo(
     forget_class: int = 3,
     seed: int = 0,
-    threshold: float = 0.99,
+    threshold: float | None = None,
     train_epochs: int = 30,
     unlearn_epochs: int = 5,
     lr: float = 0.01,
     progress=None,
+    unsc_overrides: dict | None = None,
 ) -> list[DemoRow]:
-    """Train, retrain without ``forget_class``, unlearn with UNSC and with random labels on the
-    forget data alone (no projection); one row each."""
+    """Train, retrain without ``forget_class``, unlearn with UNSC (``unlearn()``'s default preset,
+    plus ``threshold`` and ``unsc_overrides`` where given) and with random labels on the forget data
+    alone (no projection, ``unlearn_epochs`` at ``lr``); one row each."""
     if not 0 <= forget_class <= 9:
         raise ValueError(f"forget_class must be a digit 0-9, got {forget_class}")
     torch.manual_seed(seed)
@@ -98,11 +100,12 @@ def run_demo(
     retrained = train(DigitsCNN(), *remain, epochs=train_epochs, seed=seed, progress=progress, label="retrain")
     rows.append(row("retrain (gold standard)", retrained, time.perf_counter() - start))
 
-    settings = dict(forget_classes=[forget_class], threshold=threshold, epochs=unlearn_epochs, lr=lr, seed=seed)
-    # the naive baseline runs its epochs as they are: no stop rule, no guard (they are UNSC's)
-    for method, options in (("UNSC", {}), (FORGET_ONLY_RANDOM, dict(calibrate=False, project=False, stop=None))):
+    unsc = dict(threshold=threshold, **(unsc_overrides or {}))
+    # the naive baseline runs its epochs as they are: no stop rule, no guard, no distillation
+    naive = dict(calibrate=False, project=False, stop=None, features=0.0, distill=0.0, epochs=unlearn_epochs, lr=lr)
+    for method, options in (("UNSC", unsc), (FORGET_ONLY_RANDOM, naive)):
         model = copy.deepcopy(original)
-        result = unlearn(model, forget, remain, progress=progress, **settings, **options)
+        result = unlearn(model, forget, remain, forget_classes=[forget_class], seed=seed, progress=progress, **options)
         rows.append(row(method, model, result.seconds))
     return rows
 
@@ -120,6 +123,7 @@ def main(args) -> int:
         lr=args.lr,
         progress=None if args.quiet else progress,
     )
-    print(f"\nForgetting digit {args.forget_class} (sklearn digits, seed {args.seed}, threshold {args.threshold})\n")
+    shown = "unlearn()'s default preset" if args.threshold is None else f"threshold {args.threshold}"
+    print(f"\nForgetting digit {args.forget_class} (sklearn digits, seed {args.seed}, UNSC: {shown})\n")
     print(format_table(rows))
     return 0
