@@ -51,10 +51,11 @@ OPTIMIZERS = ("sgd", "adamw")
 PRESETS = {
     # the library's own (docs/fidelity.md): per-label protection from 0.99, adapted to the request
     # (lowered while forgetting stalls, raised when the guard shows damage), SGD with momentum,
-    # stopped by the stop rule within 50 passes over the forget data
+    # stopped by the stop rule within 50 passes over the forget data; feature erasure and retain
+    # distillation at weight 1 (chosen on the validation split: docs/fidelity.md)
     "default": dict(threshold=0.99, epochs=50, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
                     class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=1.0,
-                    distill=0.0),
+                    distill=1.0),
     # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb):
     # a fixed number of epochs, no stop rule, no adaptation
     "official": dict(threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
@@ -141,6 +142,9 @@ def unlearn(
 
     ``features``: weight of the feature-erasure term (``unsc_fast.objectives.FeatureErasure``),
     which pulls the forget samples' classifier inputs out of the directions only they use.
+    ``distill``: weight of retain distillation (``unsc_fast.objectives.RetainDistillation``): the
+    original model's logits on tensor ``remain`` are kept on a batch of remaining samples per step
+    (skipped when ``remain`` is a loader or ``retain`` is given).
 
     ``labels``: ``"calibrate"`` (default; ``calibrate=False`` means ``"random"``),
     ``"random"``, ``"keep"`` or ``relabel(inputs, targets) -> targets``. ``loss(outputs,
