@@ -23,6 +23,7 @@ are moved to the model's device. The stop rule's slices are cut from tensors onl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -191,7 +192,7 @@ def unlearn(
     if not callable(rule_labels) and rule_labels not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule_labels!r}")
     classifier = rule_labels in ("calibrate", "random")
-    stop_rule = _stop_rule(stop, hp, epochs, classifier or language_data)
+    stop_rule = _stop_rule(stop, hp, epochs, classifier or (language_data and labels is None))
     forget_classes = sorted({int(c) for c in (forget_classes or ())})
     generator = torch.Generator().manual_seed(seed) if generator is None else generator
     split = torch.Generator().manual_seed(seed)
@@ -268,11 +269,12 @@ def unlearn(
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
         retain_batches = make_loader(*retain, batch_size, shuffle=True, seed=seed) if is_tensor_pair(retain) else retain
-        outcome = loop.run(model, batches, make_optimizer, lr, chosen, rule, schedule, monitor, head=head,
-                           retain=retain_batches, reference=original if needs_reference else None,
-                           on_protection=(lambda: erasure.calibrate(projector.basis(erasure.layer), erasure.start))
-                           if erasure is not None else None,
-                           evaluate=evaluate, progress=progress, progress_bar_enabled=progress_bar)
+        with language_request.seeded(seed, model) if language_data else contextlib.nullcontext():
+            outcome = loop.run(model, batches, make_optimizer, lr, chosen, rule, schedule, monitor, head=head,
+                               retain=retain_batches, reference=original if needs_reference else None,
+                               on_protection=(lambda: erasure.calibrate(projector.basis(erasure.layer),
+                                                                        erasure.start)) if erasure is not None else None,
+                               evaluate=evaluate, progress=progress, progress_bar_enabled=progress_bar)
     finally:
         if project and projector.statistics == "total" and remain is None:
             projector.reset_forget()  # frees the pass; the next request brings its own
@@ -289,7 +291,9 @@ def unlearn(
 def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:
     """The run's stop rule: the preset's (default: ``StopRule()`` with ``epochs`` as its budget),
     ``None`` for exactly ``epochs`` passes. Targets kept as they are (``"keep"``, a callable) have no
-    classifier accuracy to measure: they run ``epochs`` passes unless a rule is passed explicitly."""
+    classifier accuracy to measure: they run ``epochs`` passes unless a rule is passed explicitly.
+    A language model's request measures scored tokens instead, unless ``labels="keep"`` is spelled
+    out (the earlier API's form, which keeps its fixed passes)."""
     if isinstance(stop, str):
         if stop != "preset":
             raise ValueError(f"stop must be a StopRule, None or 'preset', got {stop!r}")

@@ -6,15 +6,19 @@ docs/language_models.md) replace the classifier preset's where the caller leaves
 unset: the targets are kept (relabelling is a classifier idea), the objective is NPO against
 the frozen original, the protection starts at a higher threshold, and the stop rule measures
 scored tokens (``language.correct_tokens``) on the forget data, with a guard of held-out
-remaining sequences.
+remaining sequences. The loop runs on its own seeded random stream (``seeded``).
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from unsc_fast.objectives.base import as_objective
 from unsc_fast.objectives.causal_lm import NAMES, language_objective
+from unsc_fast.training import model_device
 from unsc_fast.unlearning import language
 from unsc_fast.unlearning.stopping import Monitor, StopRule
 
@@ -83,3 +87,15 @@ def retain_data(objective, retain, observed_remain, batch_size: int, seed: int):
     if data is None:
         raise ValueError(f"objective {objective!r} needs retain data: pass retain=... (or remain=...) to unlearn()")
     return language.batches(data, batch_size, shuffle=True, seed=seed + 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, model) -> Iterator[None]:
+    """Run the loop on its own random stream seeded by ``seed`` (dropout draws from it: a model
+    from config is in train mode), leaving the caller's global state as it was: the same call
+    gives the same model whatever the global random state."""
+    device = model_device(model)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
