@@ -246,3 +246,14 @@ def test_no_frozen_rows_warning_where_the_forget_pass_is_subtracted():
         warnings.simplefilter("error", UserWarning)
         unlearn(model, forget, None, projector=projector, stop=StopRule(max_steps=1, guard=0.0))
         unlearn(trained_model(), forget, remain, stop=StopRule(max_steps=1, guard=0.1))
+
+
+def test_no_frozen_rows_warning_where_a_kept_row_is_used_as_often_by_chance():
+    """Remaining data used a value token exactly as often as the forget data: no warning (the
+    forget persons' own rows, never kept, show the forget data is not in the statistics)."""
+    value = PERSONS + RELATIONS
+    forget = torch.tensor([[0, PERSONS, value], [1, PERSONS, value]])
+    remain = torch.tensor([[2 + i, PERSONS + i % 2, value if i < 2 else value + 1 + i % 5] for i in range(20)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        unlearn(trained_model(), forget, remain, stop=StopRule(max_steps=1, guard=0.0), min_selectivity=0)

@@ -95,8 +95,9 @@ def warn_frozen_forget_rows(model, projector: NullSpaceProjector, forget) -> Non
     forget data itself (e.g. ``statistics="total"`` observed over all the training data, with no
     ``collect(forget, forget=True)`` pass to subtract) counts the forget data's own tokens as
     remaining: rows only it uses (a forgotten person's name) stay frozen, and unlearning must
-    work around them. Detected here, where the forget data is known: a row the forget data
-    uses (at real tokens) whose kept count equals its count in the forget data. Inputs shared
+    work around them. Detected here, where the forget data is known: the kept statistics count
+    every row the forget data uses (at real tokens) at least as often as the forget data does
+    (they hold it), and some row exactly as often (only the forget data uses it). Inputs shared
     by every sequence of a batch (position ids, (1, T)) are no request's own and are skipped.
     Costs one pass over ``forget``; nothing to do when a forget pass was subtracted.
     """
@@ -111,7 +112,10 @@ def warn_frozen_forget_rows(model, projector: NullSpaceProjector, forget) -> Non
         kept = projector.store.kept_sum(layers[name].slot_name(), projector.built_from, required=False)
         if kept is None:
             continue
-        only_forget = (used > 0) & (kept.to(used) == used)
+        kept, rows = kept.to(used), used > 0
+        if not bool((kept[rows] >= used[rows]).all()):
+            continue  # some row the forget data uses is kept less often: the forget data is not in the statistics
+        only_forget = rows & (kept == used)
         if bool(only_forget.any()):
             found.append(f"{name!r}: {int(only_forget.sum())} of the {int((used > 0).sum())} rows the forget data uses")
     if found:
