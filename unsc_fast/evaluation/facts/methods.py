@@ -201,10 +201,13 @@ _objective_method("npo+nso-sgd", "NPO + NullSpaceOptimizer(SGD momentum)", "npo"
 def library_unlearning(original: nn.Module, context: UnlearningContext, settings: dict, seed: int
                        ) -> tuple[nn.Module, dict]:
     """The library's default: ``unlearn(model, forget, remain)``, only the step budget and the
-    forget target given (the benchmark's ``max_steps`` and ``stop_accuracy``)."""
+    forget target given (the benchmark's ``max_steps`` and ``stop_accuracy``); ``objective``,
+    ``threshold``, ``criterion`` (None: unlearn's defaults) are there to measure alternatives."""
     model = copy.deepcopy(original)
     rule = replace(LANGUAGE_DEFAULTS["stop"], max_steps=settings["max_steps"], forget_target=settings["stop_accuracy"])
-    result = unlearn(model, context.forget.batch(), context.retain.batch(), lr=settings["lr"], stop=rule, seed=seed)
+    chosen = {key: settings[key] for key in ("objective", "threshold", "criterion") if settings[key] is not None}
+    result = unlearn(model, context.forget.batch(), context.retain.batch(), lr=settings["lr"], stop=rule, seed=seed,
+                     **chosen)
     model.eval()
     accuracy = forget_accuracy(model, context.task, context.forget_check)
     info = {"steps": result.steps, "final_forget_accuracy": accuracy, "reached": accuracy <= settings["stop_accuracy"],
@@ -214,7 +217,8 @@ def library_unlearning(original: nn.Module, context: UnlearningContext, settings
 
 
 register(Method("unlearn", "unlearn() default (NPO, per-label protection, SGD momentum)", library_unlearning,
-                dict(lr=LANGUAGE_DEFAULTS["lr"], max_steps=200, stop_accuracy=2.0)))
+                dict(lr=LANGUAGE_DEFAULTS["lr"], max_steps=200, stop_accuracy=2.0, objective=None, threshold=None,
+                     criterion=None)))
 
 
 def method_settings(name: str, overrides: dict | None = None) -> dict:
