@@ -5,8 +5,11 @@
    own label and every forgotten class are ruled out; the "second best" rule of the UNSC
    code, generalised to several forgotten classes), draw random allowed labels (ablation),
    or any ``relabel(inputs, targets) -> targets`` callable. Relabelling is a classifier
-   idea; for a language model keep the targets (``labels="keep"``) and choose what is
-   minimised with ``loss=`` / ``objective=``.
+   idea: a language model's data (token tensors, ``(tokens, labels)``, Hugging Face dicts;
+   told from the data) keeps its targets, and ``objective=`` says what is minimised
+   (``"npo"`` by default, ``"graddiff"``, ``"ascent"`` or an object of
+   ``unsc_fast.objectives.causal_lm``); its defaults and stop rule on scored tokens live in
+   ``unsc_fast.unlearning.language_request`` (docs/language_models.md).
 2. Protect: every tracked weight update is confined to the null space of the remaining data's
    layer inputs. The default protection gives every remaining label its own threshold of its
    own input energy in every layer (``build(criterion="per_label")``), starting at 0.99 and
