@@ -1,9 +1,21 @@
 """Unlearn token sequences from a causal LM through a fresh PEFT LoRA adapter, with UNSC.
 
-A small GPT-2 is built from a config object and randomly initialised (nothing is downloaded),
-trained on random "documents", then wrapped by ``peft.get_peft_model`` with PEFT's default
-LoRA initialisation (B = 0) and asked to forget some documents:
+With a model you have, the same code runs on it::
 
+    base = transformers.AutoModelForCausalLM.from_pretrained("your/model")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=[...]))
+    result = unlearn(model, forget_tokens, remain_tokens, objective="npo")
+
+Here (nothing is downloaded) a small GPT-2 is built from a config object and randomly
+initialised, trained on random "documents", then wrapped by ``peft.get_peft_model`` with PEFT's
+default LoRA initialisation (B = 0) and asked to forget some documents:
+
+* The data is what a language model reads: ``(B, T)`` token tensors (every token scored), or
+  ``(tokens, labels)`` with ``-100`` where nothing is scored, or Hugging Face dict batches
+  (``input_ids``, ``attention_mask``, ``labels``); ``unlearn`` tells it from a classifier's.
+* ``objective="npo"`` (the default for language models): NPO against a frozen copy of the
+  original that ``unlearn`` makes; ``"graddiff"`` adds the NLL of the remaining data,
+  ``"ascent"`` is plain gradient ascent.
 * Only the LoRA factors are trainable, so only they are tracked (the frozen base layers
   cannot change and are not observed).
 * B = 0: the factor-wise rule would move nothing, so ``build()`` (run inside ``unlearn``)
@@ -12,8 +24,9 @@ LoRA initialisation (B = 0) and asked to forget some documents:
   then changes only in the null space (``unsc_fast.solve.lora``).
 * The forget documents share a topic (tokens the others never use): a sample-wise request
   needs inputs that differ from the remaining ones somewhere, or ``unlearn`` refuses it.
-* statistics="total" + one pass over the forget documents; labels="keep" +
-  loss=causal_lm_loss + objective="ascent" (calibration is a classifier idea).
+* The stop rule measures the forget documents' next-token accuracy; here a step budget bounds
+  the run and every remaining document is protected (``StopRule(max_steps=..., guard=0.0)``;
+  the default holds a tenth of them out, unprotected, to watch for damage).
 * The adapter merges back into a plain GPT-2 (``merge_and_unload``) with the same outputs.
 
 Run: python examples/unlearn_peft_causal_lm.py
@@ -25,9 +38,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from unsc_fast import NullSpaceProjector
 from unsc_fast.training import causal_lm_loss, fit
 from unsc_fast.unlearn import unlearn
+from unsc_fast.unlearning.stopping import StopRule
 
 
 def tiny_gpt2(vocab: int = 96, width: int = 64, layers: int = 2, seed: int = 0) -> GPT2LMHeadModel:
@@ -54,8 +67,8 @@ def mean_loss(model, tokens: torch.Tensor) -> float:
     return causal_lm_loss(model(tokens), tokens).item()
 
 
-def main(epochs: int = 5, train_epochs: int = 30, progress_bar: bool | None = None) -> dict:
-    base = tiny_gpt2()
+def main(steps: int = 40, train_epochs: int = 30, progress_bar: bool | None = None) -> dict:
+    base = tiny_gpt2()  # a model you have: AutoModelForCausalLM.from_pretrained(...)
     vocab = base.config.vocab_size  # the forget documents share a topic: a part of the vocabulary
     forget, remain = documents(8, 32, range(0, vocab // 4), seed=1), documents(88, 32, range(vocab // 4, vocab), seed=2)
     tokens = torch.cat([forget, remain])
@@ -65,17 +78,18 @@ def main(epochs: int = 5, train_epochs: int = 30, progress_bar: bool | None = No
 
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0)
     model = peft.get_peft_model(base, config)  # B = 0: the model is unchanged so far
-    projector = NullSpaceProjector(model, threshold=0.9, statistics="total")
+    # every remaining document protected (guard=0: none held out to watch), a step budget
+    result = unlearn(model, forget, remain, objective="npo",
+                     stop=StopRule(forget_target=2.0, max_steps=steps, guard=0.0), progress_bar=progress_bar)
+    projector = result.projector
     print(projector.coverage().__str__().splitlines()[0])
-    projector.collect(lm_loader(tokens), labels=False, progress=progress_bar)  # all training data, once
-    unlearn(model, lm_loader(forget, shuffle=True), projector=projector, labels="keep", loss=causal_lm_loss,
-            objective="ascent", untracked="freeze", epochs=epochs, lr=0.3, progress_bar=progress_bar)
     after = {"forget": mean_loss(model, forget), "remain": mean_loss(model, remain)}
     merged = model.merge_and_unload()
     merged_after = {"forget": mean_loss(merged, forget), "remain": mean_loss(merged, remain)}
+    print(f"unlearn: {result.steps} steps, stopped: {result.stop_reason}")
     print(f"next-token loss before:          {before}\nnext-token loss after:           {after}")
     print(f"after merging the adapter back:  {merged_after}")
-    return {"before": before, "after": after, "merged": merged_after, "projector": projector}
+    return {"before": before, "after": after, "merged": merged_after, "projector": projector, "result": result}
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@
    own label and every forgotten class are ruled out; the "second best" rule of the UNSC
    code, generalised to several forgotten classes), draw random allowed labels (ablation),
    or any ``relabel(inputs, targets) -> targets`` callable. Relabelling is a classifier
-   idea; for a language model keep the targets (``labels="keep"``) and choose what is
-   minimised with ``loss=`` / ``objective=``.
+   idea: a language model's data (token tensors, ``(tokens, labels)``, Hugging Face dicts;
+   told from the data) keeps its targets, and ``objective=`` says what is minimised
+   (``"npo"`` by default, ``"graddiff"``, ``"ascent"`` or an object of
+   ``unsc_fast.objectives.causal_lm``); its defaults and stop rule on scored tokens live in
+   ``unsc_fast.unlearning.language_request`` (docs/language_models.md).
 2. Protect: every tracked weight update is confined to the null space of the remaining data's
    layer inputs. The default protection gives every remaining label its own threshold of its
    own input energy in every layer (``build(criterion="per_label")``), starting at 0.99 and
@@ -23,6 +26,7 @@ are moved to the model's device. The stop rule's slices are cut from tensors onl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -38,9 +42,10 @@ from unsc_fast.objectives.classification import RetainDistillation, outside_shar
 from unsc_fast.projector import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
 from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
-from unsc_fast.unlearning import loop
+from unsc_fast.unlearning import language as lm
+from unsc_fast.unlearning import language_request, loop
 from unsc_fast.unlearning.data import correct_predictions, find_classifier, held_out, is_tensor_pair
-from unsc_fast.unlearning.protection import ready_projector, rebuilder, refuse_without_room
+from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
 from unsc_fast.unlearning.targets import LABEL_RULES, Relabel, Relabelled, relabel_rule, tensor_targets
@@ -171,7 +176,11 @@ def unlearn(
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    hp = PRESETS[preset]
+    language_data = language_request.is_language_request(forget, objective, labels)
+    if language_data and preset != "default":
+        raise ValueError(f"preset={preset!r} is the classifier pipeline of the official code; a language model's "
+                         "request runs the default preset")
+    hp = {**PRESETS[preset], **language_request.LANGUAGE_DEFAULTS} if language_data else PRESETS[preset]
     if threshold is None and projector is not None:
         threshold = projector.threshold  # a given projector's own threshold is where protection starts
     basis_rule, explicit_threshold = None, threshold
@@ -182,17 +191,20 @@ def unlearn(
         for name, value in (("threshold", threshold), ("epochs", epochs), ("lr", lr), ("momentum", momentum),
                             ("batch_size", batch_size), ("criterion", criterion), ("adaptive", adaptive),
                             ("features", features), ("distill", distill)))
-    rule_labels = labels if labels is not None else ("calibrate" if calibrate else "random")
+    rule_labels = labels if labels is not None else ("keep" if language_data else "calibrate" if calibrate else "random")
     if not callable(rule_labels) and rule_labels not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule_labels!r}")
     classifier = rule_labels in ("calibrate", "random")
-    stop_rule = _stop_rule(stop, hp, epochs, classifier)
+    stop_rule = _stop_rule(stop, hp, epochs, classifier or (language_data and labels is None))
     forget_classes = sorted({int(c) for c in (forget_classes or ())})
     generator = torch.Generator().manual_seed(seed) if generator is None else generator
     split = torch.Generator().manual_seed(seed)
 
     holdout_mask, guard_data, observed_remain = None, guard, remain
-    if is_tensor_pair(forget):
+    if language_data:  # token sequences (unsc_fast.unlearning.language): targets kept, a guard of sequences
+        new_labels, batches = None, lm.batches(forget, batch_size, shuffle=True, seed=seed)
+        forget_measured, guard_data, observed_remain = language_request.split_data(forget, remain, guard, stop_rule, seed)
+    elif is_tensor_pair(forget):
         new_labels = tensor_targets(model, forget, rule_labels, forget_classes, num_classes,
                                      torch.Generator().manual_seed(seed))
         trained = torch.ones(len(forget[0]), dtype=torch.bool)
@@ -209,16 +221,20 @@ def unlearn(
         guard_data = (remain[0][guard_mask], remain[1][guard_mask])
         observed_remain = (remain[0][~guard_mask], remain[1][~guard_mask])
 
-    original = copy.deepcopy(model).requires_grad_(False) if stop_rule is not None else None
+    base = language_request.resolve_objective(objective, loss) if language_data else None
+    needs_reference = bool(getattr(base, "needs_reference", False))
+    original = copy.deepcopy(model).requires_grad_(False) if stop_rule is not None or needs_reference else None
     schedule = ProtectionSchedule(None, levels, threshold)
     erasure, head = None, None
     if project:
         projector, criterion = ready_projector(
             model, projector, observed_remain, forget, forget_classes, threshold, progress, progress_bar,
             basis_rule=basis_rule, incremental=hp["basis"] == "incremental", explicit_threshold=explicit_threshold,
-            criterion=criterion, generator=generator, method=method)
+            criterion=criterion, generator=generator, method=method, language_data=language_data)
+        forget_batches = lm.batches(forget, 256) if language_data else forget
+        warn_frozen_forget_rows(model, projector, batches_of(forget_batches, 256))
         if not forget_classes and min_selectivity > 0:
-            refuse_without_room(model, projector, forget, min_selectivity)
+            refuse_without_room(model, projector, forget_batches, min_selectivity)
         if adaptive and stop_rule is not None and hp["basis"] != "incremental":
             exclude = forget_classes if projector.statistics == "total" else \
                 [c for c in forget_classes if c in set(projector.groups)]
@@ -233,7 +249,8 @@ def unlearn(
         def make_optimizer(step_size: float) -> torch.optim.Optimizer:
             return _inner(model, optimizer, step_size, momentum, weight_decay)
 
-    base = CrossEntropy() if (objective is None and loss is F.cross_entropy) else as_objective(loss, objective)
+    if base is None:
+        base = CrossEntropy() if (objective is None and loss is F.cross_entropy) else as_objective(loss, objective)
     if distill and classifier and is_tensor_pair(observed_remain) and retain is None:
         base = RetainDistillation(base, distill)
         retain = (observed_remain[0], predict_logits(model, observed_remain[0]).to(observed_remain[0].device))
@@ -241,7 +258,12 @@ def unlearn(
     if erasure is not None:
         erasure.base = base
     monitor = None
-    if stop_rule is not None and classifier and is_tensor_pair(forget):
+    if language_data:
+        monitor = language_request.monitor(forget_measured, guard_data, original) if stop_rule is not None else None
+        retain = language_request.retain_data(base, retain, observed_remain, batch_size, seed)
+        if needs_reference:
+            original.eval()
+    elif stop_rule is not None and classifier and is_tensor_pair(forget):
         parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask]) if holdout_mask is not None else forget]
         if holdout_mask is not None and bool(holdout_mask.any()):
             parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
@@ -250,11 +272,12 @@ def unlearn(
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
         retain_batches = make_loader(*retain, batch_size, shuffle=True, seed=seed) if is_tensor_pair(retain) else retain
-        outcome = loop.run(model, batches, make_optimizer, lr, chosen, rule, schedule, monitor, head=head,
-                           retain=retain_batches,
-                           on_protection=(lambda: erasure.calibrate(projector.basis(erasure.layer), erasure.start))
-                           if erasure is not None else None,
-                           evaluate=evaluate, progress=progress, progress_bar_enabled=progress_bar)
+        with language_request.seeded(seed, model) if language_data else contextlib.nullcontext():
+            outcome = loop.run(model, batches, make_optimizer, lr, chosen, rule, schedule, monitor, head=head,
+                               retain=retain_batches, reference=original if needs_reference else None,
+                               on_protection=(lambda: erasure.calibrate(projector.basis(erasure.layer),
+                                                                        erasure.start)) if erasure is not None else None,
+                               evaluate=evaluate, progress=progress, progress_bar_enabled=progress_bar)
     finally:
         if project and projector.statistics == "total" and remain is None:
             projector.reset_forget()  # frees the pass; the next request brings its own
@@ -271,7 +294,9 @@ def unlearn(
 def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:
     """The run's stop rule: the preset's (default: ``StopRule()`` with ``epochs`` as its budget),
     ``None`` for exactly ``epochs`` passes. Targets kept as they are (``"keep"``, a callable) have no
-    classifier accuracy to measure: they run ``epochs`` passes unless a rule is passed explicitly."""
+    classifier accuracy to measure: they run ``epochs`` passes unless a rule is passed explicitly.
+    A language model's request measures scored tokens instead, unless ``labels="keep"`` is spelled
+    out (the earlier API's form, which keeps its fixed passes)."""
     if isinstance(stop, str):
         if stop != "preset":
             raise ValueError(f"stop must be a StopRule, None or 'preset', got {stop!r}")

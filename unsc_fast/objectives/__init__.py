@@ -1,8 +1,11 @@
 """What unlearning minimises: objectives that see one training step (``Step``) and return the
 loss (``base``, ``classification``), and the language-model losses as pure functions of logits,
 labels and reference log-probabilities (``language``: never of models, so that any training
-loop can use them and the tests can hold them to plain reference computations)."""
+loop can use them and the tests can hold them to plain reference computations), and the
+``Step`` objectives for causal LMs that wrap them (``causal_lm``: ``GradientAscent``, ``NPO``,
+``GradDiff``, ``Custom``; ``unlearn(objective="npo")`` and friends)."""
 from unsc_fast.objectives.base import Objective, Step, as_objective
+from unsc_fast.objectives.causal_lm import NPO, Custom, GradDiff, GradientAscent, LanguageObjective
 from unsc_fast.objectives.classification import CrossEntropy, FeatureErasure
 from unsc_fast.objectives.language import (
     IGNORE_INDEX,
@@ -17,5 +20,5 @@ from unsc_fast.objectives.language import (
 __all__ = [
     "Objective", "Step", "as_objective", "CrossEntropy", "FeatureErasure",
     "IGNORE_INDEX", "token_log_probs", "sequence_log_probs", "next_token_nll", "gradient_ascent_loss",
-    "npo_loss", "grad_diff_loss",
+    "npo_loss", "grad_diff_loss", "LanguageObjective", "GradientAscent", "NPO", "GradDiff", "Custom",
 ]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from unsc_fast.objectives.base import Step
+from unsc_fast.objectives.causal_lm import token_labels
 from unsc_fast.training import Progress, batch_parts, frozen_batchnorm, model_device, progress_bar, to_device
 from unsc_fast.unlearning.schedule import ProtectionSchedule
 from unsc_fast.unlearning.stopping import Check, Monitor, StopRule
@@ -211,5 +212,7 @@ def _retain(model: nn.Module, batches, device):
 
     def next_batch():
         args, kwargs, targets = batch_parts(to_device(next(batches), device))
+        if targets is None:  # a language model's tokens alone: scored on every real token
+            targets = token_labels(args, kwargs, None)
         return model(*args, **kwargs), targets
     return next_batch

@@ -22,15 +22,18 @@ value accuracy; the run stops at ``stop_accuracy`` or after ``max_steps``.
 ``NullSpaceOptimizer`` around the same AdamW. ``npo+nso-sgd`` swaps AdamW for SGD with
 momentum (the issue's measured best recipe through the public API).
 
-The library's own default LM unlearning (``unlearn()`` with an LM objective) plugs in as one
-more entry of ``METHODS`` (see ``register``): a runner ``(original, context, settings, seed)
--> (model, info)``.
+``unlearn`` is the library's own default LM unlearning, as a user calls it: ``unlearn(model,
+forget, remain)`` on the Hugging Face batches (NPO against the frozen original, per-label
+protection of the remaining data observed inside, SGD with momentum, its stop rule on the
+forget data's scored tokens with a guard of held-out retain sequences), nothing tuned: its
+one learning rate is the library's default. Other methods plug in the same way: one more entry
+of ``METHODS`` (see ``register``), a runner ``(original, context, settings, seed) -> (model, info)``.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -40,6 +43,8 @@ from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.evaluation.facts.data import FactsTask, Sequences
 from unsc_fast.evaluation.facts.metrics import forget_accuracy
 from unsc_fast.objectives import grad_diff_loss, gradient_ascent_loss, npo_loss, sequence_log_probs
+from unsc_fast.unlearn import unlearn
+from unsc_fast.unlearning.language_request import LANGUAGE_DEFAULTS
 
 OBJECTIVES = ("ga", "graddiff", "npo")
 
@@ -191,6 +196,29 @@ _objective_method("graddiff+nso", "GradDiff + NullSpaceOptimizer(AdamW)", "gradd
 _objective_method("npo+nso", "NPO + NullSpaceOptimizer(AdamW)", "npo", ADAMW_GRID, protect=True)
 _objective_method("npo+nso-sgd", "NPO + NullSpaceOptimizer(SGD momentum)", "npo", SGD_GRID, protect=True,
                   optimizer="sgd", weight_decay=0.0)
+
+
+def library_unlearning(original: nn.Module, context: UnlearningContext, settings: dict, seed: int
+                       ) -> tuple[nn.Module, dict]:
+    """The library's default: ``unlearn(model, forget, remain)``, only the step budget and the
+    forget target given (the benchmark's ``max_steps`` and ``stop_accuracy``); ``objective``,
+    ``threshold``, ``criterion`` (None: unlearn's defaults) are there to measure alternatives."""
+    model = copy.deepcopy(original)
+    rule = replace(LANGUAGE_DEFAULTS["stop"], max_steps=settings["max_steps"], forget_target=settings["stop_accuracy"])
+    chosen = {key: settings[key] for key in ("objective", "threshold", "criterion") if settings[key] is not None}
+    result = unlearn(model, context.forget.batch(), context.retain.batch(), lr=settings["lr"], stop=rule, seed=seed,
+                     **chosen)
+    model.eval()
+    accuracy = forget_accuracy(model, context.task, context.forget_check)
+    info = {"steps": result.steps, "final_forget_accuracy": accuracy, "reached": accuracy <= settings["stop_accuracy"],
+            "stop_reason": result.stop_reason, "ranks": result.protection.get("ranks", {}),
+            "threshold": result.protection.get("threshold")}
+    return model, info
+
+
+register(Method("unlearn", "unlearn() default (NPO, per-label protection, SGD momentum)", library_unlearning,
+                dict(lr=LANGUAGE_DEFAULTS["lr"], max_steps=200, stop_accuracy=2.0, objective=None, threshold=None,
+                     criterion=None)))
 
 
 def method_settings(name: str, overrides: dict | None = None) -> dict:

@@ -1,0 +1,259 @@
+"""unlearn() on a causal language model: objectives by name and as objects, the frozen
+reference and the retain data unlearn builds for them, clear errors where a classifier rule
+meets LM data, the per-token stop rule, reproducibility and the frozen-rows warning.
+
+The model: a one-layer GPT-2 from config that has memorised tiny facts ``[person, relation,
+value]`` (only the value scored). Every person has its own token, so a forgotten person's
+embedding row is used by no remaining sequence: the room the projection leaves to forget.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from unsc_fast import NullSpaceProjector
+from unsc_fast.objectives import NPO, Custom, GradDiff, GradientAscent, npo_loss, sequence_log_probs
+from unsc_fast.unlearn import unlearn
+from unsc_fast.unlearning import language
+from unsc_fast.unlearning.stopping import StopRule
+
+transformers = pytest.importorskip("transformers")
+
+PERSONS, RELATIONS, VALUES = 24, 2, 12
+VOCAB = PERSONS + RELATIONS + VALUES
+
+
+def facts(seed: int = 0):
+    """(tokens, labels): one sequence per person and relation, the value the only scored token."""
+    generator = torch.Generator().manual_seed(seed)
+    person = torch.arange(PERSONS).repeat_interleave(RELATIONS)
+    relation = PERSONS + torch.arange(RELATIONS).repeat(PERSONS)
+    value = PERSONS + RELATIONS + torch.randint(0, VALUES, (PERSONS * RELATIONS,), generator=generator)
+    tokens = torch.stack([person, relation, value], 1)
+    labels = tokens.clone()
+    labels[:, :2] = -100
+    return tokens, labels
+
+
+_TRAINED = {}
+
+
+def trained_model(dropout: float = 0.0):
+    """The memorised model (trained once per dropout, copied for every test)."""
+    if dropout not in _TRAINED:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=4, n_embd=32, n_layer=1, n_head=2,
+                                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                         bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+        tokens, labels = facts()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.eval()  # memorise without dropout; the copies keep train mode as a user's would
+        for _ in range(300):
+            optimizer.zero_grad()
+            model(input_ids=tokens, labels=labels).loss.backward()
+            optimizer.step()
+        model.train()
+        _TRAINED[dropout] = model
+    return copy.deepcopy(_TRAINED[dropout])
+
+
+def split():
+    tokens, labels = facts()
+    forget = torch.arange(len(tokens)) < 2 * RELATIONS  # persons 0 and 1
+    return (tokens[forget], labels[forget]), (tokens[~forget], labels[~forget])
+
+
+def token_accuracy(model, data) -> float:
+    return 100.0 * float(language.correct_tokens(model, data).float().mean())
+
+
+def test_the_memorised_model_knows_every_fact():
+    model = trained_model()
+    assert token_accuracy(model, facts()) == 100.0
+
+
+def test_correct_tokens_against_a_loop():
+    model = trained_model().eval()
+    tokens, labels = facts()
+    labels[3, 2] = -100  # one sequence with nothing scored
+    flags = language.correct_tokens(model, (tokens, labels), batch_size=5)
+    expected = []
+    with torch.no_grad():
+        logits = model(tokens).logits
+    for i in range(len(tokens)):
+        for t in range(tokens.shape[1] - 1):
+            if labels[i, t + 1] != -100:
+                expected.append(bool(logits[i, t].argmax() == labels[i, t + 1]))
+    assert flags.tolist() == expected
+
+
+def test_default_request_forgets_and_keeps_the_rest():
+    forget, remain = split()
+    model = trained_model()
+    result = unlearn(model, forget, remain)
+    assert result.stop_reason == "forgotten", result.trajectory
+    assert result.labels is None
+    assert token_accuracy(model, forget) <= 2.0
+    assert result.trajectory[-1]["guard_damage"] is not None  # a guard of held-out sequences was measured
+    assert token_accuracy(model, remain) >= 95.0
+    assert result.protection["criterion"] == "per_label"
+
+
+@pytest.mark.parametrize("name, cls", [("ascent", GradientAscent), ("npo", NPO), ("graddiff", GradDiff)])
+def test_objectives_by_name_equal_the_objects(name, cls):
+    forget, remain = split()
+    by_name, by_object = trained_model(), trained_model()
+    first = unlearn(by_name, forget, remain, objective=name, stop=StopRule(max_steps=4, guard=0.1))
+    second = unlearn(by_object, forget, remain, objective=cls(), stop=StopRule(max_steps=4, guard=0.1))
+    assert first.steps == second.steps == 4
+    for a, b in zip(by_name.parameters(), by_object.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(by_name.parameters(), trained_model().parameters()))
+
+
+def test_npo_gets_the_frozen_original_as_its_reference():
+    """unlearn builds the reference: the original's outputs (eval mode), whatever the model became."""
+    forget, remain = split()
+    model = trained_model()
+    original = copy.deepcopy(model).eval()
+    seen = []
+
+    def npo_checking_reference(step):
+        labels = step.targets
+        with torch.no_grad():
+            expected = original(*step.args, **step.kwargs).logits
+        reference = step.reference().logits
+        seen.append(torch.equal(reference, expected))
+        return npo_loss(step.outputs, labels, sequence_log_probs(reference, labels), 0.1)
+
+    unlearn(model, forget, remain, objective=Custom(npo_checking_reference, reference=True),
+            stop=StopRule(max_steps=5, guard=0.0))
+    assert len(seen) == 5 and all(seen)
+
+
+def test_npo_object_equals_its_formula_through_custom():
+    forget, remain = split()
+    built_in, custom = trained_model(), trained_model()
+    rule = StopRule(max_steps=5, guard=0.0)
+    unlearn(built_in, forget, remain, objective=NPO(beta=0.2), stop=rule)
+
+    def npo(step):
+        return npo_loss(step.outputs, step.targets, sequence_log_probs(step.reference(), step.targets), 0.2)
+    unlearn(custom, forget, remain, objective=Custom(npo, reference=True), stop=rule)
+    for a, b in zip(built_in.parameters(), custom.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_graddiff_draws_its_retain_batches_from_retain():
+    forget, remain = split()
+    retain_tokens = remain[0][:6]
+    drawn = []
+
+    def record(step):
+        outputs, targets = step.retain()
+        drawn.append(targets)
+        return -outputs.logits.sum() * 0.0 + step.outputs.logits.sum() * 0.0
+
+    unlearn(trained_model(), forget, remain, retain=retain_tokens, objective=Custom(record, retain=True),
+            stop=StopRule(max_steps=3, guard=0.0))
+    assert len(drawn) == 3
+    for targets in drawn:  # tokens alone: every real token is a label
+        assert all(any(torch.equal(row, kept) for kept in retain_tokens) for row in targets)
+
+
+def test_graddiff_without_retain_data_is_a_clear_error():
+    forget, _ = split()
+    with pytest.raises(ValueError, match="needs retain data"):
+        unlearn(trained_model(), forget, None, objective="graddiff", project=False)
+
+
+def test_classifier_label_rules_on_lm_data_are_refused():
+    forget, remain = split()
+    for rule in ("calibrate", "random"):
+        with pytest.raises(ValueError, match=f"labels='{rule}' relabels a classifier"):
+            unlearn(trained_model(), forget, remain, labels=rule)
+
+
+def test_lm_objective_on_classifier_data_is_refused():
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    for objective in ("npo", "graddiff", NPO()):
+        with pytest.raises(ValueError, match="language-model objective, but the forget data is a classifier"):
+            unlearn(model, (x, y), (x, y), objective=objective)
+
+
+def test_lm_objective_on_a_classifier_batch_is_a_clear_error():
+    step = type("S", (), {"args": (torch.randn(3, 4),), "kwargs": {}, "targets": None, "outputs": None,
+                          "extras": {}})()
+    with pytest.raises(ValueError, match="per-token labels"):
+        GradientAscent()(step)
+
+
+def test_step_budget_and_evaluate_callback():
+    forget, remain = split()
+    result = unlearn(trained_model(), forget, remain, objective="ascent", lr=1e-4,
+                     stop=StopRule(max_steps=3, guard=0.0, check_every=1))
+    assert (result.steps, result.stop_reason) == (3, "budget")
+    calls = []
+
+    def evaluate(model, check):
+        calls.append(check.forget)
+        return len(calls) == 2
+    result = unlearn(trained_model(), forget, remain, objective="ascent", lr=1e-4, evaluate=evaluate)
+    assert (result.steps, result.stop_reason, len(calls)) == (2, "callback", 2)
+    assert calls[0] is not None and 0.0 <= calls[0] <= 100.0
+
+
+def test_the_same_call_gives_the_same_model_whatever_the_global_rng():
+    """With dropout on (train mode) and a randomized sketch forced: seeded throughout."""
+    forget, remain = split()
+    models = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = trained_model(dropout=0.1)
+        unlearn(model, forget, remain, method="randomized", stop=StopRule(max_steps=4, guard=0.1))
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+
+
+def batched(data, size: int = 8):
+    return [(data[0][i:i + size], data[1][i:i + size]) for i in range(0, len(data[0]), size)]
+
+
+def test_total_statistics_holding_the_forget_data_warn_of_frozen_rows():
+    """A total projector observed over all the training data, then given remain= too: the kept
+    statistics hold the forget persons' own tokens, whose embedding rows then cannot move."""
+    forget, remain = split()
+    model = trained_model()
+    projector = NullSpaceProjector(model, threshold=0.999, statistics="total")
+    projector.collect(batched(facts()))  # the forget persons included
+    with pytest.warns(UserWarning, match="'transformer.wte': 2 of the .* rows the forget data uses"):
+        unlearn(model, forget, remain, projector=projector, stop=StopRule(max_steps=1, guard=0.0),
+                min_selectivity=0)
+
+
+def test_no_frozen_rows_warning_where_the_forget_pass_is_subtracted():
+    forget, remain = split()
+    model = trained_model()
+    projector = NullSpaceProjector(model, threshold=0.999, statistics="total")
+    projector.collect(batched(facts()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        unlearn(model, forget, None, projector=projector, stop=StopRule(max_steps=1, guard=0.0))
+        unlearn(trained_model(), forget, remain, stop=StopRule(max_steps=1, guard=0.1))
+
+
+def test_no_frozen_rows_warning_where_a_kept_row_is_used_as_often_by_chance():
+    """Remaining data used a value token exactly as often as the forget data: no warning (the
+    forget persons' own rows, never kept, show the forget data is not in the statistics)."""
+    value = PERSONS + RELATIONS
+    forget = torch.tensor([[0, PERSONS, value], [1, PERSONS, value]])
+    remain = torch.tensor([[2 + i, PERSONS + i % 2, value if i < 2 else value + 1 + i % 5] for i in range(20)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        unlearn(trained_model(), forget, remain, stop=StopRule(max_steps=1, guard=0.0), min_selectivity=0)

@@ -1,0 +1,101 @@
+"""What ``unlearn()`` does differently for a language model's request: telling one from a
+classifier's, its defaults, its objective, its data slices and its stop rule's measure.
+
+Defaults (``LANGUAGE_DEFAULTS``, measured on the facts benchmark's validation persons:
+docs/language_models.md) replace the classifier preset's where the caller leaves a value
+unset: the targets are kept (relabelling is a classifier idea), the objective is NPO against
+the frozen original, the protection starts at a higher threshold, and the stop rule measures
+scored tokens (``language.correct_tokens``) on the forget data, with a guard of held-out
+remaining sequences. The loop runs on its own seeded random stream (``seeded``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from unsc_fast.objectives.base import as_objective
+from unsc_fast.objectives.causal_lm import NAMES, language_objective
+from unsc_fast.training import model_device
+from unsc_fast.unlearning import language
+from unsc_fast.unlearning.stopping import Monitor, StopRule
+
+DEFAULT_OBJECTIVE = "npo"
+LANGUAGE_DEFAULTS = dict(threshold=0.999, epochs=50, lr=0.1, momentum=0.9, batch_size=32, criterion="per_label",
+                         adaptive=False, features=0.0, distill=0.0,
+                         stop=StopRule(forget_target=2.0, holdout=0.0, guard=0.1, check_every=1))
+
+
+def is_language_request(forget, objective, labels) -> bool:
+    """Whether ``unlearn(forget, objective=..., labels=...)`` is a language model's request;
+    clear errors where a classifier rule meets language-model data or the other way round."""
+    data = language.is_language_data(forget)
+    wants = getattr(objective, "language_model", False) or (isinstance(objective, str) and objective in NAMES
+                                                            and objective != "ascent")
+    if data is False and wants:
+        raise ValueError(f"objective={objective!r} is a language-model objective, but the forget data is a "
+                         "classifier's (one target per sample): it needs token sequences ((B, T) token ids with "
+                         "per-token labels, a Hugging Face dict batch, or a loader of them)")
+    if data and labels in ("calibrate", "random"):
+        raise ValueError(f"labels={labels!r} relabels a classifier's samples, but the forget data is a language "
+                         "model's (one target per token): leave labels unset (the targets are kept) and choose "
+                         "what is minimised with objective='npo' (default), 'graddiff' or 'ascent'")
+    return bool(data) or bool(wants)
+
+
+def resolve_objective(objective, loss):
+    """The Step objective of a language-model request: a name (``"npo"``, ``"graddiff"``,
+    ``"ascent"``) or an objective object; ``None`` is the default (NPO). A ``loss=`` of the
+    user's keeps its old meaning (minimised, or maximised with ``"ascent"``)."""
+    default_loss = loss is F.cross_entropy
+    if objective is None:
+        return language_objective(DEFAULT_OBJECTIVE) if default_loss else as_objective(loss, None)
+    if isinstance(objective, str):
+        if not default_loss and objective == "ascent":
+            return as_objective(loss, objective)
+        if not default_loss:
+            raise ValueError(f"objective={objective!r} computes its own loss from the token labels; leave loss= unset")
+        return language_objective(objective)
+    return as_objective(loss, objective)
+
+
+def split_data(forget, remain, guard, stop_rule: StopRule | None, seed: int):
+    """``(forget_measured, guard, observed_remain)``: in-memory remaining data loses a seeded
+    ``stop_rule.guard`` share of its sequences, never observed nor trained on (the guard),
+    unless a ``guard`` is given; a loader is used whole."""
+    forget_measured = language.normalised(forget) if language.in_memory(forget) else forget
+    if guard is not None:
+        return forget_measured, (language.normalised(guard) if language.in_memory(guard) else guard), remain
+    if stop_rule is None or stop_rule.guard <= 0 or not language.in_memory(remain):
+        return forget_measured, None, remain
+    held, rest = language.split_off(language.normalised(remain), stop_rule.guard, torch.Generator().manual_seed(seed))
+    return forget_measured, held, rest
+
+
+def monitor(forget_measured, guard, original) -> Monitor:
+    return Monitor(language.correct_tokens, [forget_measured], guard, original)
+
+
+def retain_data(objective, retain, observed_remain, batch_size: int, seed: int):
+    """The retain batches of an objective that ``needs_retain`` (GradDiff): ``retain=``, else the
+    observed remaining data (the guard left out); None when the objective needs none."""
+    if not getattr(objective, "needs_retain", False):
+        return retain
+    data = retain if retain is not None else observed_remain
+    if data is None:
+        raise ValueError(f"objective {objective!r} needs retain data: pass retain=... (or remain=...) to unlearn()")
+    return language.batches(data, batch_size, shuffle=True, seed=seed + 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, model) -> Iterator[None]:
+    """Run the loop on its own random stream seeded by ``seed`` (dropout draws from it: a model
+    from config is in train mode), leaving the caller's global state as it was: the same call
+    gives the same model whatever the global random state."""
+    device = model_device(model)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
