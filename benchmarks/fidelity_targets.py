@@ -155,6 +155,31 @@ def gap_verdict(worst: dict) -> str:
     return f"UNSC's average gap to retraining: {_number(own, 2)} (against {against}): {'smaller' if beaten else 'NOT smaller'}."
 
 
+def averages(records: list[dict]) -> dict:
+    """Per model: the mean over cases of Acc_r - original's, Acc_f, probe, relearn, gap and time."""
+    table = {}
+    for method in _methods(records):
+        rows = [record for record in records if method in record["models"]]
+        own = [record["models"][method] for record in rows]
+        drop = [_value(figures, "acc_remain") - _value(record["models"][ORIGINAL], "acc_remain")
+                for figures, record in zip(own, rows)]
+        gaps = [checks(record, method)["gap"][0] for record in rows] if method not in (ORIGINAL, REFERENCE) else []
+        table[method] = {"cases": len(rows), "remain_drop": float(np.nanmean(drop)),
+                         **{key: float(np.nanmean([_value(figures, key) for figures in own])) for key in FIGURES[1:]},
+                         "gap": float(np.nanmean(gaps)) if gaps else float("nan"),
+                         "seconds": float(np.nanmean([figures["seconds"] for figures in own]))}
+    return table
+
+
+def averages_table(average: dict) -> str:
+    header = ["model", "cases", "Acc_r - original", "Acc_f", "probe Acc_f", "relearn Acc_f", "avg gap to retrain", "time s"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for method, row in average.items():
+        cells = [_number(row[key]) for key in ("remain_drop", "acc_forget", "probe_forget", "relearn_forget")]
+        lines.append(f"| {method} | {row['cases']} | " + " | ".join(cells) + f" | {_number(row['gap'], 2)} | {_number(row['seconds'], 2)} |")
+    return "\n".join(lines)
+
+
 def cases_table(records: list[dict]) -> str:
     """Every case and method: Acc_r, Acc_f, probe, relearn, time."""
     lines = ["| case | model | " + " | ".join(TITLES.values()) + " | time s |", "|---" * (len(TITLES) + 3) + "|"]
@@ -190,7 +215,9 @@ def write_report(records: list[dict], out: Path, arguments: dict, seconds: float
         f"(mean {_number(float(np.mean(times)) if times else float('nan'))} s per case as measured, reused cases "
         "counted with their first run's time)", "",
         "Worst case per method against issue 27's targets (benchmarks/fidelity_targets.py); misses in brackets.", "",
-        worst_table(worst), "", gap_verdict(worst)])
+        worst_table(worst), "", gap_verdict(worst), "",
+        "Mean over the cases (Acc_r as the change from each case's original; gap: mean |figure - retrained|).", "",
+        averages_table(averages(records))])
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(summary + "\n")
     (out / "cases.md").write_text(cases_table(records) + "\n")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from benchmarks import fidelity_suite
-from benchmarks.fidelity_targets import checks, gap_verdict, worst_cases
+from benchmarks.fidelity_targets import averages, averages_table, checks, gap_verdict, worst_cases
 from unsc_fast.evaluation.data import load_digits_split, holdout_split
 from unsc_fast.evaluation.models import create_model
 
@@ -65,6 +66,16 @@ def test_worst_cases_and_the_gap_verdict():
     assert worst["unsc"]["relearn"]["worst"] == 24.0 and worst["natmu"]["probe"]["failed"] == 1
     assert "original" not in worst and "retrain" not in worst
     assert "smaller" in gap_verdict(worst) and "NOT" not in gap_verdict(worst)
+
+
+def test_averages_are_means_over_the_cases():
+    records = [record(unsc=figures(89.0, 1.0, 70.0, 30.0)), record(unsc=figures(85.0, 0.0, 62.0, 12.0))]
+    average = averages(records)
+    assert average["unsc"]["remain_drop"] == pytest.approx(-3.0)  # (-1 - 5) / 2 from the original's 90
+    assert average["unsc"]["acc_forget"] == pytest.approx(0.5) and average["unsc"]["relearn_forget"] == pytest.approx(21.0)
+    assert average["unsc"]["gap"] == pytest.approx(np.mean([checks(r, "unsc")["gap"][0] for r in records]))
+    assert math.isnan(average["retrain"]["gap"]) and average["original"]["remain_drop"] == 0.0
+    assert "| unsc | 2 | -3.0 | 0.5 | 66.0 | 21.0 |" in averages_table(average)
 
 
 def test_the_validation_split_holds_out_a_fifth_of_every_class_of_the_training_data():
