@@ -70,16 +70,19 @@ def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tenso
     if not any(store.matrix(key, name) is not None for key in subtract):
         return
     removed = subtracted_diagonal(store, name, subtract, covariance.shape, covariance.device)
-    check_definite(name, covariance, removed, subtract)
+    check_definite(name, covariance, removed, subtract, store.rounding)
 
 
-def check_definite(name: str, covariance: torch.Tensor, removed: torch.Tensor, subtract: Iterable) -> None:
+def check_definite(name: str, covariance: torch.Tensor, removed: torch.Tensor, subtract: Iterable,
+                   rounding: float | None = None) -> None:
     """``covariance`` is a kept sum less groups whose diagonals add up to ``removed``: raise
     when it is clearly indefinite (a diagonal entry, or below ``MAX_DEFINITENESS_CHECK_DIM``
-    the smallest eigenvalue, more negative than rounding of the sum before subtraction allows)."""
+    the smallest eigenvalue, more negative than rounding of the sum before subtraction allows).
+    ``rounding``: the unit roundoff the sums were accumulated with (default: their dtype's;
+    a float64 total folded from float32 per-label sums carries float32's)."""
     after = _diagonal(covariance).to(torch.float64)
     before = after + removed.to(after.device)
-    tolerance = SUBTRACTION_ULPS * torch.finfo(covariance.dtype).eps
+    tolerance = SUBTRACTION_ULPS * (rounding or torch.finfo(covariance.dtype).eps)
     trace_before = float(before.sum())
     problems = []
     if bool((after < -tolerance * before).any()):

@@ -277,7 +277,7 @@ def build(
     try:
         for index in sorted(owned):
             if removed is not None:  # the pooled remainder must still be a covariance
-                check_definite(names[index], owned[index], removed[index], subtract)
+                check_definite(names[index], owned[index], removed[index], subtract, store.rounding)
             solved[index], complement = layers[index].solve_with_complement(owned[index], threshold, generator, method)
             if complement is not None and prefers_complement(solved[index].shape[-1], layers[index].dim):
                 solved_complements[index] = complement  # else drop it now

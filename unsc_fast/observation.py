@@ -25,7 +25,7 @@ from unsc_fast.layers import Protection
 from unsc_fast.store import CovarianceStore
 
 
-def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
+def label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
     labels = torch.as_tensor(labels)
     if labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D tensor (batch,), got shape {tuple(labels.shape)}")
@@ -46,7 +46,7 @@ class Observation:
             self.batch_size = None
             self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
         else:
-            self.batch_size, self.groups = _label_groups(labels)
+            self.batch_size, self.groups = label_groups(labels)
         self.pending: dict[tuple[Hashable, str], list] = {}  # (key, slot) -> [delta, rows]
         self.handles: list = []
         self.calls = 0  # layer forwards seen, committed or not

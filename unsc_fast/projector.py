@@ -27,9 +27,9 @@ from unsc_fast.build_checks import check_rows, warn_if_everything_blocked
 from unsc_fast.persistence import PersistenceMixin
 from unsc_fast.statistics_mixin import StatisticsMixin
 from unsc_fast.layers import Coverage, coverage, find_layers, plan_protection, warn_unprotected
-from unsc_fast.observation import Observation
+from unsc_fast.observation import Observation, label_groups
 from unsc_fast.persistence import STATE_FORMAT  # noqa: F401 - where users found it
-from unsc_fast.store import CovarianceStore, key_set
+from unsc_fast.store import key_set
 DEFAULT_GROUP = "all"
 
 
@@ -72,10 +72,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         modules: Iterable[str] | None = None,
         dtype: torch.dtype | None = None,
         strict: bool = False,
-        statistics: str = "per_label",
+        statistics: str = "auto",
         memory_budget: int | None = None,
-        num_labels: int = 1,
+        num_labels: int | None = None,
         sketch: dict[str, int] | None = None,
+        class_rows: int | None = None,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
         distributed.check_model(model)
@@ -93,15 +94,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             )
         if modules is None:
             warn_unprotected(report)
-        self.memory_budget = memory_budget
-        self._requested_dtype = dtype
-        self.sketch_rows = policies.sketched_layers(sketch, self.layers, self.protection, num_labels, dtype,
-                                                    statistics, memory_budget)
-        self._sketch_slots = {self.protection.slot(self.layers[n].slot_name()).name: n for n in self.sketch_rows}
-        dense = {name: size for name, size in self._slot_sizes().items() if name not in self._sketch_slots}
-        self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
-        self._sketches: dict = {}  # key -> slot name -> sketch.FrequentDirections
-        self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
+        self._setup_statistics(statistics, memory_budget, num_labels, dtype, sketch, class_rows)
         self.solution = NullSpaceBases(self.protection)  # the bases of the last build
         self._observation: Observation | None = None
 
@@ -128,19 +121,24 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
-        if self.statistics == "total":  # one matrix per layer: no per-label split in the hook
+        batch, labelled = label_groups(labels) if labels is not None else (
+            None, [(DEFAULT_GROUP if group is None else group, None)])
+        self._make_room([key for key, _ in labelled], forget)  # may fold into one total: before the router
+        if self.statistics == "total":  # one matrix per layer: no per-label split in the dense hook
             labels, group = None, policies.TOTAL_KEY
-        router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
+        router = policies.StatisticsRouter(self.store, forget=forget, budget=None)
         observation = Observation(router, self.protection, labels, DEFAULT_GROUP if group is None else group)
-        sketching = self._sketch_observation(observation, router)
+        sketching = self._sketch_observation(batch, labelled, router, forget)
         self._observation = observation
         try:
             observation.attach(self.model, [l for n, l in self.layers.items() if n not in self.sketch_rows])
-            if sketching is not None:
+            if sketching:
                 sketching.attach(self.model)
             yield self
             observation.commit()
-            if not observation.calls and not (sketching is not None and sketching.calls):
+            if forget and batch is not None and self.statistics == "total":
+                self._forget_labels.update(key for key, _ in labelled)
+            if not observation.calls and not sketching.calls:
                 elsewhere = (
                     f"; {observation.foreign_calls} layer forwards ran in other threads, which "
                     "observe() never records: run the model in the thread that entered the block"
@@ -154,8 +152,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                 )
         finally:
             observation.detach()
-            if sketching is not None:
-                sketching.detach()
+            sketching.detach()
             self._observation = None
             distributed.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
@@ -202,8 +199,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
         keys = None if keys is None else key_set(keys, "keys")
         self.store.reset(keys)
-        for key in list(self._sketches) if keys is None else keys:
-            self._sketches.pop(key, None)
+        for table in (self._sketches, self._class_sketches):
+            for key in list(table) if keys is None else keys:
+                table.pop(key, None)
+        if keys is None:
+            self._forget_labels.clear()
 
     # -------------------------------------------------------------------- build
     def build(
@@ -265,9 +265,10 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         kept, subtracted = solve.request_keys(self.store, self.statistics, self.groups, self.forget_keys, exclude,
                                               include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
+        sketch_request = solve.sketch_keys(self.statistics, self._sketches, kept, subtracted, exclude, include, subtract)
         new_bases, solved_complements = solve.local_bases(
             self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
-            subtracted, threshold, generator, method)
+            subtracted, threshold, generator, method, sketch_request)
         warn_if_everything_blocked(self.protection.slots, new_bases)
         self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
         if keep_covariances == "none":
@@ -283,7 +284,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         covariance) stays the default. Returns ``self``."""
         from unsc_fast import incremental
 
-        if self.statistics == "total" or self._sketches:
+        if self.statistics == "total" or self._sketch_slots:
             raise ValueError('build_incremental() grows the basis from per-label covariances: it needs '
                              'statistics="per_label" and no sketched layer')
         if not self.store:

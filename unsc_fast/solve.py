@@ -7,12 +7,18 @@ slot); sketched layers take their basis from the Frequent Directions sketch inst
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from unsc_fast import sketch
 from unsc_fast.bases import prefers_complement
 from unsc_fast import statistics as policies
 from unsc_fast.build_checks import check_subtraction
+
+# An unlabelled forget pass on a sketched slot is taken as the excluded labels' rows when its
+# energy does not exceed theirs by more than the rounding of two fp64 sums of the same rows.
+UNLABELLED_FORGET_SLACK = 1e-9
 
 
 def request_keys(store, statistics: str, groups: list, forget: list, exclude: set, include, subtract: set,
@@ -31,15 +37,44 @@ def request_keys(store, statistics: str, groups: list, forget: list, exclude: se
     return kept, list(subtract) + inside
 
 
+@dataclass(frozen=True)
+class SketchRequest:
+    """What a build sums on a sketched slot (``kept``), the forget passes it must refuse there
+    (``refused``: rows of a kept key), and, under one total, the unlabelled forget passes
+    taken as the ``excluded`` labels' data (their energy may not exceed those labels')."""
+
+    kept: tuple
+    refused: tuple
+    unlabelled: tuple = ()
+    excluded: tuple = ()
+
+
+def sketch_keys(statistics: str, sketches: dict, kept: list, subtracted: list, exclude: set, include,
+                subtract: set) -> SketchRequest:
+    """Per-label storage: the dense request's keys. One total: sketches are still kept per
+    label, so the kept labels are the observed ones less ``exclude``/``subtract`` (within
+    ``include``); a labelled forget pass of a kept label is a sample-wise request, which a
+    sketch cannot serve."""
+    if statistics != "total":
+        return SketchRequest(tuple(kept), tuple(subtracted))
+    labels = [k for k in sketches if not policies.is_forget_key(k)]
+    kept_labels = [k for k in labels if k not in exclude and k not in subtract and (include is None or k in include)]
+    forget = [k for k in sketches if policies.is_forget_key(k)]
+    return SketchRequest(tuple(kept_labels), tuple(k for k in forget if policies.forget_label(k) in kept_labels),
+                         tuple(k for k in forget if policies.forget_label(k) not in labels),
+                         tuple(k for k in labels if k not in kept_labels))
+
+
 def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices: dict, kept: list, subtracted: list,
-                threshold: float, generator, method: str) -> tuple[dict, dict]:
+                threshold: float, generator, method: str, request: SketchRequest | None = None) -> tuple[dict, dict]:
     """``(bases, complements)``: a basis per slot from this process's statistics, each on its
     parameter's device, and the complement the solver found with it (eigh's other
     eigenvectors) or None (``bases.NullSpaceBases.install`` decides which to keep)."""
     bases, complements = {}, {}
     for slot in slots.values():  # one kept sum alive at a time
         if slot.name in sketch_slots:
-            bases[slot.name] = sketch_basis(sketches, slot.name, kept, subtracted, threshold).to(devices[slot.name])
+            request = request or SketchRequest(tuple(kept), tuple(subtracted))
+            bases[slot.name] = sketch_basis(sketches, slot, request, threshold).to(devices[slot.name])
             continue
         covariance = store.kept_sum(slot.name, kept, subtracted)
         check_subtraction(store, slot.name, covariance, subtracted)
@@ -51,14 +86,29 @@ def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices:
     return bases, complements
 
 
-def sketch_basis(sketches: dict, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:
-    present = [k for k in subtracted if name in sketches.get(k, {})]
+def sketched_parts(sketches: dict, name: str, request: SketchRequest) -> list:
+    """The kept keys' sketches of slot ``name``, after refusing what a sketch cannot serve."""
+    present = [k for k in request.refused if name in sketches.get(k, {})]
     if present:
         raise ValueError(
             f"layer {name!r} is sketched: its statistics cannot be subtracted from (keys {present}); "
             "serve the request by excluding whole labels/groups, or observe the remaining data"
         )
-    parts = [sketches[k][name] for k in kept if name in sketches.get(k, {})]
+    unlabelled = sum(sketches[k][name].trace for k in request.unlabelled if name in sketches.get(k, {}))
+    excluded = sum(sketches[k][name].trace for k in request.excluded if name in sketches.get(k, {}))
+    if unlabelled > excluded * (1 + UNLABELLED_FORGET_SLACK):
+        raise ValueError(
+            f"layer {name!r} is sketched: the unlabelled forget pass holds more energy ({unlabelled:.6g}) than the "
+            f"excluded labels {list(request.excluded)} ({excluded:.6g}), so it has rows of kept labels: a "
+            "sample-wise request cannot be served from a sketch (observe the forget pass with its labels, or "
+            "re-observe the affected labels' remaining samples)"
+        )
+    parts = [sketches[k][name] for k in request.kept if name in sketches.get(k, {})]
     if not parts:
-        raise RuntimeError(f"layer {name!r} saw no input under keys {kept}")
-    return sketch.basis(parts, threshold, name)
+        raise RuntimeError(f"layer {name!r} saw no input under keys {list(request.kept)}")
+    return parts
+
+
+def sketch_basis(sketches: dict, slot, request: SketchRequest, threshold: float) -> torch.Tensor:
+    return sketch.slot_basis(sketched_parts(sketches, slot.name, request), threshold, slot.name,
+                             slot.kind == "grouped")

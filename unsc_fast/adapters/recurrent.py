@@ -53,3 +53,10 @@ class RecurrentInputAdapter(LayerAdapter):
         rows = x.reshape(-1, x.shape[-1])
         ops.covariance_(deltas[name], rows)
         return {name: rows.shape[0]}
+
+    def input_rows(self, args, kwargs, output, index):
+        x = self._input(args, kwargs).detach()
+        if x.dim() == 2:
+            x = x.unsqueeze(0 if self.module.batch_first else 1)
+        x = select(x, index, 0 if self.module.batch_first else 1)
+        yield self.slot_name(), None, x.reshape(-1, x.shape[-1])
