@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import TYPE_CHECKING, Hashable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,11 +38,12 @@ from torch import nn
 
 from unsc_fast.bases import complement_if_cheaper, prefers_complement
 from unsc_fast.build_checks import check_definite, subtracted_diagonal
+from unsc_fast.distributed_pool import gather_covariances_on_rank0, keep_sketches_on_rank0
+from unsc_fast.distributed_pool import pooled_covariance  # noqa: F401 - public here
 from unsc_fast.store import CovarianceStore
 
 if TYPE_CHECKING:  # pragma: no cover
     from unsc_fast.adapters import Slot
-    from unsc_fast.projector import NullSpaceProjector
 
 KEEP_COVARIANCES = ("all", "rank0", "none")
 LOCAL = "local"
@@ -229,28 +230,48 @@ def build(
     method: str,
     keep_covariances: str,
     allow_unobserved: bool = False,
+    statistics: str = "per_label",
+    sketches: dict | None = None,
+    sketch_rows: dict | None = None,
+    class_sketches: dict | None = None,
 ) -> tuple[dict, dict, list]:
     """Pooled bases over ``group``: returns ``(bases, complements, kept)`` for the projector.
 
     Every rank must call it (through ``NullSpaceProjector.build``) with the same arguments.
+    ``statistics``: the storage policy (one total: its forget passes are subtracted);
+    ``sketches`` / ``sketch_rows``: the sketched slots' per-key sketches and rows, pooled
+    by stacking (``unsc_fast.distributed_sketch``); ``class_sketches`` follow
+    ``keep_covariances``.
     """
+    from unsc_fast import distributed_sketch, sketch, solve
+    from unsc_fast.statistics import is_forget_key
+
+    sketches, sketch_rows, class_sketches = sketches or {}, sketch_rows or {}, class_sketches if class_sketches is not None else {}
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     include = None if include is None else list(include)
     mine = {"request": _request(store, slots, threshold, method, exclude, include, subtract, keep_covariances),
-            "groups": store.keys}
+            "groups": list(dict.fromkeys([*store.keys, *sketches])), "energies": distributed_sketch.summary(sketches),
+            "statistics": statistics}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine, group=group)
-    _check_same_request([entry["request"] for entry in gathered])
+    _check_same_request([{**entry["request"], "statistics": entry["statistics"]} for entry in gathered])
     union = list(dict.fromkeys(key for entry in gathered for key in entry["groups"]))
     if not union:
         raise RuntimeError("build() needs observed data: no rank ran the model inside observe()")
-    kept = store.kept_keys(union, exclude, set(include) if include is not None else None, subtract,
-                           allow_unobserved=allow_unobserved)
+    kept, subtracted = solve.request_keys(store, statistics, [k for k in union if not is_forget_key(k)],
+                                          [k for k in union if is_forget_key(k)], exclude,
+                                          set(include) if include is not None else None, subtract, allow_unobserved)
+    energies = distributed_sketch.merged([entry["energies"] for entry in gathered])
+    request = solve.sketch_keys(statistics, energies, kept, subtracted, exclude,
+                                set(include) if include is not None else None, subtract)
+    for name in sketch_rows:  # the same global numbers on every rank: the same decision
+        solve.check_sketch_request(energies, name, request)
 
     names = list(slots)
     layers = [slots[name] for name in names]
     devices = [slot_devices[name] for name in names]
-    counts = torch.tensor([sum(store.rows(k, n) for k in kept) for n in names], dtype=torch.int64)
+    counts = torch.tensor([sum(sketches[k][n].count for k in request.kept if n in sketches.get(k, {}))
+                           if n in sketch_rows else sum(store.rows(k, n) for k in kept) for n in names], dtype=torch.int64)
     counts = counts.to(devices[0])
     dist.all_reduce(counts, group=group)
     empty = [n for n, c in zip(names, counts.tolist()) if c == 0]
@@ -260,12 +281,18 @@ def build(
             "observe()? Leave them out with modules=[...] if the model never calls them"
         )
 
-    removed = _pooled_subtracted_diagonals(store, names, layers, subtract, devices[0], group)
+    removed = _pooled_subtracted_diagonals(store, names, layers, subtracted, devices[0], group)
     owners = _owners([layer.dim * layer.groups ** (1 / 3) if layer.kind != "diagonal" else 1 for layer in layers],
                      world)
     owned: dict[int, torch.Tensor] = {}
     for index, name in enumerate(names):
-        local = store.kept_sum(name, kept, subtract, shape=layers[index].shape, device=devices[index], required=False)
+        if name in sketch_rows:  # every rank gets the pooled sketch; its owner solves it
+            parts = [sketches[k][name] for k in request.kept if name in sketches.get(k, {})]
+            pooled = distributed_sketch.pool(parts, layers[index].groups, layers[index].dim, devices[index], group)
+            if owners[index] == rank:
+                owned[index] = pooled
+            continue
+        local = store.kept_sum(name, kept, subtracted, shape=layers[index].shape, device=devices[index], required=False)
         dist.reduce(local, dst=_global_rank(group, owners[index]), group=group)
         if owners[index] == rank:
             owned[index] = local
@@ -276,8 +303,11 @@ def build(
     error = None
     try:
         for index in sorted(owned):
+            if names[index] in sketch_rows:
+                solved[index] = sketch.slot_basis([owned[index]], threshold, names[index], layers[index].kind == "grouped")
+                continue
             if removed is not None:  # the pooled remainder must still be a covariance
-                check_definite(names[index], owned[index], removed[index], subtract, store.rounding)
+                check_definite(names[index], owned[index], removed[index], subtracted, store.rounding)
             solved[index], complement = layers[index].solve_with_complement(owned[index], threshold, generator, method)
             if complement is not None and prefers_complement(solved[index].shape[-1], layers[index].dim):
                 solved_complements[index] = complement  # else drop it now
@@ -300,11 +330,11 @@ def build(
     bases, complements = {}, {}
     for index, (name, layer) in enumerate(zip(names, layers)):
         k, source = int(status[index]), _global_rank(group, owners[index])
+        dtype = torch.bool if layer.kind == "diagonal" else torch.float64 if name in sketch_rows else store.dtype
         if owners[index] == rank:
             basis = solved[index].to(devices[index]).contiguous()
         else:
-            basis = torch.empty(_basis_shape(layer, k), dtype=torch.bool if layer.kind == "diagonal" else store.dtype,
-                                device=devices[index])
+            basis = torch.empty(_basis_shape(layer, k), dtype=dtype, device=devices[index])
         if k:
             if basis.dtype == torch.bool:  # not every backend reduces or sends bool
                 sent = basis.to(torch.uint8)
@@ -318,15 +348,19 @@ def build(
             if owners[index] == rank:
                 complement = complement_if_cheaper(basis, solved_complements.pop(index, None))
             else:
-                complement = torch.empty(layer.dim, layer.dim - k, dtype=store.dtype, device=devices[index])
+                complement = torch.empty(layer.dim, layer.dim - k, dtype=dtype, device=devices[index])
             if complement.shape[1]:
                 dist.broadcast(complement, src=source, group=group)
             complements[name] = complement
 
     if keep_covariances == "rank0":
-        _gather_covariances_on_rank0(store, layers, group, union, names, devices)
+        gather_covariances_on_rank0(store, layers, group, union, names, devices)
+        for table, keys, rows in ((sketches, union, sketch_rows), (class_sketches, None, None)):
+            keep_sketches_on_rank0(table, keys, rows, slots, slot_devices, group, rank)
     elif keep_covariances == "none":
         store.reset()
+        sketches.clear()
+        class_sketches.clear()
     return bases, complements, kept
 
 
@@ -347,51 +381,3 @@ def _basis_shape(slot, k: int) -> tuple[int, ...]:
     if slot.kind == "grouped":
         return (slot.groups, slot.dim, k)
     return (slot.dim, k)
-
-
-def _gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, keys: list, names: list,
-                                 devices: list) -> None:
-    """Move every stored covariance onto group rank 0, summed; the other ranks drop theirs.
-
-    The pooled store is the sum over ranks either way, so later builds stay exact.
-    """
-    rank, root = dist.get_rank(group), _global_rank(group, 0)
-    covariances, counts = {}, {}
-    for key in keys:
-        count = torch.tensor([store.rows(key, n) for n in names], dtype=torch.int64, device=devices[0])
-        dist.all_reduce(count, group=group)  # everyone learns which layers have data for this key
-        for index, name in enumerate(names):
-            if not int(count[index]):
-                continue
-            local, _ = store.pop(key, name)
-            local = (
-                torch.zeros(layers[index].shape, dtype=store.dtype, device=devices[index])
-                if local is None
-                else local.to(devices[index])
-            )
-            dist.reduce(local, dst=root, group=group)
-            if rank == 0:
-                covariances.setdefault(key, {})[name] = local
-                counts.setdefault(key, {})[name] = int(count[index])
-    store.replace(covariances, counts)
-
-
-def pooled_covariance(
-    projector: "NullSpaceProjector", name: str, keys: Iterable[Hashable] | None = None, process_group=None
-) -> torch.Tensor:
-    """Covariance of layer ``name`` over ``keys`` summed over all ranks, bitwise the same on
-    every rank (one all-reduce). Every rank must call it with the same arguments."""
-    group = resolve_group(process_group)
-    slot = projector._slot(name)
-    request = (name, None if keys is None else sorted(repr(k) for k in keys))
-    keys = projector.groups if keys is None else list(keys)  # absent keys add zeros on this rank
-    if group is not None:
-        gathered: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, request, group=group)
-        if any(entry != request for entry in gathered):
-            raise ValueError(f"pooled_covariance(): ranks asked for different (layer, keys): {gathered}")
-    total = projector.store.kept_sum(slot.name, keys, shape=slot.shape, device=projector._slot_devices[slot.name],
-                                     required=False)
-    if group is not None:
-        dist.all_reduce(total, group=group)
-    return total

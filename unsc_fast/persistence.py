@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from unsc_fast import sketch_state
 from unsc_fast.bases import NullSpaceBases
+from unsc_fast.statistics import TOTAL_KEY
 from unsc_fast.state_validation import parse_projector_state
 from unsc_fast.store import CovarianceStore
 
@@ -33,6 +35,13 @@ class PersistenceMixin:
             # The complements the projection uses: eigh's, which a QR of the basis would not
             # reproduce bitwise, and resuming must project exactly as before.
             "complements": dict(self._complements),
+            "statistics": self.statistics,
+            "sketch_rows": dict(self._sketch_rows),
+            "sketches": sketch_state.state(self._sketches),
+            "class_rows": self._class_rows,
+            "class_sketches": sketch_state.state(self._class_sketches),
+            "forget_labels": list(self._forget_labels),
+            "rounding": self.store.rounding,
         }
 
     def load_state_dict(self, state: dict) -> "NullSpaceProjector":
@@ -47,13 +56,21 @@ class PersistenceMixin:
             STATE_FORMAT,
             slots={name: (slot.kind, tuple(slot.shape)) for name, slot in self.protection.slots.items()},
             devices=self._slot_devices,
+            sketchable={slot for slots in self._units.values() for slot in slots},
+            default_policy=_saved_policy(state, self.statistics),
         )
         solution = NullSpaceBases(self.protection)  # every complement computed before anything is assigned
         solution.install(parsed.bases, parsed.complements, built_from=parsed.built_from, threshold=parsed.built_threshold)
         store = CovarianceStore(parsed.dtype)
         store.replace(parsed.matrices, parsed.rows)
+        statistics = parsed.statistics
+        store.rounding = statistics.rounding
         self.threshold, self.store = parsed.threshold, store
         self.solution = solution
+        self.statistics, self._class_rows = statistics.policy, statistics.class_rows
+        self._set_sketch_rows(statistics.sketch_rows)
+        self._sketches, self._class_sketches = statistics.sketches, statistics.class_sketches
+        self._forget_labels = statistics.forget_labels
         return self
 
     def save(self, path) -> None:
@@ -61,3 +78,11 @@ class PersistenceMixin:
 
     def load(self, path) -> "NullSpaceProjector":
         return self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _saved_policy(state, current: str) -> str:
+    """The policy of a state saved before it was recorded: one total if it holds one."""
+    groups = state.get("groups") if isinstance(state, dict) else None
+    if isinstance(groups, list) and any(isinstance(e, dict) and e.get("key") == TOTAL_KEY for e in groups):
+        return "total"
+    return current

@@ -41,19 +41,17 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
     against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
     refuses a model with a trainable weight that no adapter protects.
 
-    ``statistics`` is the storage policy (``unsc_fast.statistics``): ``"per_label"`` keeps a
-    covariance per label/group (memory grows with the classes; ``build(exclude=...)`` needs
-    no pass over any data), ``"total"`` keeps one total per layer and serves every request
-    from one pass over its forget data (``collect(forget_loader, forget=True)``, then
-    ``build()``), ``"auto"`` takes per-label when ``num_labels`` labels fit ``memory_budget``
-    bytes, else total. A policy that does not fit ``memory_budget`` is refused up front, and
-    a store that would outgrow it while observing stops with the layer and the bytes.
-    ``dtype``: accumulation dtype; default float32 per label, float64 for the total (its
-    subtraction cancels in fp32 when the forget data is a large share).
-    ``sketch``: ``{layer name: rows}`` of Linear layers kept as a Frequent Directions sketch
-    (``unsc_fast.sketch``: ``2 rows x d`` numbers, a stated energy guarantee, no subtraction)
-    instead of a ``d x d`` matrix; None: with ``statistics="auto"`` and a ``memory_budget``,
-    chosen for the Linear layers whose dense statistics alone would take over half of it.
+    Statistics (``docs/statistics.md``): ``statistics="auto"`` (default) keeps a covariance per
+    label where ``num_labels`` labels (None: unknown, folded later) fit ``memory_budget``
+    bytes (None: ``unsc_fast.memory.DEFAULT_FRACTION`` of the memory available where the
+    weights live), else one total (a request then brings one pass over its forget data)
+    with small per-label ``class_rows``-row class sketches (None: as many as fit), and
+    sketches the layers too wide for a ``d x d`` matrix; labels that outgrow the budget
+    while observing are folded into the total, with a warning. ``"per_label"`` /
+    ``"total"`` force a policy (refused before allocating where it cannot fit).
+    ``dtype``: accumulation dtype (default float32 per label; float64 for a total where it
+    fits, its subtraction cancels in fp32). ``sketch``: ``{layer name: rows}`` to sketch
+    (``unsc_fast.sketch``: Frequent Directions, a stated energy guarantee, no subtraction).
 
     Usage::
 
@@ -175,36 +173,6 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                     self.model(*args, **kwargs)
         return self
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The accumulation dtype of the covariances (float32 or float64)."""
-        return self.store.dtype
-
-    @property
-    def groups(self) -> list:
-        """The labels / group names observed so far (forget passes aside, see ``forget_keys``)."""
-        return [k for k in self._keys() if not policies.is_forget_key(k)]
-
-    def count(self, key: Hashable, name: str) -> int:
-        """Rows accumulated for layer ``name`` under label/group ``key``."""
-        return self.store.rows(key, name)
-
-    def covariance(self, name: str, keys: Iterable[Hashable] | None = None) -> torch.Tensor:
-        """Uncentred covariance sum of layer ``name`` over ``keys`` (default: every group)."""
-        self._layer(name)
-        keys = self.groups if keys is None else [k for k in key_set(keys, "keys")]
-        return self.store.kept_sum(name, keys)
-
-    def reset(self, keys: Iterable[Hashable] | None = None) -> None:
-        """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
-        keys = None if keys is None else key_set(keys, "keys")
-        self.store.reset(keys)
-        for table in (self._sketches, self._class_sketches):
-            for key in list(table) if keys is None else keys:
-                table.pop(key, None)
-        if keys is None:
-            self._forget_labels.clear()
-
     # -------------------------------------------------------------------- build
     def build(
         self,
@@ -255,7 +223,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             new_bases, new_complements, kept = distributed.build(
                 self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
-                allow_unobserved=allow_unobserved,
+                allow_unobserved=allow_unobserved, statistics=self.statistics, sketches=self._sketches,
+                sketch_rows=self._sketch_rows, class_sketches=self._class_sketches,
             )
             warn_if_everything_blocked(self.protection.slots, new_bases)
             self.solution.install(new_bases, new_complements, built_from=kept, threshold=threshold)

@@ -88,14 +88,24 @@ def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices:
 
 def sketched_parts(sketches: dict, name: str, request: SketchRequest) -> list:
     """The kept keys' sketches of slot ``name``, after refusing what a sketch cannot serve."""
-    present = [k for k in request.refused if name in sketches.get(k, {})]
+    check_sketch_request({k: {n: s.trace for n, s in per.items()} for k, per in sketches.items()}, name, request)
+    parts = [sketches[k][name] for k in request.kept if name in sketches.get(k, {})]
+    if not parts:
+        raise RuntimeError(f"layer {name!r} saw no input under keys {list(request.kept)}")
+    return parts
+
+
+def check_sketch_request(energies: dict, name: str, request: SketchRequest) -> None:
+    """Refuse, on slot ``name``, a forget pass that a sketch cannot serve; ``energies``:
+    ``{key: {slot: energy}}`` (pooled over the ranks in a distributed build)."""
+    present = [k for k in request.refused if name in energies.get(k, {})]
     if present:
         raise ValueError(
             f"layer {name!r} is sketched: its statistics cannot be subtracted from (keys {present}); "
             "serve the request by excluding whole labels/groups, or observe the remaining data"
         )
-    unlabelled = sum(sketches[k][name].trace for k in request.unlabelled if name in sketches.get(k, {}))
-    excluded = sum(sketches[k][name].trace for k in request.excluded if name in sketches.get(k, {}))
+    unlabelled = sum(energies[k][name] for k in request.unlabelled if name in energies.get(k, {}))
+    excluded = sum(energies[k][name] for k in request.excluded if name in energies.get(k, {}))
     if unlabelled > excluded * (1 + UNLABELLED_FORGET_SLACK):
         raise ValueError(
             f"layer {name!r} is sketched: the unlabelled forget pass holds more energy ({unlabelled:.6g}) than the "
@@ -103,10 +113,6 @@ def sketched_parts(sketches: dict, name: str, request: SketchRequest) -> list:
             "sample-wise request cannot be served from a sketch (observe the forget pass with its labels, or "
             "re-observe the affected labels' remaining samples)"
         )
-    parts = [sketches[k][name] for k in request.kept if name in sketches.get(k, {})]
-    if not parts:
-        raise RuntimeError(f"layer {name!r} saw no input under keys {list(request.kept)}")
-    return parts
 
 
 def sketch_basis(sketches: dict, slot, request: SketchRequest, threshold: float) -> torch.Tensor:

@@ -17,10 +17,14 @@ from typing import Hashable
 
 import torch
 
+from unsc_fast.sketch_state import StatisticsState, parse_statistics
+
 ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REQUIRED_FIELDS = ("format", "threshold", "dtype", "layers", "groups", "bases", "built_from", "built_threshold")
-# States saved before the complements were kept have none: a QR rebuilds them on load.
-OPTIONAL_FIELDS = ("complements",)
+# States saved before the complements were kept have none: a QR rebuilds them on load. The
+# statistics fields (policy, sketches, class sketches; ``unsc_fast.sketch_state``) came later too.
+OPTIONAL_FIELDS = ("complements", "statistics", "sketch_rows", "sketches", "class_rows", "class_sketches",
+                   "forget_labels", "rounding")
 
 # Largest |U^T U - I| entry accepted, per basis dtype. Bases come out of eigh / Rayleigh-Ritz
 # orthonormal to a few ulps times sqrt(d); these bounds leave room for that (and for a
@@ -44,6 +48,7 @@ class ProjectorState:
     built_from: tuple
     built_threshold: float | None
     complements: dict
+    statistics: "StatisticsState | None" = None
 
 
 def check_threshold_field(value, field: str) -> float:
@@ -228,10 +233,11 @@ def _parse_complements(complements, slots: dict[str, tuple], bases: dict, device
     return parsed
 
 
-def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], devices: dict) -> ProjectorState:
+def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], devices: dict,
+                          sketchable: set = frozenset(), default_policy: str = "per_label") -> ProjectorState:
     """Check ``state`` against a model whose tracked slots are ``{name: (kind, shape of the
-    statistics)}`` with weights on ``devices``; return its content converted, or raise
-    ``StateError`` naming the field."""
+    statistics)}`` with weights on ``devices`` (``sketchable``: the slots it can sketch);
+    return its content converted, or raise ``StateError`` naming the field."""
     if not isinstance(state, dict):
         raise StateError(f"not a NullSpaceProjector state: expected a dict, got {type(state).__name__}")
     if state.get("format") != expected_format:
@@ -261,4 +267,6 @@ def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], 
         raise StateError(f"projector state: built_from must be a list of labels or names, got {built_from!r}")
     if bases and built_threshold is None:
         raise StateError("projector state: bases are present but built_threshold is None")
-    return ProjectorState(threshold, dtype, matrices, rows, bases, tuple(built_from), built_threshold, complements)
+    statistics = parse_statistics(state, slots, devices, set(sketchable), default_policy)
+    return ProjectorState(threshold, dtype, matrices, rows, bases, tuple(built_from), built_threshold, complements,
+                          statistics)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterator
+from typing import Hashable, Iterable, Iterator
 
 import torch
 
@@ -17,7 +17,7 @@ from unsc_fast import statistics_plan as planning
 from unsc_fast.adapters import LayerAdapter
 from unsc_fast.sketch import buffer_rows
 from unsc_fast.sketch_observation import SketchFeed, SketchObservation, nbytes
-from unsc_fast.store import CovarianceStore
+from unsc_fast.store import CovarianceStore, key_set
 
 
 def sketch_units(layers: dict, protection) -> dict[str, list[str]]:
@@ -100,6 +100,36 @@ class StatisticsMixin:
         return {slot.name: math.prod(slot.shape) for slot in self.protection.slots.values()}
 
     # ------------------------------------------------------------------ keys
+    @property
+    def dtype(self) -> torch.dtype:
+        """The accumulation dtype of the covariances (float32 or float64)."""
+        return self.store.dtype
+
+    @property
+    def groups(self) -> list:
+        """The labels / group names observed so far (forget passes aside, see ``forget_keys``)."""
+        return [k for k in self._keys() if not policies.is_forget_key(k)]
+
+    def count(self, key: Hashable, name: str) -> int:
+        """Rows accumulated for layer ``name`` under label/group ``key``."""
+        return self.store.rows(key, name)
+
+    def covariance(self, name: str, keys: Iterable[Hashable] | None = None) -> torch.Tensor:
+        """Uncentred covariance sum of layer ``name`` over ``keys`` (default: every group)."""
+        self._layer(name)
+        keys = self.groups if keys is None else [k for k in key_set(keys, "keys")]
+        return self.store.kept_sum(name, keys)
+
+    def reset(self, keys: Iterable[Hashable] | None = None) -> None:
+        """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
+        keys = None if keys is None else key_set(keys, "keys")
+        self.store.reset(keys)
+        for table in (self._sketches, self._class_sketches):
+            for key in list(table) if keys is None else keys:
+                table.pop(key, None)
+        if keys is None:
+            self._forget_labels.clear()
+
     def reset_forget(self) -> None:
         """Drop the forget passes observed so far (a new request starts from none)."""
         for key in self.forget_keys:

@@ -13,8 +13,8 @@ building add), estimated per slot from its width, not measured:
 * slot sketches: ``keys x capacity x d`` fp64 per sketched slot, twice (a forward or a
   build holds a second copy); class sketches: ``labels x l x d`` fp32 per dense slot, twice.
 
-``plan`` walks the ladder of ``statistics="auto"``: sketch every layer whose ``d x d`` alone
-would take over half the budget, and more (widest first) until one total fits; then per-label
+``plan`` walks the ladder of ``statistics="auto"``: sketch the widest layers, as few as
+needed, until one float32 total fits (none where it does); then per-label
 storage if ``L`` labels fit, else one total (float64 if it fits, else float32), with class
 sketches of as many rows as the room left holds (``CLASS_ROWS_MAX`` at most; none below
 ``CLASS_ROWS_MIN``). An explicit policy is only checked: it is refused before anything is
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unsc_fast.sketch import DEFAULT_ROWS, buffer_rows
+from unsc_fast.sketch import DEFAULT_ROWS
 
 SOLVE_MATRICES = 4
 CLASS_ROWS_MAX = 32
@@ -148,17 +148,18 @@ def max_rows(slot: SlotCost) -> int:
 
 
 def auto_sketches(costs: Costs, units: dict[str, list[str]], labels: int, budget: int) -> dict[str, int]:
-    """Slots to sketch so that one float32 total fits ``budget``: every layer (``units``: layer
-    -> its slots, the sketchable layers, those wide enough for a sketch to pay) whose
-    statistics alone take over half the budget, then the widest remaining layers until the
-    total fits; rows as many as fit, at most ``max_rows``."""
+    """Slots to sketch so that one float32 total fits ``budget``: the widest layers first
+    (``units``: layer -> its slots, the sketchable layers, those wide enough for a sketch to
+    pay), as few as needed; rows as many as fit, at most ``max_rows``. A dense slot keeps
+    its exact statistics wherever they fit: a sketch of a few rows per label holds less of
+    the energy than the threshold asks for (then the basis keeps every sketched direction)."""
     trial = Costs(costs.slots, dict(costs.sketched))
     units = {layer: slots for layer, slots in units.items() if all(worth_sketching(costs.slots[n]) for n in slots)}
     alone = {layer: Costs({n: costs.slots[n] for n in slots}).total(labels, F32) for layer, slots in units.items()}
     order = sorted((layer for layer in units if not set(units[layer]) <= set(trial.sketched)),
                    key=lambda layer: -alone[layer])
     for layer in order:  # rows 0 while choosing: the dense remainder must fit first
-        if alone[layer] <= budget / 2 and trial.total(labels, F32) <= budget:
+        if trial.total(labels, F32) <= budget:
             break
         trial.sketched.update({slot: 0 for slot in units[layer]})
     chosen = {n: r for n, r in trial.sketched.items() if n not in costs.sketched}
