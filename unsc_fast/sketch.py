@@ -165,6 +165,9 @@ def from_covariance(covariance: torch.Tensor, rows: int, count: int = 0, *, dtyp
         return sketch
     factor = (y @ vectors[:, keep]) / values[keep].sqrt()  # factor factor^T = Nystrom approximation
     left, singular, _ = torch.linalg.svd(factor, full_matrices=False)
+    # B holds C's top directions almost whole, so rounding B to ``dtype`` could push B^T B a
+    # few ulps of ||C|| above C there: a margin of 16 ulps keeps the bound on the right side
+    singular = singular * (1 - 16 * torch.finfo(dtype).eps)
     sketch.rows = (singular[:rows, None] * left[:, :rows].T).to(dtype).contiguous()
     sketch.shrunk = max(0.0, sketch.trace - float(singular[:rows].square().sum()))
     return sketch
@@ -232,7 +235,7 @@ def basis(sketches: list[FrequentDirections], threshold: float, name: str = "") 
     if reached.numel():
         k = int(reached[0]) + 1
     else:
-        k = int((s > 0).sum())
+        k = int((s > s[0] * max(stacked.shape) * torch.finfo(torch.float64).eps).sum())  # rounding is no direction
         warnings.warn(
             f"layer {name!r}: its sketch holds {float(energy[-1]) / trace:.4f} of the energy, below the "
             f"threshold {threshold}; keeping all {k} sketched directions (raise the sketch rows)",
