@@ -110,21 +110,20 @@ def statistics_of(projector, slot, key) -> ClassStatistic:
         found = projector._class_sketches.get(key, {}).get(name)
         if found is not None:
             return _from_sketch(key, name, found)
-        if not projector._class_sketches:
-            raise LookupError(
-                f"slot {name!r}: no per-label statistics for label {key!r}: one total is kept "
-                f"(statistics={projector.statistics!r}) without class sketches (the memory budget could not "
-                "hold them, or class_rows=0); a per-class criterion falls back to the total's")
     raise LookupError(f"slot {name!r}: label {key!r} has no statistics (observed labels: {projector.class_keys})")
 
 
 def class_statistics(projector, slot_name: str, keys=None) -> Iterator[ClassStatistic]:
+    """Checks the slot and the policy now, then yields one label at a time."""
     slot = projector._slot(slot_name)
     if slot.kind == "diagonal":
         raise ValueError(f"slot {slot.name!r} is diagonal (an embedding): its basis keeps every token any kept "
                          "sample used, so every label's energy there is kept whole")
-    for key in projector.class_keys if keys is None else keys:
-        yield statistics_of(projector, slot, key)
+    if projector.statistics == "total" and slot.name not in projector._sketch_slots and not projector._class_sketches:
+        raise LookupError(
+            f"slot {slot.name!r}: no per-label statistics: one total is kept without class sketches (the memory "
+            "budget could not hold them, or class_rows=0); a per-class criterion falls back to the total's")
+    return (statistics_of(projector, slot, key) for key in (projector.class_keys if keys is None else keys))
 
 
 def fold_to_total(projector, dtype: torch.dtype, class_rows: int, reason: str) -> None:

@@ -73,6 +73,9 @@ class StatisticsMixin:
         source = "memory_budget=" if memory_budget is not None else "available memory"
         plan = planning.plan(statistics, self.protection.slots, self._units, user_sketch(sketch, self._units, self.layers),
                              num_labels, dtype, budget, limit, source, class_rows)
+        if plan.over_budget:
+            warnings.warn(f'statistics="auto": {plan.reason}: memory_budget={budget:,} bytes is too small for these '
+                          "layers (observe fewer with modules=[...], or raise memory_budget=)", UserWarning, stacklevel=4)
         self._requested, self._given_budget, self._requested_dtype = statistics, memory_budget, dtype
         self._sketch_rows_fixed, self._class_rows_fixed = sketch is not None, class_rows is not None
         self.memory_budget, self.statistics, self._class_rows = plan.budget, plan.policy, plan.class_rows
@@ -215,9 +218,11 @@ class StatisticsMixin:
             return
         costs, size = self._costs(), self.store.dtype.itemsize
         labels = len(set(self._class_sketches) | set(keys))
-        rows = planning.class_rows_for(costs, labels, size, self.memory_budget)
-        if rows >= self._class_rows:
+        if planning.class_rows_for(costs, labels, size, self.memory_budget) >= self._class_rows:
             return
+        # room for twice the labels where that leaves enough rows: labels tend to keep coming
+        rows = planning.class_rows_for(costs, 2 * labels, size, self.memory_budget) or \
+            planning.class_rows_for(costs, labels, size, self.memory_budget)
         if rows:
             for per_key in self._class_sketches.values():
                 for sketch in per_key.values():

@@ -110,6 +110,7 @@ class Plan:
     class_rows: int
     budget: int
     reason: str
+    over_budget: bool = False  # the cheapest policy exceeds the budget, within the machine's memory
 
 
 def slot_costs(slots: dict) -> dict[str, SlotCost]:
@@ -167,13 +168,8 @@ def auto_sketches(costs: Costs, units: dict[str, list[str]], labels: int, budget
         dense_only = Costs(costs.slots, {**costs.sketched, **{n: 0 for n in chosen}}).total(labels, F32)
         per_row = Costs(costs.slots, {n: 1 for n in chosen}).sketch_bytes(labels + 1)
         rows = min(min(max_rows(costs.slots[n]) for n in chosen), max(0, budget - dense_only) // max(1, per_row))
-        if rows < SKETCH_ROWS_MIN:
-            raise MemoryError(
-                f"statistics=\"auto\": even with layers {sorted(chosen)} sketched, {labels} label(s) do not fit "
-                f"memory_budget={budget:,} bytes (a sketch of {SKETCH_ROWS_MIN} rows per label would need "
-                f"{per_row * SKETCH_ROWS_MIN:,} bytes beside {dense_only:,} for the rest). Raise memory_budget=, "
-                "observe fewer layers with modules=[...], or observe fewer labels"
-            )
+        if rows < SKETCH_ROWS_MIN:  # sketches too small to hold anything: dense, judged against the machine
+            return {}
         chosen = {n: int(rows) for n in chosen}
     return chosen
 
@@ -194,7 +190,7 @@ def plan(requested: str, slots: dict, units: dict[str, list[str]], user_sketch: 
     costs = Costs(slot_costs(slots), dict(user_sketch))
     if requested == "per_label":
         check_explicit("per_label", costs, count, dtype or torch.float32, limit, limit_source)
-        return Plan("per_label", dtype or torch.float32, costs.sketched, 0, budget, "requested")
+        return Plan("per_label", dtype or torch.float32, costs.sketched, class_rows or 0, budget, "requested")
     if requested == "total":
         chosen = dtype or torch.float64
         check_explicit("total", costs, count, chosen, limit, limit_source)
@@ -202,13 +198,14 @@ def plan(requested: str, slots: dict, units: dict[str, list[str]], user_sketch: 
         return Plan("total", chosen, costs.sketched, rows, budget, "requested")
     costs.sketched.update(auto_sketches(costs, units, count, budget))
     if costs.per_label(count, itemsize(dtype or torch.float32)) <= budget:
-        return Plan("per_label", dtype or torch.float32, costs.sketched, 0, budget,
-                    f"{count} label(s) fit per label")
+        return Plan("per_label", dtype or torch.float32, costs.sketched, class_rows or 0, budget,
+                    f"{count} label(s) fit per label")  # class_rows: for the class sketches of a later fold
     candidates = [dtype] if dtype is not None else [torch.float64, torch.float32]
     chosen = next((c for c in candidates if costs.total(count, itemsize(c)) <= budget), candidates[-1])
     reason = f"{count} label(s) do not fit per label ({costs.per_label(count, F32):,} bytes)"
-    if costs.total(count, itemsize(chosen)) > budget:
+    over = costs.total(count, itemsize(chosen)) > budget
+    if over:
         check_explicit("total", costs, count, chosen, limit, limit_source)  # over the budget, within the machine
-        reason += f"; one total exceeds the budget of {budget:,} bytes but fits the {limit_source}"
+        reason += f"; one total ({costs.total(count, itemsize(chosen)):,} bytes) exceeds the budget but fits the {limit_source}"
     rows = class_rows if class_rows is not None else class_rows_for(costs, count, itemsize(chosen), budget)
-    return Plan("total", chosen, costs.sketched, rows, budget, reason)
+    return Plan("total", chosen, costs.sketched, rows, budget, reason, over)
