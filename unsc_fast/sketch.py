@@ -1,17 +1,24 @@
-"""Frequent Directions: a streaming ``l x d`` sketch for statistics too wide for a ``d x d`` matrix.
+"""Streaming ``l x d`` sketches for statistics too wide for a ``d x d`` matrix (Frequent Directions'
+structure, with a shrink that keeps more of the energy).
 
 Why: a 25,088-wide classifier input costs 2.5 GB per fp32 covariance (5 GB in fp64); an
-LLM's MLP input 0.5-0.8 GB per layer and group; a ResNet-18 369 MB per label. Frequent
-Directions (Liberty 2013; Ghashami, Liberty, Phillips, Woodruff 2016) keeps ``B`` with at
-most ``capacity`` rows such that, for the rows ``A`` seen so far,
+LLM's MLP input 0.5-0.8 GB per layer and group; a ResNet-18 369 MB per label. Like Frequent
+Directions (Liberty 2013; Ghashami, Liberty, Phillips, Woodruff 2016) the sketch keeps ``B``
+with at most ``capacity`` rows: new rows are appended, and a full buffer is shrunk through
+its SVD to at most ``l`` rows. For the rows ``A`` seen so far,
 
-    0 <= A^T A - B^T B   and   ||A^T A - B^T B||_2 <= shrunk <= ||A||_F^2 / (l + 1)
+    0 <= A^T A - B^T B   and   ||A^T A - B^T B||_2 <= shrunk
 
-where ``shrunk`` is the sum of the shrink amounts, tracked exactly. Each shrink takes the SVD
-of the buffer and subtracts the ``(l+1)``-th largest squared singular value ``delta`` from
-all of them, which leaves at most ``l`` rows and removes at least ``(l + 1) delta`` of
-``||B||_F^2``. Memory: ``capacity x d`` numbers (``2 l`` by default; ``compact()`` brings a
-sketch at rest down to ``l`` rows).
+where ``shrunk`` sums, over the shrinks, the ``(l+1)``-th largest squared singular value of
+the buffer (tracked exactly). ``SHRINK="truncate"`` (the default) keeps the top ``l``
+directions of the buffer whole and drops the rest: every dropped part is PSD, so the bound
+holds, and the sketch holds as much energy as ``l`` rows of the buffer can. Frequent
+Directions' own shrink (``"fd"``) subtracts that value from every kept direction too, which
+bounds ``shrunk`` by ``||A||_F^2 / (l + 1)`` but holds about half the energy on a flat
+spectrum (measured on 20,000 power-law rows, d = 576, decay 0.5: 0.19 / 0.32 of the energy
+at l = 8 / 32 against 0.39 / 0.58 for truncation, the optimum being 0.39 / 0.59): for an
+energy threshold the energy held is what counts. Memory: ``capacity x d`` numbers (``2 l`` by
+default; ``compact()`` brings a sketch at rest down to ``l`` rows).
 
 Energy guarantee. Because ``B^T B <= A^T A`` (Loewner order), any basis ``U`` captures at
 least as much of A's energy as of B's: ``tr(U^T A^T A U) >= tr(U^T B^T B U)``. ``basis``
@@ -35,6 +42,8 @@ import warnings
 import torch
 
 DEFAULT_ROWS = 256
+NEGLIGIBLE = 1e-6  # singular values below this share of the largest hold < 1e-12 of its energy
+SHRINK = "truncate"  # or "fd": Frequent Directions' subtraction (see the module docstring)
 CHUNK_NUMBERS = 2**22  # rows are fed (and their energy summed in fp64) this many numbers at a time
 MIN_BUFFER = 64  # a buffer holds at least this many rows beyond l (fewer, slower SVD calls)
 
@@ -100,11 +109,15 @@ class FrequentDirections:
         self.compact()
 
     def _shrink(self, keep: int) -> None:
-        _, s, vh = torch.linalg.svd(self.rows, full_matrices=False)
+        """The SVD runs in float64; the kept rows are scaled by ``1 - 4 ulp`` of ``dtype`` before
+        they are rounded back to it, so that a thousand shrinks of float32 rows cannot creep
+        above ``A^T A`` (measured: -2e-5 ||C|| without the margin, 1e-10 with it)."""
+        _, s, vh = torch.linalg.svd(self.rows.double(), full_matrices=False)
         delta = float(s[keep]) ** 2 if s.numel() > keep else 0.0
-        scaled = (s[:keep].square() - delta).clamp_min(0).sqrt()
+        scaled = (s[:keep].square() - (delta if SHRINK == "fd" else 0.0)).clamp_min(0).sqrt()
+        scaled = scaled * (1 - 4 * torch.finfo(self.dtype).eps)
         kept = int((scaled > 0).sum())
-        self.rows = (scaled[:kept, None] * vh[:kept]).contiguous()
+        self.rows = (scaled[:kept, None] * vh[:kept]).to(self.dtype).contiguous()
         self.shrunk += delta
 
     def snapshot(self) -> "FrequentDirections":
@@ -235,7 +248,7 @@ def basis(sketches: list[FrequentDirections], threshold: float, name: str = "") 
     if reached.numel():
         k = int(reached[0]) + 1
     else:
-        k = int((s > s[0] * max(stacked.shape) * torch.finfo(torch.float64).eps).sum())  # rounding is no direction
+        k = int((s > s[0] * NEGLIGIBLE).sum())  # the rounding of float32 rows is no direction
         warnings.warn(
             f"layer {name!r}: its sketch holds {float(energy[-1]) / trace:.4f} of the energy, below the "
             f"threshold {threshold}; keeping all {k} sketched directions (raise the sketch rows)",

@@ -15,7 +15,11 @@ def power_law_rows(n, d, decay=1.0, seed=0):
     return ((torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ mixing.T).float()
 
 
-def test_frequent_directions_bound():
+@pytest.mark.parametrize("shrink", ["truncate", "fd"])
+def test_frequent_directions_bound(shrink, monkeypatch):
+    from unsc_fast import sketch
+
+    monkeypatch.setattr(sketch, "SHRINK", shrink)
     A = power_law_rows(1500, 128, decay=0.5)
     fd = FrequentDirections(128, rows=16)
     for chunk in A.split(250):
@@ -26,9 +30,13 @@ def test_frequent_directions_bound():
     scale = exact.diagonal().sum().item()
     assert error[0] >= -1e-12 * scale  # B^T B never exceeds A^T A
     assert error[-1] <= fd.shrunk * (1 + 1e-9) + 1e-12 * scale  # ||A^T A - B^T B||_2 <= shrunk
-    assert fd.shrunk <= scale / 16  # <= ||A||_F^2 / l
+    if shrink == "fd":
+        assert fd.shrunk <= scale / 17  # <= ||A||_F^2 / (l + 1)
     assert fd.trace == pytest.approx(scale, rel=1e-12) and fd.count == 1500
     assert B.shape[0] <= 32 and fd.shrunk > 0  # it did shrink
+    best = torch.linalg.eigvalsh(exact).flip(0)[:16].sum().item()  # the most 16 rows can hold
+    held = B.double().square().sum().item()
+    assert held >= (0.95 * best if shrink == "truncate" else 0.3 * best)
 
 
 @pytest.mark.parametrize("threshold", [0.9, 0.97])
