@@ -66,6 +66,8 @@ def test_the_change_stays_in_the_null_space_under_every_policy(policy):
         assert proj.residual(layer.weight, change) < ROUNDING, (policy, name)
         matrix = change.double().flatten(1)
         remaining = exact.store.kept_sum(name, [0, 2, 3])
+        basis = proj.basis(name).double()  # the worst case of the bound below: its energy kept
+        assert torch.trace(basis.T @ remaining @ basis) >= (THRESHOLD - 1e-6) * remaining.trace(), (policy, name)
         moved = torch.trace(matrix @ remaining @ matrix.T).item()
         bound = torch.linalg.matrix_norm(matrix, 2).item() ** 2 * (1 - THRESHOLD) * remaining.trace().item()
         assert moved <= bound * (1 + 1e-6), (policy, name, moved / bound)
