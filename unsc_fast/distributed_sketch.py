@@ -78,3 +78,36 @@ def gather_on_rank0(sketches: dict, slots: dict, keys: list, rows: dict, devices
                 pooled.resize(rows[name])
                 kept.setdefault(key, {})[name] = pooled
     return kept
+
+
+def pooled_class_statistics(projector, slot, keys, group):
+    """``class_statistics`` over every rank (every rank calls it with the same arguments): the
+    labels are the union over the ranks, each label's exact matrix summed (one all-reduce) or
+    its sketches stacked (``pool``); a refusal (a sketch a forget pass touched on any rank) is
+    decided from the union too, so that every rank raises at the same label."""
+    from unsc_fast import class_statistics as per_class
+    from unsc_fast import statistics as policies
+
+    name, sketched = slot.name, slot.name in projector._sketch_slots
+    refused = ([k for k in projector.class_keys if name in projector._sketches.get((policies.FORGET_KEY, k), {})]
+               if sketched else list(projector._forget_labels) if projector.statistics == "total" else [])
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (projector.class_keys, refused), group=group)
+    union = list(dict.fromkeys(k for labels, _ in gathered for k in labels)) if keys is None else list(keys)
+    refused = {k for _, ranks_refused in gathered for k in ranks_refused}
+    device = projector._slot_devices[name]
+    for key in union:
+        if key in refused:
+            raise LookupError(f"slot {name!r}: label {key!r} has rows in a forget pass on some rank, and its sketch "
+                              "cannot be reduced by them; call reset_forget() first")
+        if projector.statistics == "per_label" and not sketched:
+            local = per_class._exact(projector.store, key, name)
+            matrix = local.matrix if local is not None else torch.zeros(slot.shape, dtype=torch.float64, device=device)
+            dist.all_reduce(matrix, group=group)
+            trace = matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
+            yield per_class.ClassStatistic(key, name, float(trace) if trace.dim() == 0 else trace, True, matrix=matrix)
+            continue
+        table = projector._sketches if sketched else projector._class_sketches
+        mine = table.get(key, {}).get(name)
+        yield per_class._from_sketch(key, name, pool([mine] if mine is not None else [], slot.groups, slot.dim,
+                                                     device, group))

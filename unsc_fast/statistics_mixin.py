@@ -156,12 +156,20 @@ class StatisticsMixin:
         keys = [*self._sketches, *self._class_sketches] + (self.store.keys if self.statistics == "per_label" else [])
         return [k for k in dict.fromkeys(keys) if not policies.is_forget_key(k)]
 
-    def class_statistics(self, slot_name: str, keys=None) -> Iterator["per_class.ClassStatistic"]:
+    def class_statistics(self, slot_name: str, keys=None, *, process_group=None) -> Iterator["per_class.ClassStatistic"]:
         """Per label in ``keys`` (default: ``class_keys``), one at a time: ``(key, trace, gram)``
         for slot (or layer) ``slot_name``, with ``trace = tr(C_c)`` exact and ``gram <= C_c``
         (exact under per-label storage, a class sketch's ``B^T B`` beside one total). Read-only.
-        Raises ``LookupError`` where a label has neither (see ``unsc_fast.class_statistics``)."""
-        return per_class.class_statistics(self, slot_name, keys)
+        Raises ``LookupError`` where a label has neither (see ``unsc_fast.class_statistics``).
+        Under ``torch.distributed`` (``process_group`` as in ``build``) the statistics are
+        pooled over the ranks, labels the union of theirs: every rank must call it alike."""
+        from unsc_fast import distributed, distributed_sketch
+
+        statistics = per_class.class_statistics(self, slot_name, keys)  # checks the slot and policy now
+        group = distributed.resolve_group(process_group)
+        if group is None:
+            return statistics
+        return distributed_sketch.pooled_class_statistics(self, self._slot(slot_name), keys, group)
 
     # ------------------------------------------------------------------ room before a batch
     def _make_room(self, keys: list, forget: bool) -> None:

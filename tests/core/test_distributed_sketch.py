@@ -79,3 +79,33 @@ def test_a_totals_forget_pass_is_subtracted_across_ranks(tmp_path):
     for name, (pooled, single) in first.items():
         assert torch.equal(pooled, second[name][0]), name
         torch.testing.assert_close(pooled, single, atol=1e-8, rtol=0)
+
+
+def _class_scenario(rank: int, world: int) -> dict:
+    model, x, y = make()
+    xs, ys = halves(x, y, rank, world)
+    if rank == 1:  # label 3 on rank 0 only
+        xs, ys = xs[ys != 3], ys[ys != 3]
+    exact = NullSpaceProjector(model, statistics="per_label", dtype=torch.float64)
+    sketched = NullSpaceProjector(model, statistics="total", class_rows=6)
+    for p in (exact, sketched):
+        p.collect([(xs, ys)])
+    pooled_exact = {s.key: (s.trace, s.gram) for s in exact.class_statistics("2")}
+    pooled_sketch = {s.key: (s.trace, s.gram) for s in sketched.class_statistics("2")}
+    single = NullSpaceProjector(model, statistics="per_label", dtype=torch.float64)
+    single.collect([(x[(torch.arange(48) < 24) | (y != 3)], y[(torch.arange(48) < 24) | (y != 3)])])
+    return {"exact": pooled_exact, "sketch": pooled_sketch,
+            "single": {k: single.store.matrix(k, "2") for k in single.groups}}
+
+
+def test_class_statistics_pool_across_ranks(tmp_path):
+    first, second = run_ranks(_class_scenario, tmp_path)
+    assert sorted(first["exact"]) == sorted(first["sketch"]) == [0, 1, 2, 3]  # 3: one rank's only
+    for key, (trace, gram) in first["exact"].items():
+        assert torch.equal(gram, second["exact"][key][1])
+        torch.testing.assert_close(gram, first["single"][key], rtol=1e-12, atol=1e-9)
+    for key, (trace, gram) in first["sketch"].items():
+        C = first["single"][key]
+        assert torch.equal(gram, second["sketch"][key][1])
+        assert trace == pytest.approx(C.trace().item(), rel=1e-6)
+        assert torch.linalg.eigvalsh(C - gram)[0] >= -1e-6 * trace
