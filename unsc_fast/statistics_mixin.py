@@ -244,9 +244,22 @@ class StatisticsMixin:
         self._class_rows = rows
 
     def _fit_slot_sketches(self, mapped: list) -> None:
-        if not self._sketch_slots or self._sketch_rows_fixed:
+        """Sketches chosen by "auto" shrink to fit the budget; the rows a user chose are kept,
+        and refused before allocating past ``memory_budget=`` (or the memory available)."""
+        if not self._sketch_slots:
             return
         keys = len(set(self._sketches) | set(mapped))
+        if self._sketch_rows_fixed:
+            need = self._costs().sketch_bytes(keys)
+            if self._given_budget is not None:
+                over, limit = need > self._given_budget, f"memory_budget={self._given_budget:,}"
+            else:
+                available = memory.default_budget(set(self._slot_devices.values()), 1.0)
+                over, limit = need - nbytes(self._sketches) > available, f"the {available:,} bytes available now"
+            if over:
+                raise MemoryError(f"sketch={self.sketch_rows}: {keys} keys of sketches need about {need:,} bytes at "
+                                  f"their peak, over {limit}; nothing was observed. Fewer rows, or statistics=\"auto\"")
+            return
         labels = max(1, len(set(self.class_keys) | {k for k in mapped if not policies.is_forget_key(k)}))
         costs, size = self._costs(), self.store.dtype.itemsize
         dense = planning.Costs(costs.slots, {n: 0 for n in self._sketch_rows})

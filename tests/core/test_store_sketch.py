@@ -154,3 +154,14 @@ def test_every_adapter_with_dense_slots_can_be_sketched_with_the_energy_guarante
         else:
             assert (U.T @ C @ U).trace() / C.trace() >= 0.9 - 1e-9, name
             assert U.shape[1] < slot.dim  # not everything: the guarantee is not met by keeping it all
+
+
+def test_sketch_rows_a_user_chose_are_refused_before_they_outgrow_the_budget():
+    model = nn.Sequential(nn.Linear(2048, 4))
+    per_key = 2 * 2 * 64 * 2048 * 8  # a 64-row sketch's buffer, twice
+    proj = NullSpaceProjector(model, sketch={"0": 64}, memory_budget=3 * per_key + 10, statistics="per_label")
+    x, y = torch.randn(40, 2048), torch.arange(40) % 4
+    proj.collect([(x[y < 2], y[y < 2])])  # 2 keys: fits
+    with pytest.raises(MemoryError, match=r"sketch=\{'0': 64\}: 4 keys.*nothing was observed"):
+        proj.collect([(x[y >= 2], y[y >= 2])])
+    assert sorted(proj.groups) == [0, 1]
