@@ -190,7 +190,9 @@ class StatisticsMixin:
     def _fit_per_label(self, mapped: list) -> None:
         costs, size = self._costs(), self.store.dtype.itemsize
         sets = costs.set_bytes(size)
-        new = [k for k in mapped if k not in self.store.keys] if sets else []
+        if not sets:  # every slot sketched: nothing per label to fold or refuse (_fit_slot_sketches)
+            return
+        new = [k for k in mapped if k not in self.store.keys]
         labels = len(set(self.class_keys) | {k for k in mapped if not policies.is_forget_key(k)})
         need = (self.store.nbytes() + len(new) * sets + max((len(mapped) - len(new)) * sets, costs.solve_bytes(size))
                 + costs.sketch_bytes(len(set(self._sketches) | set(mapped))))
