@@ -71,7 +71,9 @@ def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices:
     parameter's device, and the complement the solver found with it (eigh's other
     eigenvectors) or None (``bases.NullSpaceBases.install`` decides which to keep)."""
     bases, complements = {}, {}
-    for slot in slots.values():  # one kept sum alive at a time
+    # One kept sum alive at a time, the widest first: its solve (a dense fp64 eigh holds four
+    # d x d matrices) then runs before the other slots' bases pile up beside it.
+    for slot in sorted(slots.values(), key=lambda s: -s.dim * s.groups ** 0.5 if s.kind != "diagonal" else 0):
         if slot.name in sketch_slots:
             request = request or SketchRequest(tuple(kept), tuple(subtracted))
             bases[slot.name] = sketch_basis(sketches, slot, request, threshold).to(devices[slot.name])
@@ -83,7 +85,7 @@ def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices:
         bases[slot.name] = basis.to(devices[slot.name])
         if complement is not None and prefers_complement(basis.shape[1], slot.dim):  # else drop it now
             complements[slot.name] = complement.to(devices[slot.name])
-    return bases, complements
+    return {name: bases[name] for name in slots}, complements
 
 
 def sketched_parts(sketches: dict, name: str, request: SketchRequest) -> list:

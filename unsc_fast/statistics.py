@@ -55,8 +55,9 @@ class MemoryEstimate:
 
     ``per_label``: ``labels`` matrices per layer (plus one forget matrix per label a
     request touches, counted as one here); ``total``: the total and one forget pass.
-    ``build_extra``: the larger of a batch's pending matrices and what a build holds for its
-    widest layer (the kept sum and a dense fp64 eigendecomposition's ``SOLVE_MATRICES``).
+    ``build_extra``: the larger of a batch's pending matrices and what a build holds: the
+    layers solved widest first, each its kept sum and a dense fp64 eigendecomposition's
+    ``SOLVE_MATRICES`` beside the bases before it (``statistics_plan`` prices the same way).
     """
 
     labels: int
@@ -71,9 +72,12 @@ class MemoryEstimate:
         return sum(self.per_layer(policy).values()) + self.build_extra(policy)
 
     def build_extra(self, policy: str) -> int:
-        pending = sum(self.sizes.values()) * self.itemsizes[policy]
-        widest = max(self.sizes.values(), default=0)
-        return max(pending, widest * (self.itemsizes[policy] + SOLVE_MATRICES * 8))
+        size = self.itemsizes[policy]
+        held = peak = 0
+        for numbers in sorted(self.sizes.values(), reverse=True):  # widest first, as build solves them
+            peak = max(peak, held + numbers * (size + SOLVE_MATRICES * 8))
+            held += numbers * size  # its basis and complement
+        return max(sum(self.sizes.values()) * size, peak, held)
 
     def as_dict(self) -> dict:
         return {p: {"total": self.total(p), "layers": self.per_layer(p)} for p in ("per_label", "total")}

@@ -74,8 +74,11 @@ class StatisticsMixin:
         plan = planning.plan(statistics, self.protection.slots, self._units, user_sketch(sketch, self._units, self.layers),
                              num_labels, dtype, budget, limit, source, class_rows)
         if plan.over_budget:
-            warnings.warn(f'statistics="auto": {plan.reason}: memory_budget={budget:,} bytes is too small for these '
-                          "layers (observe fewer with modules=[...], or raise memory_budget=)", UserWarning, stacklevel=4)
+            where = "memory_budget=" if memory_budget is not None else \
+                f"the default budget ({memory.DEFAULT_FRACTION:.3g} of the available memory)"
+            warnings.warn(f'statistics="auto": {plan.reason}: {where} of {budget:,} bytes is too small for these '
+                          "layers (observe fewer with modules=[...], or pass a larger memory_budget=)",
+                          UserWarning, stacklevel=4)
         self._requested, self._given_budget, self._requested_dtype = statistics, memory_budget, dtype
         self._sketch_rows_fixed, self._class_rows_fixed = sketch is not None, class_rows is not None
         self.memory_budget, self.statistics, self._class_rows = plan.budget, plan.policy, plan.class_rows

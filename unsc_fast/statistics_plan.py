@@ -7,14 +7,15 @@ building add), estimated per slot from its width, not measured:
   of one pending set (a batch's delta for a label already stored) and the build's solve;
 * ``total``: 2 sets (the total and one forget pass) plus the larger of a pending set and the
   solve;
-* the solve of the widest dense slot: its kept sum plus a dense fp64 eigendecomposition
-  (``SOLVE_MATRICES`` fp64 ``d x d`` matrices: the input, the eigenvectors and LAPACK's
-  workspace);
+* the solve: slots solved widest first, each its kept sum plus a dense fp64
+  eigendecomposition (``SOLVE_MATRICES`` fp64 ``d x d`` matrices: the input, the eigenvectors
+  and LAPACK's workspace) beside the bases of the slots before it (a basis and its complement,
+  up to ``d x d`` each);
 * slot sketches: ``keys x capacity x d`` fp64 per sketched slot, twice (a forward or a
   build holds a second copy); class sketches: ``labels x l x d`` fp32 per dense slot, twice.
 
-``plan`` walks the ladder of ``statistics="auto"``: sketch the widest layers, as few as
-needed, until one float32 total fits (none where it does); then per-label
+``plan`` walks the ladder of ``statistics="auto"``: sketch the layers whose ``d x d`` does not
+fit (one float32 total of that layer alone exceeds the budget); then per-label
 storage if ``L`` labels fit, else one total (float64 if it fits, else float32), with class
 sketches of as many rows as the room left holds (``CLASS_ROWS_MAX`` at most; none below
 ``CLASS_ROWS_MIN``). An explicit policy is only checked: it is refused before anything is
@@ -73,7 +74,13 @@ class Costs:
         return sum(s.numel for s in self.dense()) * size
 
     def solve_bytes(self, size: int) -> int:
-        return max((s.solve_bytes(size) for s in self.dense()), default=0)
+        """The build's peak beside the stored sets: slots solved widest first (``solve.local_bases``),
+        each solve beside the bases kept before it (a basis and its complement: up to ``d x d``)."""
+        held = peak = 0
+        for slot in sorted((s for s in self.dense() if s.kind != "diagonal"), key=lambda s: -s.solve_bytes(size)):
+            peak = max(peak, held + slot.solve_bytes(size))
+            held += slot.numel * size
+        return max(peak, held)
 
     def sketch_bytes(self, keys: int) -> int:
         return 2 * keys * sum(buffer_capacity(r) * self.slots[n].width * F64 for n, r in self.sketched.items())
@@ -149,21 +156,16 @@ def max_rows(slot: SlotCost) -> int:
 
 
 def auto_sketches(costs: Costs, units: dict[str, list[str]], labels: int, budget: int) -> dict[str, int]:
-    """Slots to sketch so that one float32 total fits ``budget``: the widest layers first
-    (``units``: layer -> its slots, the sketchable layers, those wide enough for a sketch to
-    pay), as few as needed; rows as many as fit, at most ``max_rows``. A dense slot keeps
-    its exact statistics wherever they fit: a sketch of a few rows per label holds less of
-    the energy than the threshold asks for (then the basis keeps every sketched direction)."""
-    trial = Costs(costs.slots, dict(costs.sketched))
+    """The layers whose ``d x d`` does not fit: those (``units``: layer -> its slots, the
+    sketchable layers wide enough for a sketch to pay) whose float32 total alone, with its
+    solve, exceeds ``budget``; rows as many as fit, at most ``max_rows``. A layer whose dense
+    statistics fit keeps them even when all layers together exceed the budget (one total is
+    then kept over it, within the machine, with a warning): a sketch of a few rows per label
+    holds less of the energy than the threshold asks for."""
     units = {layer: slots for layer, slots in units.items() if all(worth_sketching(costs.slots[n]) for n in slots)}
     alone = {layer: Costs({n: costs.slots[n] for n in slots}).total(labels, F32) for layer, slots in units.items()}
-    order = sorted((layer for layer in units if not set(units[layer]) <= set(trial.sketched)),
-                   key=lambda layer: -alone[layer])
-    for layer in order:  # rows 0 while choosing: the dense remainder must fit first
-        if trial.total(labels, F32) <= budget:
-            break
-        trial.sketched.update({slot: 0 for slot in units[layer]})
-    chosen = {n: r for n, r in trial.sketched.items() if n not in costs.sketched}
+    chosen = {slot: 0 for layer, slots in units.items() if alone[layer] > budget for slot in slots
+              if slot not in costs.sketched}
     if chosen:
         dense_only = Costs(costs.slots, {**costs.sketched, **{n: 0 for n in chosen}}).total(labels, F32)
         per_row = Costs(costs.slots, {n: 1 for n in chosen}).sketch_bytes(labels + 1)
