@@ -79,6 +79,10 @@ class StatisticsMixin:
             warnings.warn(f'statistics="auto": {plan.reason}: {where} of {budget:,} bytes is too small for these '
                           "layers (observe fewer with modules=[...], or pass a larger memory_budget=)",
                           UserWarning, stacklevel=4)
+        if plan.policy == "total" and not plan.class_rows and class_rows is None and self._units:
+            warnings.warn(f"statistics: one total is kept and the budget of {budget:,} bytes holds no class sketches "
+                          f"beside it ({planning.CLASS_ROWS_MIN} rows per label at least): a per-class criterion "
+                          "falls back to the total's (class_rows= to force some)", UserWarning, stacklevel=4)
         self._requested, self._given_budget, self._requested_dtype = statistics, memory_budget, dtype
         self._sketch_rows_fixed, self._class_rows_fixed = sketch is not None, class_rows is not None
         self.memory_budget, self.statistics, self._class_rows = plan.budget, plan.policy, plan.class_rows
