@@ -75,7 +75,7 @@ class MemoryEstimate:
         size = self.itemsizes[policy]
         held = peak = 0
         for numbers in sorted(self.sizes.values(), reverse=True):  # widest first, as build solves them
-            peak = max(peak, held + numbers * (size + SOLVE_MATRICES * 8))
+            peak = max(peak, held + numbers * (2 * size + SOLVE_MATRICES * 8))
             held += numbers * size  # its basis and complement
         return max(sum(self.sizes.values()) * size, peak, held)
 

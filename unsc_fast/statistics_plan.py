@@ -9,8 +9,8 @@ building add), estimated per slot from its width, not measured:
   solve;
 * the solve: slots solved widest first, each its kept sum plus a dense fp64
   eigendecomposition (``SOLVE_MATRICES`` fp64 ``d x d`` matrices: the input, the eigenvectors
-  and LAPACK's workspace) beside the bases of the slots before it (a basis and its complement,
-  up to ``d x d`` each);
+  and LAPACK's workspace) and the basis copied out of it, beside the bases of the slots before
+  it (a basis and its complement, up to ``d x d`` each);
 * slot sketches: ``keys x capacity x d`` fp64 per sketched slot, twice (a forward or a
   build holds a second copy); class sketches: ``labels x l x d`` fp32 per dense slot, twice.
 
@@ -57,7 +57,9 @@ class SlotCost:
         return self.groups * self.dim
 
     def solve_bytes(self, size: int) -> int:
-        return 0 if self.kind == "diagonal" else self.numel * size + SOLVE_MATRICES * F64 * self.dim**2
+        """Its kept sum, the fp64 eigendecomposition, and the basis and complement copied out of
+        it in ``size`` bytes while it is alive."""
+        return 0 if self.kind == "diagonal" else 2 * self.numel * size + SOLVE_MATRICES * F64 * self.dim**2
 
 
 @dataclass
