@@ -6,7 +6,12 @@ reference path and says so once.
 """
 from setuptools import setup
 
-PACKAGES = ["unsc_fast", "unsc_fast.ops", "unsc_fast.kernels", "unsc_fast.evaluation", "unsc_fast.evaluation.methods"]
+PACKAGES = [
+    "unsc_fast", "unsc_fast.ops", "unsc_fast.adapters", "unsc_fast.tracking", "unsc_fast.statistics", "unsc_fast.solve",
+    "unsc_fast.projection", "unsc_fast.distributed", "unsc_fast.projector", "unsc_fast.kernels", "unsc_fast.evaluation",
+    "unsc_fast.evaluation.methods", "unsc_fast.evaluation.facts", "unsc_fast.objectives",
+    "unsc_fast.unlearning",
+]
 PACKAGE_DIR = {"unsc_fast": "unsc_fast", "unsc_fast.kernels": "kernels"}
 
 
@@ -22,7 +27,8 @@ def extension_modules():
     """The compiled extension ``unsc_fast._C`` from ``csrc/``, or nothing where it cannot be
     built: the package then runs on its PyTorch reference path.
 
-    - C++ (``energy_basis.cpp``, ``covariance_cpu.cpp``, ``conv_covariance_shift.cpp``, ``bindings.cpp``) on every machine with a C++ compiler;
+    - C++ (``energy_basis.cpp``, ``covariance_cpu.cpp``, ``conv_covariance_shift.cpp``,
+      ``conv_covariance_spectral.cpp``, ``bindings.cpp``) on every machine with a C++ compiler;
     - plus ``symmetrize_cuda.cu`` when torch has CUDA and nvcc is found (``CUDA_HOME``);
     - ``UNSC_FAST_BUILD_EXT=0`` skips the extension; a failed compile is a warning, not an
       error, unless ``UNSC_FAST_REQUIRE_EXT=1`` (CI sets it so a broken build is loud).
@@ -50,7 +56,10 @@ def extension_modules():
         warnings.warn(f"unsc_fast: no C++ compiler ({compiler!r}); building without the extension")
         return [], {}
 
-    sources = ["csrc/energy_basis.cpp", "csrc/covariance_cpu.cpp", "csrc/conv_covariance_shift.cpp", "csrc/bindings.cpp"]
+    sources = [
+        "csrc/energy_basis.cpp", "csrc/covariance_cpu.cpp", "csrc/conv_covariance_shift.cpp",
+        "csrc/conv_covariance_spectral.cpp", "csrc/bindings.cpp",
+    ]
     cxx_flags = ["-O3", "-std=c++17"]
     with_cuda = (
         torch.version.cuda is not None

@@ -54,7 +54,7 @@ def synthetic_covariances(projector: NullSpaceProjector, rank: int, world: int, 
         for label in range(LABELS):
             generator = torch.Generator().manual_seed(1000 * index + label)
             rows = (torch.randn(samples, layer.dim, generator=generator) * scales)[rank::world]
-            projector._store(label, name, rows.T @ rows, len(rows))
+            projector.store.add(label, name, rows.T @ rows, len(rows))
 
 
 def _rank_main(rank: int, world: int, init: str, args, results) -> None:

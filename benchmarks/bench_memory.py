@@ -3,7 +3,7 @@
 Each configuration runs in a fresh interpreter whose peak resident set (``ru_maxrss`` of the
 child, i.e. VmHWM) is its own, under an address-space cap (``--cap-gb``, default 12 GB as in
 the issue; 0: none) set before torch is imported, so that the default budget
-(``unsc_fast.memory``: 1/8 of the room under the cap) is the same from run to run whatever
+(``unsc_fast.statistics.memory``: 1/8 of the room under the cap) is the same from run to run whatever
 else the machine is doing. A configuration is one observation of ``labels`` labels and one
 class-wise request (forget label 0: ``build(exclude=(0,))``, after one pass over its forget
 data when one total is kept). Reported: the policy the run ended with (``auto`` resolves to

@@ -23,8 +23,14 @@ energy each basis keeps (over trace(C)), and the largest principal-angle sine be
 and ours (large only where eigenvalues cluster at the cut: such directions are
 interchangeable; ours may keep a few more columns on the randomized path).
 
+``--floor`` adds the physical floor: the workload's covariance as one symmetric patch product
+(``N P d (d + 1)`` FLOPs per layer over its N P patches of width d; the plain way's
+``unfold + addmm`` does ``2 N P d^2``), the forward passes' FLOPs and the activation bytes the
+covariance has to read at least once, against the machine's peaks measured in the same run
+(a 2048^3 sgemm, a 512 MiB copy; ``benchmarks/machine_peak.py``).
+
     python benchmarks/bench_projector_build.py [--quick] [--threads N] [--repeat 3]
-        [--official-repeat 1] [--images-per-class 256] [--batch 128] [--json PATH]
+        [--official-repeat 1] [--images-per-class 256] [--batch 128] [--floor] [--json PATH]
 """
 from __future__ import annotations
 
@@ -166,6 +172,80 @@ def our_projector(model: nn.Module, batches, threshold: float) -> NullSpaceProje
     return projector.build()
 
 
+# ---------------------------------------------------------------- physical floor
+def workload_counts(model: nn.Module, batches) -> dict[str, dict]:
+    """Per tracked layer: patch width d, patches N P, the covariance's FLOPs as a symmetric
+    product and as unfold + addmm, the forward's FLOPs, the bytes of its input activations and
+    of the unfold buffer (float32), over every batch."""
+    counts, handles = {}, []
+
+    def hook(name, module, args, output):
+        x = args[0]
+        if isinstance(module, nn.Conv2d):
+            d = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            patches = x.shape[0] * output.shape[2] * output.shape[3]
+            width = module.out_channels
+        else:
+            d, patches, width = x.shape[-1], x.numel() // x.shape[-1], module.out_features
+        row = counts.setdefault(name, {"d": d, "patches": 0, "activation_bytes": 0})
+        row["patches"] += patches
+        row["activation_bytes"] += 4 * x.numel()
+        row["forward_flop"] = row.get("forward_flop", 0) + 2 * patches * d * width
+
+    for name, module in tracked_layers(model).items():
+        handles.append(module.register_forward_hook(lambda m, a, o, name=name: hook(name, m, a, o)))
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for row in counts.values():
+        row["covariance_flop"] = row["patches"] * row["d"] * (row["d"] + 1)
+        row["unfold_addmm_flop"] = 2 * row["patches"] * row["d"] ** 2
+        row["unfold_bytes"] = 4 * row["patches"] * row["d"]
+    return counts
+
+
+def print_floor(counts: dict[str, dict], stats: dict) -> dict:
+    """The floor table and lines (see the module docstring); returns what it printed, for --json."""
+    try:
+        from benchmarks.machine_peak import copy_gbytes, gemm_gflops
+    except ImportError:  # run as a script from benchmarks/
+        from machine_peak import copy_gbytes, gemm_gflops
+
+    sgemm, dgemm, copy = gemm_gflops(torch.float32), gemm_gflops(torch.float64), copy_gbytes()
+    print(f"\n## physical floor ({torch.get_num_threads()} torch threads; measured now: sgemm {sgemm:.1f} GFLOP/s, "
+          f"dgemm {dgemm:.1f} GFLOP/s, copy {copy:.1f} GB/s read + write)\n")
+    print("| layer | d | patches N P | covariance GFLOP (symmetric) | unfold + addmm GFLOP | forward GFLOP "
+          "| activations MB | unfold buffer MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in counts.items():
+        print(f"| {name} | {row['d']} | {row['patches']} | {row['covariance_flop'] / 1e9:.1f} "
+              f"| {row['unfold_addmm_flop'] / 1e9:.1f} | {row['forward_flop'] / 1e9:.1f} "
+              f"| {row['activation_bytes'] / 1e6:.1f} | {row['unfold_bytes'] / 1e6:.1f} |")
+    total = {key: sum(row[key] for row in counts.values())
+             for key in ("covariance_flop", "unfold_addmm_flop", "forward_flop", "activation_bytes", "unfold_bytes")}
+    floor = {"sgemm_gflops": sgemm, "dgemm_gflops": dgemm, "copy_gbytes": copy, **total,
+             "covariance_s": total["covariance_flop"] / sgemm / 1e9,
+             "forward_s": total["forward_flop"] / sgemm / 1e9,
+             "activation_read_s": total["activation_bytes"] / copy / 1e9}
+    print(f"| total | | | {total['covariance_flop'] / 1e9:.1f} | {total['unfold_addmm_flop'] / 1e9:.1f} "
+          f"| {total['forward_flop'] / 1e9:.1f} | {total['activation_bytes'] / 1e6:.1f} "
+          f"| {total['unfold_bytes'] / 1e6:.1f} |")
+    print(f"\n- covariance as a symmetric patch product at the sgemm peak: {floor['covariance_s']:.2f} s "
+          f"(compute bound: reading the activations once takes {floor['activation_read_s']:.3f} s at the copy rate)")
+    print(f"- forward passes at the sgemm peak: {floor['forward_s']:.2f} s (both pipelines run them)")
+    print(f"- floor of a patch-product pipeline, forward + covariance (the fp64 eigh not counted, the same in "
+          f"both): {floor['forward_s'] + floor['covariance_s']:.2f} s")
+    for name in ("plain", "ours"):
+        if stats.get(name):
+            print(f"- {name}: median {stats[name][1]:.2f} s = {stats[name][1] / (floor['forward_s'] + floor['covariance_s']):.2f}x "
+                  "that floor")
+    return floor
+
+
 # ---------------------------------------------------------------- comparison
 def energy_kept(C: torch.Tensor, U) -> float:
     """trace(U^T C U) / trace(C): the share of the layer's input energy the basis holds."""
@@ -211,6 +291,8 @@ def main(argv=None) -> None:
                         help="repeats that also run the official pipeline (the first ones; 0: skip it)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of plain and ours on one small batch")
     parser.add_argument("--threads", type=int, default=None, help="torch (and numpy BLAS) CPU threads")
+    parser.add_argument("--floor", action="store_true",
+                        help="also print the physical floor: FLOPs and bytes against the measured peaks")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -310,11 +392,12 @@ def main(argv=None) -> None:
     elif official_repeat == 0:
         print("\nnote: the official pipeline was skipped (--official-repeat 0).")
     print(f"note: {torch.get_num_threads()} torch threads; images {images}; times include the forward passes.")
+    floor = print_floor(workload_counts(model, batches), stats) if args.floor else None
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"environment": env, "width": width, "images": images, "batch": args.batch,
                        "threshold": args.threshold, "threads": torch.get_num_threads(), "times_s": times,
-                       "layers": rows}, handle, indent=2)
+                       "layers": rows, "floor": floor}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -61,12 +61,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         unsc_fast::conv_covariance_cpu_(C, x, kernel_size, stride, padding, dilation, kernel);
       },
       "C += P^T P over the conv patches of x (B, Cin, H, W) on CPU, without an unfold buffer; "
-      "kernel: auto, panel or shift (stride 1).",
+      "kernel: auto, panel, shift (stride 1) or spectral (stride 1, same-like padding).",
       pybind11::arg("C"), pybind11::arg("x"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
       pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("kernel") = "auto",
       pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("conv_covariance_kernel", &unsc_fast::conv_covariance_kernel,
-             "The CPU kernel conv_covariance_ runs for this geometry: shift or panel.",
+             "The CPU kernel conv_covariance_ runs for this geometry: panel, shift or spectral.",
              pybind11::arg("x_shape"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
              pybind11::arg("padding"), pybind11::arg("dilation"));
   module.def("conv_covariance_workspace_bytes", &unsc_fast::conv_covariance_workspace_bytes,

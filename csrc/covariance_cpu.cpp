@@ -9,6 +9,7 @@
 // above the diagonal. Every product is an ATen addmm_ on views (BLAS, no copies).
 #include "covariance_cpu.h"
 #include "conv_covariance_shift.h"
+#include "conv_covariance_spectral.h"
 #include "mirrored_add.h"
 #include "parallel_accumulate.h"
 
@@ -47,17 +48,31 @@ double panel_cost_per_patch(int64_t d) {
   return static_cast<double>(d) * static_cast<double>(d) * static_cast<double>(blocks + 1) / (2.0 * blocks);
 }
 
-// The shift kernel where it applies (stride 1, more than one tap) and does fewer
-// multiply-adds per image than the panel kernel; else the panel kernel.
-bool use_shift_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
-                      std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
-                      std::array<int64_t, 2> dilation) {
-  if (stride[0] != 1 || stride[1] != 1 || kernel_size[0] * kernel_size[1] == 1) return false;
+enum class ConvKernel { panel, shift, spectral };
+
+// Of the kernels that apply (the shift kernel: stride 1, more than one tap; its spectral
+// products: also "same"-like padding), the one with the fewest weighted multiply-adds per
+// image (conv_covariance_shift_cost); the panel kernel on a tie.
+ConvKernel choose_conv_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
+                              std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
+                              std::array<int64_t, 2> dilation) {
+  if (stride[0] != 1 || stride[1] != 1 || kernel_size[0] * kernel_size[1] == 1) return ConvKernel::panel;
   const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
   const int64_t out_h = output_size(x_shape[2], kernel_size[0], 1, padding[0], dilation[0]);
   const int64_t out_w = output_size(x_shape[3], kernel_size[1], 1, padding[1], dilation[1]);
-  const double panel = panel_cost_per_patch(d) * static_cast<double>(out_h * out_w);
-  return conv_covariance_shift_cost(x_shape, kernel_size, padding, dilation) <= panel;
+  ConvKernel best = ConvKernel::panel;
+  double lowest = panel_cost_per_patch(d) * static_cast<double>(out_h * out_w);
+  const double shift = conv_covariance_shift_cost(x_shape, kernel_size, padding, dilation, ShiftedProducts::direct);
+  if (shift <= lowest) best = ConvKernel::shift, lowest = shift;
+  if (spectral_products_apply(kernel_size, padding, dilation) &&
+      conv_covariance_shift_cost(x_shape, kernel_size, padding, dilation, ShiftedProducts::spectral) < lowest) {
+    best = ConvKernel::spectral;
+  }
+  return best;
+}
+
+ShiftedProducts products_of(ConvKernel kernel) {
+  return kernel == ConvKernel::spectral ? ShiftedProducts::spectral : ShiftedProducts::direct;
 }
 
 // W[i0:i1, i0:d] (+)= block-row products of the panel F so that W's upper triangle
@@ -144,8 +159,10 @@ int64_t panel_rows(int64_t d, int64_t out_w, int64_t total_rows, int64_t element
 int64_t conv_covariance_workspace_bytes(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                                         std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                                         std::array<int64_t, 2> dilation, int64_t element_size) {
-  if (use_shift_kernel(x_shape, kernel_size, stride, padding, dilation)) {
-    return conv_covariance_shift_workspace_bytes(x_shape, kernel_size, padding, dilation, element_size);
+  const ConvKernel chosen = choose_conv_kernel(x_shape, kernel_size, stride, padding, dilation);
+  if (chosen != ConvKernel::panel) {
+    return conv_covariance_shift_workspace_bytes(x_shape, kernel_size, padding, dilation, element_size,
+                                                 products_of(chosen));
   }
   const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
   const int64_t out_h = output_size(x_shape[2], kernel_size[0], stride[0], padding[0], dilation[0]);
@@ -191,14 +208,18 @@ void covariance_cpu_(at::Tensor& C, const at::Tensor& x) {
 std::string conv_covariance_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                                    std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                                    std::array<int64_t, 2> dilation) {
-  return use_shift_kernel(x_shape, kernel_size, stride, padding, dilation) ? "shift" : "panel";
+  switch (choose_conv_kernel(x_shape, kernel_size, stride, padding, dilation)) {
+    case ConvKernel::shift: return "shift";
+    case ConvKernel::spectral: return "spectral";
+    default: return "panel";
+  }
 }
 
 void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
                           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                           std::array<int64_t, 2> dilation, const std::string& kernel) {
-  TORCH_CHECK(kernel == "auto" || kernel == "panel" || kernel == "shift",
-              "conv_covariance_cpu_: kernel must be auto, panel or shift, got ", kernel);
+  TORCH_CHECK(kernel == "auto" || kernel == "panel" || kernel == "shift" || kernel == "spectral",
+              "conv_covariance_cpu_: kernel must be auto, panel, shift or spectral, got ", kernel);
   c10::AutoGradMode no_grad(false);
   TORCH_CHECK(C.device().is_cpu() && x.device().is_cpu(), "conv_covariance_cpu_: CPU tensors only");
   TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
@@ -221,10 +242,14 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
   const int64_t total_rows = x.size(0) * g.out_h;
   if (total_rows == 0 || d == 0) return;
   const std::array<int64_t, 4> shape{x.size(0), x.size(1), x.size(2), x.size(3)};
-  TORCH_CHECK(kernel != "shift" || (stride[0] == 1 && stride[1] == 1),
+  TORCH_CHECK((kernel != "shift" && kernel != "spectral") || (stride[0] == 1 && stride[1] == 1),
               "conv_covariance_cpu_: the shift kernel needs stride 1, got stride (", stride[0], ", ", stride[1], ")");
-  if (kernel == "shift" || (kernel == "auto" && use_shift_kernel(shape, kernel_size, stride, padding, dilation))) {
-    conv_covariance_shift_cpu_(C, x, kernel_size, padding, dilation);
+  const ConvKernel chosen = kernel == "auto"       ? choose_conv_kernel(shape, kernel_size, stride, padding, dilation)
+                            : kernel == "shift"    ? ConvKernel::shift
+                            : kernel == "spectral" ? ConvKernel::spectral
+                                                   : ConvKernel::panel;
+  if (chosen != ConvKernel::panel) {
+    conv_covariance_shift_cpu_(C, x, kernel_size, padding, dilation, products_of(chosen));
     return;
   }
   const int64_t strides[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};

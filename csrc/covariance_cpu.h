@@ -15,14 +15,17 @@ void covariance_cpu_(at::Tensor& C, const at::Tensor& x);
 
 // C += P^T P where the rows of P are the conv patches of x (B, Cin, H, W), in F.unfold's
 // column order (c * kh * kw + i * kw + j); zero padding. Pairs are (height, width).
-// kernel: "auto" (conv_covariance_kernel's choice), "panel" (any geometry) or "shift"
-// (stride 1 only): the last two let tests hold each kernel to the reference on every geometry.
+// kernel: "auto" (conv_covariance_kernel's choice), "panel" (any geometry), "shift" (stride 1
+// only, direct shifted products) or "spectral" (the shift kernel with its products through the
+// DFT; stride 1 and (kernel - 1) * dilation <= 2 * padding): the last three let tests hold each
+// kernel to the reference on every geometry it takes.
 void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
                           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                           std::array<int64_t, 2> dilation, const std::string& kernel = "auto");
 
-// The kernel "auto" runs for this geometry: "shift" for a stride-1 conv with more than one tap
-// where it does fewer multiply-adds than the panel kernel, else "panel".
+// The kernel "auto" runs for this geometry: of "panel", "shift" (a stride-1 conv with more
+// than one tap) and "spectral" (also "same"-like padding), the one with the fewest weighted
+// multiply-adds per image.
 std::string conv_covariance_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                                    std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                                    std::array<int64_t, 2> dilation);

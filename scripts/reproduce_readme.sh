@@ -47,6 +47,7 @@ mnist1d)
     rm -rf "$OUT/compare_mnist1d"
     compare --dataset mnist1d --output "$OUT/compare_mnist1d" > "$OUT/compare_mnist1d.log"
     echo "[reproduce] $OUT/compare_mnist1d/comparison.md -> README.md, 'Comparing methods' (MNIST-1D table)"
+    echo "[reproduce] $OUT/compare_mnist1d/{tradeoff,representation}.png -> docs/images/compare_mnist1d_{tradeoff,representation}.png"
     exit 0 ;;
 privacy)
     for dataset in digits mnist1d; do
@@ -92,10 +93,12 @@ cat <<DONE
                                     docs/compare.md (the report after "unsc-fast compare --output ...")
   $OUT/compare/classwise.png     -> docs/images/compare_classwise.png
   $OUT/compare/tradeoff.png      -> docs/images/compare_tradeoff.png
+  $OUT/compare/representation.png -> docs/images/compare_representation.png
   $OUT/compare_tuned/comparison.md -> docs/compare.md, "A second run" (its first table)
   (MNIST-1D and the per-example attack: PART=mnist1d and PART=privacy, see the top of this script)
   $OUT/compare/comparison.json   every raw figure, with the environment it ran in
   $OUT/environment.txt           exact packages, platform and thread count of this run
 To install the plots: cp $OUT/compare/classwise.png docs/images/compare_classwise.png &&
-                      cp $OUT/compare/tradeoff.png docs/images/compare_tradeoff.png
+                      cp $OUT/compare/tradeoff.png docs/images/compare_tradeoff.png &&
+                      cp $OUT/compare/representation.png docs/images/compare_representation.png
 DONE

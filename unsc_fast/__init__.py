@@ -3,8 +3,8 @@
     from unsc_fast import NullSpaceProjector, NullSpaceOptimizer
 """
 from unsc_fast import ops
-from unsc_fast.optimizer import NullSpaceOptimizer
-from unsc_fast.projector import NullSpaceProjector
+from unsc_fast.projector.optimizer import NullSpaceOptimizer
+from unsc_fast.projector.projector import NullSpaceProjector
 
 __version__ = "0.1.0"
 __all__ = ["NullSpaceProjector", "NullSpaceOptimizer", "ops", "__version__"]

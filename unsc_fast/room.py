@@ -35,7 +35,7 @@ def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> d
     (the caller's statistics are not touched). ``r_remain`` comes from the kept groups'
     covariances when the projector holds them, else ``1 - threshold``.
     """
-    from unsc_fast.projector import NullSpaceProjector
+    from unsc_fast.projector.projector import NullSpaceProjector
     from unsc_fast.training import batch_parts, model_device
 
     # one group, per label, never built: no budget (the default would pick one total, keyed
@@ -61,7 +61,7 @@ def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> d
     for name, slot in projector.protection.slots.items():
         if slot.kind != "dense" or probe.store.matrix("probe", name) is None:
             continue
-        basis = projector._bases[name].double()
+        basis = projector.solution.bases[name].double()
         forget = probe.store.matrix("probe", name).double().to(basis.device)
         r_forget = _outside(forget, basis)
         try:

@@ -6,20 +6,26 @@
    code, generalised to several forgotten classes), draw random allowed labels (ablation),
    or any ``relabel(inputs, targets) -> targets`` callable. Relabelling is a classifier
    idea; for a language model keep the targets (``labels="keep"``) and choose what is
-   minimised with ``loss=`` / ``objective=`` (e.g. ``objective="ascent"`` on the forget
-   tokens, or ``loss`` against a provided target sequence).
-2. Project: fine-tune on the forget data with every tracked weight update confined to the
-   null space of the remaining data's layer inputs, untracked parameters frozen by default
+   minimised with ``loss=`` / ``objective=``.
+2. Protect: every tracked weight update is confined to the null space of the remaining data's
+   layer inputs. The default protection gives every remaining label its own threshold of its
+   own input energy in every layer (``build(criterion="per_label")``), starting at 0.99 and
+   adapting to the request (``unsc_fast.unlearning.schedule``); untracked parameters are frozen
    and BatchNorm statistics fixed, so the remaining data's outputs do not move.
+3. Stop when measured (``unsc_fast.unlearning.stopping``): when the forget data, including a
+   held-out slice of it, is forgotten; backing off when a held-out guard slice of the remaining
+   data shows damage; within a step budget. ``UnlearnResult`` says what was used and why it
+   stopped.
 
 Data is either ``(x, y)`` tensors or any iterable of batches (a ``DataLoader``): tuples
 ``(inputs, targets, ...)`` or dicts of keyword inputs (``"labels"`` the targets); batches
-are moved to the model's device.
+are moved to the model's device. The stop rule's slices are cut from tensors only.
 """
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -27,41 +33,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unsc_fast.calibration import calibrated_labels, random_labels
-from unsc_fast.optimizer import NullSpaceOptimizer
-from unsc_fast.projector import NullSpaceProjector
-from unsc_fast.room import NoRoomError, selectivity
-from unsc_fast.training import Loss, Objective, Progress, batch_parts, fit, make_loader, model_device, predict_logits
+from unsc_fast.objectives import CrossEntropy, FeatureErasure, as_objective
+from unsc_fast.objectives.classification import RetainDistillation, outside_share
+from unsc_fast.projector import NullSpaceOptimizer, NullSpaceProjector
+from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
+from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
+from unsc_fast.unlearning import loop
+from unsc_fast.unlearning.data import correct_predictions, find_classifier, held_out, is_tensor_pair
+from unsc_fast.unlearning.protection import ready_projector, rebuilder, refuse_without_room
+from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
+from unsc_fast.unlearning.stopping import Monitor, StopRule
+from unsc_fast.unlearning.targets import LABEL_RULES, Relabel, Relabelled, relabel_rule, tensor_targets
 
-LABEL_RULES = ("calibrate", "random", "keep")
-Relabel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OPTIMIZERS = ("sgd", "adamw")
 
 PRESETS = {
-    # the library's own: benchmarks/sweep_unsc_defaults.py on validation splits of digits and
-    # MNIST-1D (the only grid point forgetting both, <= 1 %, with the best remaining accuracy)
-    "default": dict(threshold=0.97, epochs=10, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
-                    class_thresholds=None),
-    # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb)
+    # the library's own (docs/fidelity.md): per-label protection from 0.99, adapted to the request
+    # (lowered while forgetting stalls, raised when the guard shows damage), SGD with momentum,
+    # stopped by the stop rule within 50 passes over the forget data; feature erasure and retain
+    # distillation at weight 1 (chosen on the validation split: docs/fidelity.md)
+    "default": dict(threshold=0.99, epochs=50, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
+                    class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=1.0,
+                    distill=1.0),
+    # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb):
+    # a fixed number of epochs, no stop rule, no adaptation
     "official": dict(threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
-                     class_thresholds=None),
+                     class_thresholds=None, criterion="total", adaptive=False, stop=None, features=0.0, distill=0.0),
 }
 
 
 @dataclass
 class UnlearnResult:
-    """What ``unlearn`` did: the (in-place) unlearned model, the projector, and the targets
-    trained on (tensor-form forget data only; None for a loader, whose batches are relabelled
-    on the fly)."""
+    """What ``unlearn`` did: the (in-place) unlearned model, the projector, the targets trained
+    on (tensor-form forget data: one per forget sample, in order, held-out ones included; None
+    for a loader, whose batches are relabelled on the fly), and how the run went."""
 
     model: nn.Module
     projector: NullSpaceProjector | None
     labels: torch.Tensor | None
     seconds: float
-    losses: list[float] = field(default_factory=list)
-
-
-def is_tensor_pair(data) -> bool:
-    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+    losses: list[float] = field(default_factory=list)  # mean objective per pass over the forget data
+    steps: int = 0
+    epochs: float = 0.0  # passes over the (trained part of the) forget data
+    stop_reason: str = "budget"  # "forgotten", "guard", "budget", "callback"
+    trajectory: list[dict] = field(default_factory=list)  # every check: step, threshold, lr, forget, guard damage
+    protection: dict = field(default_factory=dict)  # criterion, thresholds used, final ranks
+    holdout: torch.Tensor | None = None  # bool per forget sample: held out of training, measured only
 
 
 def unlearn(
@@ -78,6 +95,17 @@ def unlearn(
     lr: float | None = None,
     momentum: float | None = None,
     batch_size: int | None = None,
+    optimizer: str = "sgd",
+    weight_decay: float = 0.0,
+    criterion: str | None = None,
+    adaptive: bool | None = None,
+    levels: Iterable[float] = LEVELS,
+    stop: StopRule | None | str = "preset",
+    guard=None,
+    features: float | None = None,
+    distill: float | None = None,
+    evaluate: Callable | None = None,
+    retain=None,
     calibrate: bool = True,
     labels: str | Relabel | None = None,
     loss: Loss = F.cross_entropy,
@@ -85,6 +113,8 @@ def unlearn(
     project: bool = True,
     untracked: str = "freeze",
     seed: int = 0,
+    generator: torch.Generator | None = None,
+    method: str = "auto",
     min_selectivity: float = 1.5,
     progress: Progress | None = None,
     progress_bar: bool | None = None,
@@ -99,18 +129,36 @@ def unlearn(
     without the forgotten classes; a ``statistics="total"`` one, observed over the whole
     training data, gets one pass over ``forget`` and subtracts it (class- and sample-wise).
 
+    Protection: ``criterion`` (``"per_label"``: every remaining label keeps ``threshold`` of its
+    own input energy; ``"total"``: the summed covariance does), starting at ``threshold``;
+    ``adaptive`` lets the stop rule move it along ``levels`` (``unsc_fast.unlearning.schedule``).
+    Per-label protection needs per-label statistics on one process; elsewhere ``"total"`` is used.
+
+    Stopping: ``stop`` (a ``StopRule``; ``None``: exactly ``epochs`` passes, as the official
+    pipeline) measures the forget data and a guard of remaining data at every check; ``epochs``
+    is then the budget. ``guard=(x, y)`` gives the guard explicitly (else a slice of tensor
+    ``remain``). ``evaluate(model, check)`` runs at every check and may return True to stop.
+
+    ``features``: weight of the feature-erasure term (``unsc_fast.objectives.FeatureErasure``),
+    which pulls the forget samples' classifier inputs out of the directions only they use.
+    ``distill``: weight of retain distillation (``unsc_fast.objectives.RetainDistillation``): the
+    original model's logits on tensor ``remain`` are kept on a batch of remaining samples per step
+    (skipped when ``remain`` is a loader or ``retain`` is given).
+
     ``labels``: ``"calibrate"`` (default; ``calibrate=False`` means ``"random"``),
     ``"random"``, ``"keep"`` or ``relabel(inputs, targets) -> targets``. ``loss(outputs,
     targets)`` (default cross-entropy; ``training.causal_lm_loss`` for a causal LM);
-    ``objective``: ``None`` (minimise the loss), ``"ascent"`` (maximise it) or
-    ``objective(loss, fraction_done)``. ``untracked``: see ``NullSpaceOptimizer``.
-    ``progress_bar``: tqdm bars on observation and epochs (None: on a terminal, after 2 s).
+    ``objective``: ``None`` (minimise the loss), ``"ascent"`` (maximise it),
+    ``objective(loss, fraction_done)``, or a ``Step`` objective (``unsc_fast.objectives``).
+    ``optimizer``: ``"sgd"`` (with ``momentum``) or ``"adamw"`` (with ``weight_decay``).
+    ``generator`` / ``method`` reach ``build`` (a seeded generator by default: the same call
+    gives the same model whatever the global random state). ``untracked``: see
+    ``NullSpaceOptimizer``. ``progress_bar``: tqdm bars (None: on a terminal, after 2 s).
 
     ``preset`` fills the hyperparameters left as ``None`` (``PRESETS``): ``"default"`` the
-    library's own (chosen on a validation split, docs/fidelity.md), ``"official"`` the
-    official code's CIFAR-10 run (plain SGD, batch 512, 25 epochs, lr 0.04, the basis grown
-    class by class with rising thresholds: ``NullSpaceProjector.build_incremental``; an
-    explicit ``threshold`` becomes every class's threshold).
+    library's own (docs/fidelity.md), ``"official"`` the official code's CIFAR-10 run (plain SGD,
+    batch 512, 25 epochs, lr 0.04, the basis grown class by class with rising thresholds:
+    ``NullSpaceProjector.build_incremental``; an explicit ``threshold`` becomes every class's).
 
     A sample-wise request (no ``forget_classes``) is refused with ``NoRoomError`` when in no
     layer the forget samples have ``min_selectivity`` times more of their input energy outside
@@ -121,159 +169,146 @@ def unlearn(
     start = time.perf_counter()
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     hp = PRESETS[preset]
+    if threshold is None and projector is not None:
+        threshold = projector.threshold  # a given projector's own threshold is where protection starts
     basis_rule, explicit_threshold = None, threshold
     if hp["basis"] == "incremental":
         basis_rule = hp["class_thresholds"] if threshold is None else threshold
-    threshold, epochs, lr, momentum, batch_size = (
+    threshold, epochs, lr, momentum, batch_size, criterion, adaptive, features, distill = (
         hp[name] if value is None else value
         for name, value in (("threshold", threshold), ("epochs", epochs), ("lr", lr), ("momentum", momentum),
-                            ("batch_size", batch_size)))
-    rule = labels if labels is not None else ("calibrate" if calibrate else "random")
-    if not callable(rule) and rule not in LABEL_RULES:
-        raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule!r}")
+                            ("batch_size", batch_size), ("criterion", criterion), ("adaptive", adaptive),
+                            ("features", features), ("distill", distill)))
+    rule_labels = labels if labels is not None else ("calibrate" if calibrate else "random")
+    if not callable(rule_labels) and rule_labels not in LABEL_RULES:
+        raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule_labels!r}")
+    classifier = rule_labels in ("calibrate", "random")
+    stop_rule = _stop_rule(stop, hp, epochs, classifier)
     forget_classes = sorted({int(c) for c in (forget_classes or ())})
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if generator is None else generator
+    split = torch.Generator().manual_seed(seed)
+
+    holdout_mask, guard_data, observed_remain = None, guard, remain
     if is_tensor_pair(forget):
-        new_labels = _tensor_targets(model, forget, rule, forget_classes, num_classes, generator)
-        batches = make_loader(forget[0], new_labels, batch_size, shuffle=True, seed=seed)
+        new_labels = tensor_targets(model, forget, rule_labels, forget_classes, num_classes,
+                                     torch.Generator().manual_seed(seed))
+        trained = torch.ones(len(forget[0]), dtype=torch.bool)
+        if stop_rule is not None and classifier and forget_classes:
+            holdout_mask = held_out(forget[1], stop_rule.holdout, split)
+            trained = ~holdout_mask
+        batches = make_loader(forget[0][trained], new_labels[trained], batch_size, shuffle=True, seed=seed)
     else:
         new_labels = None
-        batches = _Relabelled(forget, _relabel_rule(model, rule, forget_classes, num_classes, generator))
+        batches = Relabelled(forget, relabel_rule(model, rule_labels, forget_classes, num_classes,
+                                                    torch.Generator().manual_seed(seed)))
+    if guard_data is None and stop_rule is not None and classifier and is_tensor_pair(remain) and stop_rule.guard > 0:
+        guard_mask = held_out(remain[1], stop_rule.guard, split)
+        guard_data = (remain[0][guard_mask], remain[1][guard_mask])
+        observed_remain = (remain[0][~guard_mask], remain[1][~guard_mask])
 
+    original = copy.deepcopy(model).requires_grad_(False) if stop_rule is not None else None
+    schedule = ProtectionSchedule(None, levels, threshold)
+    erasure, head = None, None
     if project:
-        projector = _ready_projector(model, projector, remain, forget, forget_classes, threshold, progress,
-                                     progress_bar, basis_rule=basis_rule, incremental=hp["basis"] == "incremental",
-                                     explicit_threshold=explicit_threshold)
+        projector, criterion = ready_projector(
+            model, projector, observed_remain, forget, forget_classes, threshold, progress, progress_bar,
+            basis_rule=basis_rule, incremental=hp["basis"] == "incremental", explicit_threshold=explicit_threshold,
+            criterion=criterion, generator=generator, method=method)
         if not forget_classes and min_selectivity > 0:
-            _refuse_without_room(model, projector, forget, min_selectivity)
-        inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-        optimizer: torch.optim.Optimizer = NullSpaceOptimizer(inner, projector, untracked=untracked)
+            refuse_without_room(model, projector, forget, min_selectivity)
+        if adaptive and stop_rule is not None and hp["basis"] != "incremental":
+            exclude = forget_classes if projector.statistics == "total" else \
+                [c for c in forget_classes if c in set(projector.groups)]
+            schedule = ProtectionSchedule(rebuilder(projector, exclude, criterion, generator, method), levels, threshold)
+        if features and is_tensor_pair(forget) and classifier:
+            erasure, head = _feature_erasure(model, projector, forget, features)
+
+        def make_optimizer(step_size: float) -> torch.optim.Optimizer:
+            return NullSpaceOptimizer(_inner(model, optimizer, step_size, momentum, weight_decay), projector,
+                                      untracked=untracked)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        def make_optimizer(step_size: float) -> torch.optim.Optimizer:
+            return _inner(model, optimizer, step_size, momentum, weight_decay)
 
-    losses = fit(model, batches, optimizer, epochs=epochs, loss=loss, objective=_objective(objective),
-                 freeze_batchnorm=True, progress=progress, label="unlearn", progress_bar_enabled=progress_bar)
-    return UnlearnResult(model, projector if project else None, new_labels, time.perf_counter() - start, losses)
-
-
-def _objective(objective):
-    if objective is None or callable(objective):
-        return objective
-    if objective == "ascent":
-        return lambda value, _fraction: -value
-    raise ValueError(f"objective must be None, 'ascent' or a callable, got {objective!r}")
-
-
-def _tensor_targets(model, forget, rule, forget_classes, num_classes, generator) -> torch.Tensor:
-    """New targets for the whole in-memory forget set, before any training step."""
-    x_forget, y_forget = forget
-    if len(x_forget) != len(y_forget):
-        raise ValueError(f"forget inputs ({len(x_forget)}) and labels ({len(y_forget)}) differ in length")
-    if len(x_forget) == 0:
-        raise ValueError("the forget set is empty")
-    if rule == "keep":
-        return y_forget
-    if callable(rule):
-        return rule(x_forget, y_forget)
-    if rule == "calibrate":
-        return calibrated_labels(model, x_forget, y_forget, forget_classes)
-    if num_classes is None:
-        num_classes = int(predict_logits(model, x_forget[:1]).shape[1])
-    return random_labels(y_forget, num_classes, forget_classes, generator)
-
-
-def _relabel_rule(model, rule, forget_classes, num_classes, generator) -> Relabel | None:
-    """Per-batch relabelling for a loader. Calibration asks a frozen copy of the original model
-    (the model itself changes while training; a loader's order may change per epoch, so the
-    targets cannot be computed once up front without holding the whole forget set)."""
-    if rule == "keep":
-        return None
-    if callable(rule):
-        return rule
-    if rule == "calibrate":
-        original = copy.deepcopy(model).requires_grad_(False)
-        return lambda x, y: calibrated_labels(original, x, y, forget_classes).to(y.device)
-
-    def draw(x, y):
-        classes = num_classes if num_classes is not None else int(predict_logits(model, x[:1]).shape[1])
-        return random_labels(y, classes, forget_classes, generator).to(y.device)
-
-    return draw
+    base = CrossEntropy() if (objective is None and loss is F.cross_entropy) else as_objective(loss, objective)
+    if distill and classifier and is_tensor_pair(observed_remain) and retain is None:
+        base = RetainDistillation(base, distill)
+        retain = (observed_remain[0], predict_logits(model, observed_remain[0]).to(observed_remain[0].device))
+    chosen = erasure if erasure is not None else base
+    if erasure is not None:
+        erasure.base = base
+    monitor = None
+    if stop_rule is not None and classifier and is_tensor_pair(forget):
+        parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask]) if holdout_mask is not None else forget]
+        if holdout_mask is not None and bool(holdout_mask.any()):
+            parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
+        measure = (lambda m: outside_share(erasure, head, m, parts[0][0])) if erasure is not None else None
+        monitor = Monitor(correct_predictions, parts, guard_data, original, measure)
+    rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
+    try:
+        retain_batches = make_loader(*retain, batch_size, shuffle=True, seed=seed) if is_tensor_pair(retain) else retain
+        outcome = loop.run(model, batches, make_optimizer, lr, chosen, rule, schedule, monitor, head=head,
+                           retain=retain_batches,
+                           on_protection=(lambda: erasure.calibrate(projector.basis(erasure.layer), erasure.start))
+                           if erasure is not None else None,
+                           evaluate=evaluate, progress=progress, progress_bar_enabled=progress_bar)
+    finally:
+        if project and projector.statistics == "total" and remain is None:
+            projector.reset_forget()  # frees the pass; the next request brings its own
+    protection = {}
+    if project:
+        visited = list(dict.fromkeys(c.threshold for c in outcome.trajectory)) or [projector.built_threshold]
+        protection = {"criterion": criterion, "threshold": projector.built_threshold, "levels": visited,
+                      "ranks": projector.ranks()}
+    return UnlearnResult(model, projector if project else None, new_labels, time.perf_counter() - start,
+                         outcome.losses, outcome.steps, outcome.epochs, outcome.reason,
+                         [c.as_dict() for c in outcome.trajectory], protection, holdout_mask)
 
 
-class _Relabelled:
-    """Re-iterable view of a loader whose tuple batches get new targets (dict batches: new
-    ``"labels"``)."""
-
-    def __init__(self, loader, relabel: Relabel | None) -> None:
-        self.loader, self.relabel = loader, relabel
-
-    def __len__(self) -> int:
-        return len(self.loader)  # TypeError for a loader without one: fit() then counts no steps
-
-    def __iter__(self):
-        seen = False
-        for batch in self.loader:
-            seen = True
-            if self.relabel is None:
-                yield batch
-                continue
-            args, kwargs, targets = batch_parts(batch)
-            inputs = args[0] if args else next(iter(kwargs.values()))
-            new = self.relabel(inputs, targets)
-            yield {**batch, "labels": new} if isinstance(batch, dict) else (inputs, new, *batch[2:])
-        if not seen:
-            raise ValueError("the forget set is empty")
+def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:
+    """The run's stop rule: the preset's (default: ``StopRule()`` with ``epochs`` as its budget),
+    ``None`` for exactly ``epochs`` passes. Targets kept as they are (``"keep"``, a callable) have no
+    classifier accuracy to measure: they run ``epochs`` passes unless a rule is passed explicitly."""
+    if isinstance(stop, str):
+        if stop != "preset":
+            raise ValueError(f"stop must be a StopRule, None or 'preset', got {stop!r}")
+        stop = preset["stop"]
+        if stop is None or not classifier:
+            return None
+        return StopRule(**{**stop.__dict__, "max_epochs": epochs})
+    if stop is not None and not isinstance(stop, StopRule):
+        raise TypeError(f"stop must be a StopRule or None, got {type(stop).__name__}")
+    return stop
 
 
-def _batches(data, size: int):
-    return make_loader(data[0], data[1], batch_size=size) if is_tensor_pair(data) else data
+def _inner(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _refuse_without_room(model, projector, forget, min_selectivity: float) -> None:
-    ratios = selectivity(model, projector, forget[0] if is_tensor_pair(forget) else forget)
-    best = max(ratios.values(), default=0.0)
-    if best < min_selectivity:
-        raise NoRoomError(
-            "sample-wise UNSC would be a no-op: the remaining samples span the same layer inputs as the "
-            f"forget samples (forget/remaining energy outside the protected subspace: at most {best:.2f}x "
-            f"in any layer, min_selectivity={min_selectivity}), so the null-space updates cannot move the "
-            "forget samples without moving the remaining ones. Forget whole classes (forget_classes=...), "
-            "or pass min_selectivity=0 to run anyway")
+def _feature_erasure(model, projector, forget, weight: float):
+    """The feature-erasure objective for the classifier layer, or ``(None, None)`` with a warning
+    when no tracked dense layer produces the logits."""
+    found = find_classifier(model, projector.layers, ((forget[0][:2].to(model_device(model)),), {}, None))
+    slot = projector.protection.slot(projector.layers[found[0]].slot_name()) if found is not None else None
+    if found is None or slot.kind != "dense":
+        warnings.warn("unlearn(features=...): no tracked dense layer produces the model's output; the "
+                      "feature-erasure term is off", UserWarning, stacklevel=3)
+        return None, None
+    name, module = found
+    recorded = []
+    handle = module.register_forward_hook(lambda _m, args, _o: recorded.append(args[0].detach().flatten(1)))
+    try:
+        predict_logits(model, forget[0])
+    finally:
+        handle.remove()
+    erasure = FeatureErasure(None, weight)
+    erasure.layer, erasure.start = name, torch.cat(recorded)
+    erasure.calibrate(projector.basis(name), erasure.start)
+    return erasure, module
 
 
-def _ready_projector(model, projector, remain, forget, forget_classes, threshold, progress, progress_bar, *,
-                     basis_rule=None, incremental: bool = False, explicit_threshold: float | None = None):
-    """Observe ``remain`` if given, then (re)build for this request.
-
-    A ``statistics="total"`` projector gets one pass over the forget data, subtracted by the
-    build. A built per-label projector with no new data and no class to exclude is used as it is.
-    """
-    if projector is None:
-        if remain is None:
-            raise ValueError("project=True needs remain=(x, y) to observe, or an observed projector")
-        projector = NullSpaceProjector(model, threshold=threshold)
-    device = model_device(model)
-    if remain is not None:
-        if progress is not None:
-            progress(f"observing {len(remain[0]) if is_tensor_pair(remain) else 'the'} remaining samples")
-        by_label = is_tensor_pair(remain) or bool(forget_classes)
-        projector.collect(_batches(remain, 256), labels=by_label, device=device, progress=progress_bar)
-    if projector.statistics == "total":
-        if remain is not None:  # the total is the remaining data itself
-            return projector.build()
-        projector.reset_forget()
-        projector.collect(_batches(forget, 256), labels=False, device=device, forget=True, progress=progress_bar)
-        projector.build(exclude=forget_classes)
-        projector.reset_forget()  # frees the pass; the next request brings its own
-        return projector
-    if remain is None and projector.built and not forget_classes:
-        return projector
-    observed = set(projector.groups)
-    exclude = [c for c in forget_classes if c in observed]
-    if incremental:  # the official pipeline's class-by-class basis (per-label statistics only)
-        projector.build_incremental(exclude=exclude, class_thresholds=basis_rule)
-    else:  # an explicit threshold= overrides a given projector's own
-        projector.build(exclude=exclude, threshold=explicit_threshold)
-    return projector

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.incremental import class_thresholds, incremental_basis, official_threshold
+from unsc_fast.solve.incremental import class_thresholds, incremental_basis, official_threshold
 
 
 def gpm_reference(representations, thresholds):

@@ -268,9 +268,10 @@ def test_multihead_attention_self_and_cross():
     assert {"cross#q", "cross#k", "cross#v", "cross#out_proj"} <= set(projector.protection.slots)
 
 
-def test_recurrent_input_weights():
-    """GRU: the first layer's input weights (both directions) are protected; the recurrent
-    weights multiply hidden states no hook sees, so coverage lists them as unprotected."""
+def test_recurrent_weights():
+    """GRU: every weight is protected (input and recurrent, both directions; the recurrent
+    weights' rows are recomputed by the adapter, see tests/core/test_recurrent.py), and the
+    two directions' input weights share the layer input's slot."""
     torch.manual_seed(0)
 
     class Recurrent(nn.Module):
@@ -282,25 +283,13 @@ def test_recurrent_input_weights():
         def forward(self, x):
             return self.head(self.rnn(x)[0])
 
-    model = Recurrent().double()
+    model = Recurrent()
     g = torch.Generator().manual_seed(0)
-    with pytest.warns(UserWarning, match="weight_hh_l0"):
-        NullSpaceProjector(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        proj = NullSpaceProjector(model, threshold=1.0, dtype=torch.float64)
-    with torch.no_grad(), proj.observe():
-        model(torch.randn(1, 2, 6, generator=g, dtype=torch.float64))
-    proj.build()
-    optimizer = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), proj, untracked="train")
-    start = {p: p.detach().clone() for p in proj.protection.uses}
-    model(torch.randn(3, 5, 6, generator=g, dtype=torch.float64)).square().mean().backward()
-    optimizer.step()
-    for param in start:
-        assert proj.residual(param, param.detach() - start[param]) < ROUNDING
+    proj = check_guarantee(model, torch.randn(1, 2, 6, generator=g), torch.randn(3, 5, 6, generator=g), coverage=1.0)
     assert len(proj.protection.uses[model.rnn.weight_ih_l0]) == 1
     assert proj.protection.uses[model.rnn.weight_ih_l0][0].slot == proj.protection.uses[
         model.rnn.weight_ih_l0_reverse][0].slot
+    assert model.rnn.weight_hh_l0_reverse in proj.protection.uses
 
 
 def test_tied_linear_layers_share_one_slot():

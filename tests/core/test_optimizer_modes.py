@@ -166,15 +166,16 @@ def test_auto_round_trips_and_old_bool_states_load():
     optimizer = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9), projector)
     step_on_random_batch(model, optimizer, 0)
     state = optimizer.state_dict()
-    assert state["null_space"] == {"untracked": "freeze", "project_gradients": "auto"}
+    clean = {"layers": ["0.weight", "3.weight", "5.weight"], "bases": projector.solution.fingerprint()}
+    assert state["null_space"] == {"untracked": "freeze", "project_gradients": "auto", "clean_momentum": clean}
     target = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9), projector,
                                 project_gradients=False)
     target.load_state_dict(copy.deepcopy(state))
     assert target.project_gradients == "auto"
-    state["null_space"]["project_gradients"] = True  # as saved before "auto" existed
+    state["null_space"] = {"untracked": "freeze", "project_gradients": True}  # as saved before "auto" existed
     target.load_state_dict(state)
     assert target.project_gradients is True
-    twin = pickle.loads(pickle.dumps(optimizer))  # the caches of live objects are not pickled
-    assert twin.project_gradients == "auto" and twin._clean_buffers == {}
+    twin = pickle.loads(pickle.dumps(optimizer))  # the marks of live objects travel as plain values
+    assert twin.project_gradients == "auto" and twin._clean_buffers == {} and twin._loaded_clean == clean
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.02), projector, project_gradients="yes")

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.state_validation import StateError
+from unsc_fast.projector.persistence import seal_state
+from unsc_fast.projector.state_validation import StateError
 
 
 def observed(statistics="per_label", **kwargs):
@@ -58,7 +59,7 @@ def test_a_state_saved_before_the_statistics_fields_still_loads():
     state = proj.state_dict()
     for field in ("statistics", "sketch_rows", "sketches", "class_rows", "class_sketches", "forget_labels", "rounding"):
         del state[field]
-    fresh = NullSpaceProjector(model, statistics="per_label").load_state_dict(state)
+    fresh = NullSpaceProjector(model, statistics="per_label").load_state_dict(seal_state(state))
     assert fresh.statistics == "total"  # read from the total it holds
     assert not fresh._sketches and not fresh._class_sketches
 
@@ -68,7 +69,7 @@ def corrupt(state, where, change):
     entry = state[where][0]
     part = next(iter(entry["slots"].values()))[0]
     change(part, entry)
-    return state
+    return seal_state(state)  # a consistent checksum: the field checks must refuse it
 
 
 BAD = {
@@ -101,11 +102,32 @@ def test_class_sketches_are_refused_where_this_model_keeps_none():
     state = proj.state_dict()
     state["statistics"] = "per_label"  # per-label storage keeps exact matrices, no class sketch
     with pytest.raises(StateError, match="class_sketches of layer"):
-        NullSpaceProjector(model).load_state_dict(state)
+        NullSpaceProjector(model).load_state_dict(seal_state(state))
     state = proj.state_dict()
     state["sketch_rows"] = {"4": 4}  # a sketched slot keeps its own sketches, no class sketch
     with pytest.raises(StateError, match=r"class_sketches of layer '4'.*not a slot that holds"):
-        NullSpaceProjector(model).load_state_dict(state)
+        NullSpaceProjector(model).load_state_dict(seal_state(state))
     state["sketch_rows"] = {"nope": 4}
     with pytest.raises(StateError, match="sketch_rows must map sketchable layers"):
-        NullSpaceProjector(model).load_state_dict(state)
+        NullSpaceProjector(model).load_state_dict(seal_state(state))
+
+
+def test_sketches_in_the_earlier_format_load():
+    """States saved before sketches had groups kept one Frequent Directions sketch per
+    (key, Linear layer) as ``{"key", "layers": {slot: {matrix, sketch_rows, trace, shrunk,
+    count}}}``: they load into the same sketches."""
+    model, proj, _, _ = observed("per_label", sketch={"2": 8})
+    state = proj.state_dict()
+    state["sketches"] = [
+        {"key": entry["key"], "layers": {name: {"matrix": parts[0]["rows"], "sketch_rows": int(parts[0]["l"]),
+                                                "trace": float(parts[0]["trace"]), "shrunk": float(parts[0]["shrunk"]),
+                                                "count": int(parts[0]["count"])}
+                                         for name, parts in entry["slots"].items()}}
+        for entry in state["sketches"]]
+    for field in ("statistics", "sketch_rows", "class_rows", "class_sketches", "forget_labels", "rounding"):
+        del state[field]
+    fresh = NullSpaceProjector(model, statistics="per_label", sketch={"2": 8}).load_state_dict(seal_state(state))
+    assert fresh._sketches and sketches_equal(fresh._sketches, proj._sketches)
+    state["sketches"][0]["layers"]["2"]["count"] = 1.5  # neither format: refused, naming the field
+    with pytest.raises(StateError, match="count must be a non-negative integer"):
+        NullSpaceProjector(model, statistics="per_label", sketch={"2": 8}).load_state_dict(seal_state(state))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
+from unsc_fast.projector.persistence import seal_state
 
 from state_helpers import assert_bitwise_equal  # noqa: E402
 
@@ -24,7 +25,8 @@ def built_projector(model, seed: int) -> NullSpaceProjector:
 
 
 def edit(state, path, value):
-    """Set (or, with value=DELETE, remove) ``state[p0][p1]...``."""
+    """Set (or, with value=DELETE, remove) ``state[p0][p1]...``, then reseal the state (an
+    edit on purpose: the checks below the checksum are what these tests are about)."""
     target = state
     for step in path[:-1]:
         target = target[step]
@@ -32,6 +34,7 @@ def edit(state, path, value):
         del target[path[-1]]
     else:
         target[path[-1]] = value(target[path[-1]]) if callable(value) else value
+    seal_state(state)
 
 
 DELETE = object()

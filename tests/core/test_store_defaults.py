@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from unsc_fast import NullSpaceProjector, memory
-from unsc_fast.statistics import FORGET_KEY, TOTAL_KEY
+from unsc_fast import NullSpaceProjector
+from unsc_fast.statistics import memory
+from unsc_fast.statistics.policies import FORGET_KEY, TOTAL_KEY
 
 
 def model_and_data(n=600, labels=12, seed=0):

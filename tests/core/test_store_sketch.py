@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.sketch import FrequentDirections
+from unsc_fast.statistics.sketch import FrequentDirections
 
 
 def power_law_rows(n, d, decay=1.0, seed=0):
@@ -17,7 +17,7 @@ def power_law_rows(n, d, decay=1.0, seed=0):
 
 @pytest.mark.parametrize("shrink", ["truncate", "fd"])
 def test_frequent_directions_bound(shrink, monkeypatch):
-    from unsc_fast import sketch
+    from unsc_fast.statistics import sketch
 
     monkeypatch.setattr(sketch, "SHRINK", shrink)
     A = power_law_rows(1500, 128, decay=0.5)
@@ -85,7 +85,7 @@ def low_rank_covariance(d=96, rank=40, seed=0):
 
 
 def test_a_small_sketch_at_rest_keeps_l_rows_and_both_bounds():
-    from unsc_fast.sketch import buffer_rows
+    from unsc_fast.statistics.sketch import buffer_rows
 
     A, exact = low_rank_covariance()
     fd = FrequentDirections(96, rows=8, dtype=torch.float32, capacity=buffer_rows(8))
@@ -107,7 +107,7 @@ def test_a_small_sketch_at_rest_keeps_l_rows_and_both_bounds():
 
 @pytest.mark.parametrize("rank", [40, 96])
 def test_sketch_from_a_covariance_never_exceeds_it(rank):
-    from unsc_fast.sketch import from_covariance
+    from unsc_fast.statistics.sketch import from_covariance
 
     _, exact = low_rank_covariance(rank=rank)
     sketch = from_covariance(exact.float(), rows=12, count=500, generator=torch.Generator().manual_seed(0))

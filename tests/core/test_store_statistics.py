@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
-from unsc_fast.statistics import FORGET_KEY, TOTAL_KEY
+from unsc_fast.statistics.policies import FORGET_KEY, TOTAL_KEY
 
 
 def spectrum_data(n, d=24, rank=6, seed=0):
@@ -170,3 +170,38 @@ def test_observing_more_labels_than_an_explicit_per_label_budget_holds_stops_bef
         proj.collect(batches(x[y == 2], y[y == 2]))
     assert sorted(proj.groups) == [0, 1]
     assert all(torch.equal(proj.store.matrix(k, "0"), m) for k, m in before.items())
+
+
+BAD_LABELS = [
+    (torch.tensor([0, 1, 2]), ValueError, "labels has 3 entries but the layer's input has batch size 2"),
+    (torch.tensor([0]), ValueError, "labels has 1 entries but the layer's input has batch size 2"),
+    (torch.tensor([0.0, 1.0]), TypeError, "labels must be an integer tensor"),
+    (torch.tensor([[0, 1]]), ValueError, "labels must be a 1-D tensor"),
+]
+
+
+@pytest.mark.parametrize("labels, error, message", BAD_LABELS)
+@pytest.mark.parametrize("policy, sketch", [("per_label", None), ("total", None), ("per_label", {"0": 4}),
+                                            ("total", {"0": 4, "2": 4})])
+def test_labels_are_checked_the_same_way_under_every_policy(policy, sketch, labels, error, message):
+    """Issue 28.3: the total policy pools the labels, but a batch whose labels do not fit it is
+    refused as under per-label (sketched layers included), and changes nothing."""
+    model, x, _ = model_and_data(labels=3)
+    proj = NullSpaceProjector(model, statistics=policy, sketch=sketch)
+    with proj.observe(labels=torch.tensor([0, 1])):
+        model(x[:2])
+    before = proj.state_dict()
+    sketched = {k: {n: [p.matrix().clone() for p in s.parts] for n, s in v.items()} for k, v in proj._sketches.items()}
+    with pytest.raises(error, match=message):
+        with proj.observe(labels=labels):
+            model(x[:2])
+    after = proj.state_dict()
+    assert [g["key"] for g in after["groups"]] == [g["key"] for g in before["groups"]]
+    for old, new in zip(before["groups"], after["groups"]):
+        for name in old["covariances"]:
+            assert torch.equal(old["covariances"][name], new["covariances"][name])
+            assert int(old["counts"][name]) == int(new["counts"][name])
+    assert proj._sketches.keys() == sketched.keys()
+    for key, per_layer in sketched.items():
+        for name, rows in per_layer.items():
+            assert all(torch.equal(p.matrix(), r) for p, r in zip(proj._sketches[key][name].parts, rows, strict=True))

@@ -156,22 +156,23 @@ def test_unlearn_argument_errors(digits_model):
 
 def test_official_preset_sets_plain_sgd_and_the_class_by_class_basis(digits_model, monkeypatch):
     from unsc_fast import unlearn as unlearn_module
-    from unsc_fast.incremental import class_thresholds
+    from unsc_fast.solve.incremental import class_thresholds
 
     split, original = digits_model
     model = copy.deepcopy(original)
     seen = {}
     real_sgd = torch.optim.SGD
 
-    def recording_sgd(params, lr, momentum):
-        seen.update(lr=lr, momentum=momentum)
-        return real_sgd(params, lr=lr, momentum=momentum)
+    def recording_sgd(params, lr, momentum, weight_decay=0.0):
+        seen.update(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return real_sgd(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     monkeypatch.setattr(unlearn_module.torch.optim, "SGD", recording_sgd)
     forget = class_mask(split.y_train, [3])
     result = unlearn(model, (split.x_train[forget], split.y_train[forget]), (split.x_train[~forget], split.y_train[~forget]),
                      forget_classes=[3], preset="official", epochs=1)
-    assert seen == {"lr": 0.04, "momentum": 0.0}
+    assert seen == {"lr": 0.04, "momentum": 0.0, "weight_decay": 0.0}
+    assert result.stop_reason == "budget" and result.epochs == 1  # no stop rule: exactly the epochs asked for
     kept = tuple(c for c in range(10) if c != 3)
     assert result.projector.built_from == kept
     assert result.projector.built_threshold == pytest.approx(max(class_thresholds(list(kept), None)))
@@ -179,3 +180,44 @@ def test_official_preset_sets_plain_sgd_and_the_class_by_class_basis(digits_mode
     assert ranks != dict(result.projector.build(threshold=0.99).ranks())  # not the one-shot energy basis
     with pytest.raises(ValueError, match="preset"):
         unlearn(model, (split.x_train[forget], split.y_train[forget]), preset="fastest")
+
+
+def test_default_run_reports_what_it_used_and_why_it_stopped(digits_model):
+    """The default: per-label protection adapted to the request, a stop rule, a held-out forget
+    slice, a guard; every weight change lies in the null space of the lowest protection level the
+    run used (the per-label bases of one request are nested)."""
+    split, original = digits_model
+    model = copy.deepcopy(original)
+    forget = class_mask(split.y_train, [8])
+    tracked_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() > 1}
+    result = unlearn(model, (split.x_train[forget], split.y_train[forget]), (split.x_train[~forget], split.y_train[~forget]),
+                     forget_classes=[8])
+    assert result.stop_reason == "forgotten"
+    assert result.protection["criterion"] == "per_label" and result.protection["levels"][0] == 0.99
+    assert result.steps > 0 and result.trajectory and result.trajectory[-1]["event"] == "forgotten"
+    assert result.trajectory[-1]["forget"] == 0.0 and result.trajectory[-1]["features"] is not None
+    assert result.holdout is not None and 0 < int(result.holdout.sum()) < int(forget.sum()) // 3
+    assert len(result.labels) == int(forget.sum()) and not (result.labels == 8).any()
+    remain_after, forget_after = class_accuracies(model, split, 8)
+    assert forget_after < 8.0 and remain_after >= class_accuracies(original, split, 8)[0] - 1.5
+    projector = result.projector
+    projector.build(threshold=min(result.protection["levels"]), criterion="per_label")  # class 8 was never observed
+    for name, param in model.named_parameters():
+        if param in projector.protection.uses and name in tracked_before:
+            change = (param.detach() - tracked_before[name]).double()
+            if float(change.norm()) > 0:
+                assert projector.residual(param, change) < 1e-5, name
+
+
+def test_the_same_call_gives_the_same_model_whatever_the_global_random_state(digits_model):
+    split, original = digits_model
+    forget = class_mask(split.y_train, [5])
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = copy.deepcopy(original)
+        unlearn(model, (split.x_train[forget], split.y_train[forget]), (split.x_train[~forget], split.y_train[~forget]),
+                forget_classes=[5], epochs=3)
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)

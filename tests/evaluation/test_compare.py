@@ -13,6 +13,7 @@ from unsc_fast.evaluation.image_folder import load_image_folder
 from unsc_fast.evaluation.methods import METHODS
 from unsc_fast.evaluation.divergence import DIVERGENCE_TITLES
 from unsc_fast.evaluation.metrics import GAP_KEYS, METRIC_TITLES
+from unsc_fast.evaluation.representation import REPRESENTATION_GAP_KEYS, REPRESENTATION_TITLES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROWS = {"original": "original", "retrain": "**retrain (gold standard)** (reference)", "unsc": "UNSC",
@@ -45,7 +46,7 @@ def digits_run(tmp_path_factory):
 @pytest.mark.slow  # shares one ~13 s end-to-end run on the digits
 def test_compare_writes_every_output(digits_run, capsys):
     output, _ = digits_run
-    for name in ("classwise.png", "tradeoff.png"):
+    for name in ("classwise.png", "tradeoff.png", "representation.png"):
         data = (output / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
     assert (output / "comparison.md").read_text().startswith("## Unlearning comparison: full-class forgetting of class 3")
@@ -74,11 +75,12 @@ def test_compare_json_has_every_method_seed_and_metric(digits_run):
             assert set(METRIC_TITLES) <= set(run["metrics"]), name
             assert all(isinstance(run["metrics"][key], float) for key in METRIC_TITLES), name
             assert len(run["metrics"]["per_class_test"]) == 10
-            assert set(run["gap"]) == set(GAP_KEYS) | {"avg_gap"}
+            assert set(run["gap"]) == set(GAP_KEYS) | {"avg_gap"} | set(REPRESENTATION_GAP_KEYS) | {"representation_gap"}
             assert run["seconds"] > 0
         summary = results["summary"][name]
         # U-LiRA is off by default; finite_outputs' mean is the share of seeds whose outputs stayed finite
-        assert set(summary["metrics"]) == set(METRIC_TITLES) | set(DIVERGENCE_TITLES) | {"finite_outputs"}
+        assert set(summary["metrics"]) == (set(METRIC_TITLES) | set(DIVERGENCE_TITLES) | set(REPRESENTATION_TITLES)
+                                           | {"finite_outputs"})
         assert summary["metrics"]["finite_outputs"]["mean"] == 1.0, name
         for key in METRIC_TITLES:
             values = [run["metrics"][key] for run in runs]
@@ -131,6 +133,8 @@ def test_compare_markdown_has_mean_and_std_for_every_method(digits_run):
             assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cells[-2]), row
     assert "### Gap to the retrained model" in text and "### Per-class test accuracy (%)" in text
     assert "### Distance to the retrained model" in text and "| JS forget |" in text
+    assert "### Representation level: linear probe and relearning attack" in text
+    assert "| method | probe Acc_f test | probe Acc_r test | relearn Acc_f test |" in text
 
 
 @pytest.mark.slow  # shares one ~13 s end-to-end run on the digits

@@ -19,7 +19,7 @@ from unsc_fast.adapters.base import LayerAdapter, Slot, Use
 from unsc_fast.adapters.conv import ConvAdapter
 from unsc_fast.adapters.embedding import EmbeddingAdapter
 from unsc_fast.adapters.linear import LinearAdapter, TransformersConv1DAdapter, is_transformers_conv1d
-from unsc_fast.adapters.recurrent import RecurrentInputAdapter
+from unsc_fast.adapters.recurrent import RecurrentAdapter, RecurrentInputAdapter
 
 AdapterFactory = Callable[[str, nn.Module], LayerAdapter]
 
@@ -31,9 +31,9 @@ _REGISTRY: dict[type, AdapterFactory] = {
     nn.Embedding: EmbeddingAdapter,
     nn.EmbeddingBag: EmbeddingAdapter,
     nn.MultiheadAttention: MultiheadAttentionAdapter,
-    nn.RNN: RecurrentInputAdapter,
-    nn.LSTM: RecurrentInputAdapter,
-    nn.GRU: RecurrentInputAdapter,
+    nn.RNN: RecurrentAdapter,
+    nn.LSTM: RecurrentAdapter,
+    nn.GRU: RecurrentAdapter,
 }
 
 
@@ -75,5 +75,5 @@ def adapter_for(name: str, module: nn.Module) -> LayerAdapter | None:
 __all__ = [
     "LayerAdapter", "Slot", "Use", "register_adapter", "adapter_for", "ForwardOverridden",
     "LinearAdapter", "TransformersConv1DAdapter", "ConvAdapter", "EmbeddingAdapter",
-    "MultiheadAttentionAdapter", "RecurrentInputAdapter",
+    "MultiheadAttentionAdapter", "RecurrentAdapter", "RecurrentInputAdapter",
 ]

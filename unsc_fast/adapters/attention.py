@@ -22,6 +22,7 @@ from unsc_fast.adapters.base import LayerAdapter, Slot, Use, check_floating, sel
 
 class MultiheadAttentionAdapter(LayerAdapter):
     kind = "multihead_attention"
+    per_token = True
 
     def __init__(self, name: str, module: nn.MultiheadAttention) -> None:
         super().__init__(name, module)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from unsc_fast import ops
+from unsc_fast.adapters.tokens import TokenMask
 from unsc_fast.ops.reference import symmetrize_
 
 KINDS = ("dense", "grouped", "diagonal")
@@ -61,7 +62,7 @@ class Slot:
     def solve_with_complement(self, covariance: torch.Tensor, threshold: float, generator=None,
                               method: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(solve(...), Q)``: for a dense slot solved by eigh, Q (d, d - k) is the orthonormal
-        complement of its basis (the other eigenvectors; ``bases.py`` keeps it where it is the
+        complement of its basis (the other eigenvectors; ``solve.complement`` keeps it where it is the
         cheaper factor instead of computing one by QR); None otherwise."""
         if self.kind == "diagonal":
             return covariance > 0, None
@@ -107,6 +108,7 @@ class LayerAdapter:
     """
 
     kind = "layer"
+    per_token = False  # rows are one per token of a (B, T, ...) input: attention_mask can select them
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -137,7 +139,9 @@ class LayerAdapter:
 
     def accumulate_(self, deltas: dict[str, torch.Tensor], args, kwargs, output, index) -> dict[str, int]:
         """Add this forward's rows (only the samples in ``index``, or all when None) to
-        ``deltas`` (slot name -> accumulator of the slot's shape); return rows per slot."""
+        ``deltas`` (slot name -> accumulator of the slot's shape); return rows per slot.
+        ``index`` is a ``TokenMask`` when the forward has an ``attention_mask`` (only for
+        ``per_token`` adapters: ``select`` keeps the real tokens' rows)."""
         raise NotImplementedError
 
     def input_rows(self, args, kwargs, output, index) -> Iterator[tuple[str, int | None, torch.Tensor]]:
@@ -169,8 +173,14 @@ def check_floating(name: str, x, what: str = "input") -> torch.Tensor:
     return x
 
 
-def select(x: torch.Tensor, index: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
-    return x if index is None else x.index_select(dim, index.to(x.device))
+def select(x: torch.Tensor, index, dim: int = 0) -> torch.Tensor:
+    """The chosen samples of ``x`` along its batch dimension ``dim``: all (None), an index
+    tensor, or a ``TokenMask`` (the real tokens' rows, flattened: see ``adapters.tokens``)."""
+    if index is None:
+        return x
+    if isinstance(index, TokenMask):
+        return index.rows(x, dim)
+    return x.index_select(dim, index.to(x.device))
 
 
 def trailing_dims_merge_as_view(tensor: torch.Tensor) -> bool:

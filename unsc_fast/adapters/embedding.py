@@ -18,6 +18,11 @@ from unsc_fast.adapters.base import LayerAdapter, Slot, Use, first_input, select
 class EmbeddingAdapter(LayerAdapter):
     kind = "embedding"
 
+    @property
+    def per_token(self) -> bool:
+        """A bag's rows are whole bags, not tokens: padding inside it is its padding_idx's job."""
+        return not isinstance(self.module, nn.EmbeddingBag)
+
     def slots(self) -> list[Slot]:
         return [Slot(self.slot_name(), self.module.num_embeddings, "diagonal")]
 

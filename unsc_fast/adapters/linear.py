@@ -19,6 +19,7 @@ class LinearAdapter(LayerAdapter):
 
     kind = "linear"
     side = "in"
+    per_token = True
 
     def input_width(self) -> int:
         return self.module.in_features

@@ -6,7 +6,8 @@ import sys
 
 # Plain names, so that building the parser imports neither torch nor the harness.
 DATASET_NAMES = ("digits", "mnist1d", "cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "folder")
-MODEL_NAMES = ("digits_cnn", "allcnn", "vgg11", "alexnet", "resnet18", "mnist1d_cnn", "mnist1d_mlp")
+TASK_NAMES = ("facts",)  # benchmarks with their own runner (facts: language models, unsc_fast.evaluation.facts)
+MODEL_NAMES = ("digits_cnn", "digits_mlp", "allcnn", "vgg11", "alexnet", "resnet18", "mnist1d_cnn", "mnist1d_mlp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +58,12 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--methods", default=None,
                          help="comma-separated methods (default: all; see --list-methods); retrain always runs")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S")
-    compare.add_argument("--dataset", default=None, choices=DATASET_NAMES,
+    compare.add_argument("--dataset", default=None, choices=DATASET_NAMES + TASK_NAMES,
                          help="digits (bundled, default) and mnist1d (generated locally) need no files; cifar10, "
                               "cifar100, svhn, mnist, fashionmnist read their standard distribution files and folder "
-                              "an ImageFolder layout, all from --data-root (nothing is downloaded)")
+                              "an ImageFolder layout, all from --data-root (nothing is downloaded); facts: the "
+                              "language-model benchmark (fictitious persons' facts and a tiny GPT-2, generated and "
+                              "trained locally; uses --seeds, --methods, --set, --output, --workers, --quick)")
     compare.add_argument("--data-root", default=None, metavar="DIR",
                          help="folder holding the dataset's files, e.g. the unpacked cifar-10-batches-bin/ or its parent")
     compare.add_argument("--data", default=None, metavar="DIR",
@@ -94,6 +97,10 @@ def add_compare_parser(commands) -> None:
                          help="torch CPU threads (default: 1 on the bundled digits, whose tiny convolutions run "
                               "fastest single-threaded; torch's default otherwise)")
     compare.add_argument("--quiet", action="store_true", help="no progress lines")
+    compare.add_argument("--quick", action="store_true",
+                         help="facts: a tiny configuration that runs in seconds (a smoke test, not the benchmark)")
+    compare.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="facts: worker processes, one torch thread each (default 2)")
     compare.add_argument("--ulira-shadows", type=int, default=None, metavar="N",
                          help="per-example membership attack (U-LiRA style) with N shadow models, an even number; "
                               "0: off. Default: 8 for random-sample forgetting on the embedded datasets (digits, "

@@ -24,6 +24,7 @@ from unsc_fast.evaluation.methods import METHODS, UnsupportedScenario, get_metho
 from unsc_fast.evaluation.memorisation import scorer
 from unsc_fast.evaluation.metrics import METRIC_TITLES, gap_to_reference, unlearning_metrics
 from unsc_fast.evaluation.models import MODELS, create_model  # noqa: F401 (MODELS: kept for callers)
+from unsc_fast.evaluation.representation import REPRESENTATION_TITLES, representation_gap, representation_metrics
 from unsc_fast.evaluation.scenario import make_scenario
 from unsc_fast.evaluation.summary import summarise
 from unsc_fast.evaluation.recipes import train
@@ -155,6 +156,16 @@ def _jsonable(value):
     return value
 
 
+def measure(model: nn.Module, scenario, seed: int) -> dict:
+    """Every per-model figure: the output-level metrics, then the probe and the relearning attack."""
+    return {**unlearning_metrics(model, scenario, seed=seed), **representation_metrics(model, scenario, seed=seed)}
+
+
+def gaps(metrics: dict, reference: dict) -> dict:
+    """The output-level gaps (``avg_gap``) and the representation-level ones (``representation_gap``)."""
+    return {**gap_to_reference(metrics, reference), **representation_gap(metrics, reference)}
+
+
 def run_comparison(config: CompareConfig, progress: Progress | None = None, membership=None) -> dict:
     """Run every method of ``config`` over its seeds; returns the raw results (JSON-ready).
 
@@ -185,7 +196,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
     say(f"{scenario.describe()}; methods: {', '.join(names)}; seeds: {', '.join(map(str, config.seeds))}")
 
     original, original_seconds, source = original_model(config, split, progress)
-    original_metrics = unlearning_metrics(original, scenario, seed=config.base_seed)
+    original_metrics = measure(original, scenario, config.base_seed)
     say(f"original ({source}): " + _brief(original_metrics))
     base_original, base_metrics = (original, original_seconds, source), original_metrics
     attack = None
@@ -210,7 +221,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
         references = reference_model = None
         if config.original_per_seed and seed != config.base_seed:
             original, original_seconds, source = original_model(config, split, progress, seed=seed)
-            original_metrics = unlearning_metrics(original, scenario, seed=seed)
+            original_metrics = measure(original, scenario, seed)
             say(f"seed {seed}: original ({source}): " + _brief(original_metrics))
         elif config.original_per_seed:
             original, original_seconds, source = base_original
@@ -223,7 +234,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
                 skipped[name] = str(error)
                 say(f"seed {seed}: {name} not run: {error}")
                 continue
-            metrics = unlearning_metrics(result.model, scenario, seed=seed)
+            metrics = measure(result.model, scenario, seed)
             if not metrics["finite_outputs"]:
                 say(f"seed {seed}: {name} diverged (NaN/Inf outputs): its attacks are reported as n/a")
             if name == REFERENCE:
@@ -233,7 +244,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
                 "seed": seed,
                 "seconds": result.seconds,
                 "metrics": metrics,
-                "gap": gap_to_reference(metrics, references),
+                "gap": gaps(metrics, references),
                 "settings": result.settings,
                 "info": _jsonable(result.info),
             })
@@ -241,7 +252,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
         runs.setdefault("original", []).append({
             "seed": seed, "seconds": original_seconds,
             "metrics": against_reference(original, original_metrics, reference_model),
-            "gap": gap_to_reference(original_metrics, references), "settings": {}, "info": {"source": source},
+            "gap": gaps(original_metrics, references), "settings": {}, "info": {"source": source},
         })
 
     return {
@@ -263,6 +274,7 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 and AVX512 round differently
                         "python": sys.version.split()[0], "platform": platform.platform()},
         "metric_titles": METRIC_TITLES,
+        "representation_titles": REPRESENTATION_TITLES,
         "distance_titles": DIVERGENCE_TITLES,
         "membership_titles": MEMBERSHIP_TITLES if attack is not None else {},
         "membership": _jsonable(asdict(membership)) if membership is not None else None,
@@ -270,7 +282,8 @@ def run_comparison(config: CompareConfig, progress: Progress | None = None, memb
 
 
 def _brief(metrics: dict) -> str:
-    return ", ".join(f"{title} {metrics[key]:.1f}" for key, title in METRIC_TITLES.items())
+    titles = {**METRIC_TITLES, **REPRESENTATION_TITLES}
+    return ", ".join(f"{title} {metrics[key]:.1f}" for key, title in titles.items())
 
 
 def timestamped_progress(message: str) -> None:
@@ -298,6 +311,10 @@ def main(args) -> int:
     """``unsc-fast compare``: run, print the table, write table/plots/JSON under ``--output``."""
     from unsc_fast.evaluation.report import format_report, write_outputs
 
+    if getattr(args, "dataset", None) == "facts":  # the language-model benchmark has its own runner
+        from unsc_fast.evaluation.facts.cli import main as facts_main
+
+        return facts_main(args)
     if args.list_methods:
         for method in METHODS.values():
             scenarios = ", ".join(s.replace("_", "-") for s in method.scenarios)  # sequential: any with full-class

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from unsc_fast.evaluation.compare import CompareConfig
+# ``config`` below is a ``compare.CompareConfig``, not imported here: compare imports this module.
 
 
 class ConfigError(ValueError):

@@ -52,3 +52,19 @@ def class_mask(labels: torch.Tensor, classes) -> torch.Tensor:
     """Boolean mask of the samples whose label is in ``classes``."""
     return torch.isin(labels, torch.as_tensor(list(classes), dtype=labels.dtype))
 
+
+
+def holdout_split(split: DatasetSplit, fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
+    """``split`` with its test set replaced by ``fraction`` of every class of its training set
+    (drawn with ``seed``), which leaves the training set: settings are chosen on this validation
+    split so that the test split is never read."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    held_out = torch.zeros(len(split.y_train), dtype=torch.bool)
+    for label in split.y_train.unique():
+        members = torch.nonzero(split.y_train == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        held_out[members[: int(round(fraction * len(members)))]] = True
+    return DatasetSplit(split.x_train[~held_out], split.y_train[~held_out], split.x_train[held_out],
+                        split.y_train[held_out], split.num_classes, split.name, split.class_names)

@@ -1,4 +1,4 @@
-"""Models by name for the harness: a small CNN for the bundled digits (defined here), the
+"""Models by name for the harness: a small CNN and an MLP for the bundled digits (defined here), the
 official UNSC code's models (``paper_models``) and MNIST-1D's reference models
 (``mnist1d_models``).
 
@@ -6,6 +6,8 @@ official UNSC code's models (``paper_models``) and MNIST-1D's reference models
 data's sample shape into a model, so every caller gets the right input channels and size.
 """
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
@@ -44,6 +46,25 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class DigitsMLP(nn.Module):
+    """The issue-27 MLP for the 8x8 digits: flattened input -> 128 -> 64 -> classes (ReLU); any
+    sample shape is flattened, so it also takes other small inputs."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 64, hidden: tuple[int, int] = (128, 64)) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden[0]),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden[1], num_classes),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 def _image(factory):
     """For models of (C, H, W) images; the image size is checked by the model itself."""
     def build(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
@@ -64,6 +85,7 @@ def _signal(factory):
 
 MODELS = {
     "digits_cnn": _image(lambda n, s: DigitsCNN(num_classes=n, channels=s[0])),
+    "digits_mlp": lambda n, s: DigitsMLP(num_classes=n, in_features=math.prod(s)),
     "allcnn": _image(lambda n, s: AllCNN(num_classes=n, channels=s[0])),
     "vgg11": _image(lambda n, s: VGG11(num_classes=n, channels=s[0])),
     "alexnet": _image(lambda n, s: AlexNet(num_classes=n, channels=s[0], image_size=s[1])),

@@ -3,6 +3,8 @@
 * ``classwise.png``: per-class test accuracy of original / retrained / UNSC as grouped bars
   (the UNSC paper's class-wise figure);
 * ``tradeoff.png``: Acc_r against Acc_f per method, with a zoom around the retrained model;
+* ``representation.png``: the relearning attack against the linear probe on the forgotten
+  classes (docs/metrics.md), the retrained model the target;
 * ``privacy.png`` (with the per-example attack): Acc_r against its AUC.
 
 Every method has one colour and marker in every plot of every run (``method_style``), and
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from unsc_fast.evaluation.report import REFERENCE, _row_order
+from unsc_fast.evaluation.rows import REFERENCE, row_order
 
 
 def _pyplot():
@@ -113,7 +115,7 @@ def _scatter_panels(results: dict, path, x_key: str, x_title: str, y_key: str, y
     legend_width = 3.2  # inches kept free on the right for the legend
     figure, axes_list = plt.subplots(1, panels, figsize=(5.4 * panels + legend_width, 5.6), squeeze=False)
     axes_list = list(axes_list[0])
-    names = [name for name in _row_order(results) if x_key in results["summary"][name]["metrics"]]
+    names = [name for name in row_order(results) if x_key in results["summary"][name]["metrics"]]
     for axes_index, axes in enumerate(axes_list):
         points = {}
         for name in names:
@@ -211,6 +213,22 @@ def plot_tradeoff(results: dict, path) -> None:
     x_title = ("Acc_f test" if forget_key == "acc_forget_test" else "Acc_f train (forget set)") + " %  (lower forgets more)"
     _scatter_panels(results, path, forget_key, x_title, "acc_remain_test", "Acc_r test %  (higher keeps more)",
                     results["scenario"]["description"], _zoom_window(results, forget_key),
+                    "zoom: around the retrained model (star)")
+
+
+def plot_representation(results: dict, path) -> None:
+    """Forgetting in the features: relearn Acc_f (y) against probe Acc_f (x), both on the forgotten
+    classes' test samples; the retrained model (star) is the target, the original and the
+    logit-suppression baseline (output-level forgetting only) mark what not forgetting looks like."""
+    window = None
+    reference = results["summary"].get(REFERENCE)
+    if reference is not None:
+        x, y = (reference["metrics"][key]["mean"] for key in ("probe_forget", "relearn_forget"))
+        if None not in (x, y) and not (math.isnan(x) or math.isnan(y)):
+            window = ((max(-1.0, x - 10.0), min(101.0, x + 10.0)), (max(-1.0, y - 20.0), min(101.0, y + 20.0)))
+    _scatter_panels(results, path, "probe_forget", "linear probe Acc_f test %  (closer to retrain is better)",
+                    "relearn_forget", "relearn attack Acc_f test %",
+                    "representation level: " + results["scenario"]["description"], window,
                     "zoom: around the retrained model (star)")
 
 

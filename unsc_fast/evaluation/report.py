@@ -5,6 +5,8 @@
   the average gap has two decimals, since the good methods differ from each other by less than 0.1;
 * the gap table: |metric - retrained metric| per seed, then mean +- std;
 * per-class test accuracy;
+* the representation table: the linear probe and the relearning attack on the forgotten classes
+  (``representation.py``, docs/metrics.md) and their gap to the retrained model;
 * the side-by-side table of several runs (the README's comparison of two datasets);
 * the distance table: KL / JS to the retrained model's outputs, ToW and the attack's figures;
 * ``comparison.json``: every raw figure, so runs can be compared later.
@@ -15,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-REFERENCE = "retrain"
+from unsc_fast.evaluation.rows import REFERENCE, row_order
 
 
 def _cell(stats: dict, digits: int = 1) -> str:
@@ -23,12 +25,6 @@ def _cell(stats: dict, digits: int = 1) -> str:
     if mean is None or math.isnan(mean):
         return "n/a"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _row_order(results: dict) -> list[str]:
-    names = list(results["runs"])
-    first = [name for name in ("original", REFERENCE) if name in names]
-    return first + [name for name in names if name not in first]
 
 
 def _label(results: dict, name: str) -> str:
@@ -56,7 +52,7 @@ def metrics_table(results: dict) -> str:
     extras = _headline_extras(results)
     header = ["method", *titles.values(), *(title for title, _, _ in extras.values()), "avg gap", "time s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         summary = results["summary"][name]
         cells = [_cell(summary["metrics"][key]) for key in titles]
         cells += [_cell(summary["metrics"][key], digits) for key, (_, digits, _) in extras.items()]
@@ -70,7 +66,7 @@ def distance_table(results: dict) -> str:
     titles = _extra_titles(results)
     header = ["method", *titles.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         metrics = results["summary"][name]["metrics"]
         digits = {key: (1 if key == "ulira_members" else 3) for key in titles}
         lines.append("| " + " | ".join([_label(results, name), *(_cell(metrics[key], digits[key]) if key in metrics
@@ -84,7 +80,7 @@ def gap_table(results: dict) -> str:
     titles = {key: title for key, title in results["metric_titles"].items() if key in gaps_of}
     header = ["method", *(f"Δ {title}" for title in titles.values()), "avg gap"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         if name == REFERENCE:
             continue
         gaps = results["summary"][name]["gap"]
@@ -93,11 +89,29 @@ def gap_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def representation_table(results: dict) -> str:
+    """Probe and relearning-attack accuracies (mean ± std), their gaps to the retrained model and
+    the mean of those two gaps, ``representation_gap`` (empty for results that predate them)."""
+    titles = results.get("representation_titles") or {}
+    if not titles:
+        return ""
+    gap_keys = [key for key in ("probe_forget", "relearn_forget") if key in titles]
+    header = ["method", *titles.values(), *(f"Δ {titles[key]}" for key in gap_keys), "representation gap"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name in row_order(results):
+        summary = results["summary"][name]
+        cells = [_cell(summary["metrics"][key]) for key in titles]
+        cells += [_cell(summary["gap"][key]) for key in gap_keys]
+        cells.append("0 (reference)" if name == REFERENCE else _cell(summary["gap"]["representation_gap"], 2))
+        lines.append("| " + " | ".join([_label(results, name), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def per_class_table(results: dict) -> str:
     classes = results["dataset"]["class_names"]
     header = ["method", *classes]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name in _row_order(results):
+    for name in row_order(results):
         means = [stats["mean"] for stats in results["summary"][name]["per_class_test"]]
         lines.append("| " + " | ".join([_label(results, name), *("n/a" if math.isnan(m) else f"{m:.1f}" for m in means)]) + " |")
     return "\n".join(lines)
@@ -112,7 +126,8 @@ def side_by_side_table(named_results: dict[str, dict], keys: list[str]) -> str:
     the two embedded datasets is this table.
     """
     def title(results: dict, key: str) -> str:
-        named = {**results["metric_titles"], **_extra_titles(results), "avg_gap": "avg gap", "seconds": "time s"}
+        named = {**results["metric_titles"], **_extra_titles(results), **results.get("representation_titles", {}),
+                 "avg_gap": "avg gap", "representation_gap": "representation gap", "seconds": "time s"}
         if key not in named:
             raise KeyError(f"side_by_side_table: no column {key!r}; choose from {sorted(named)}")
         return named[key]
@@ -121,8 +136,8 @@ def side_by_side_table(named_results: dict[str, dict], keys: list[str]) -> str:
         if name not in results["summary"]:
             return "n/a"
         summary = results["summary"][name]
-        if key == "avg_gap":
-            return "0 (reference)" if name == REFERENCE else _cell(summary["gap"]["avg_gap"], 2)
+        if key in ("avg_gap", "representation_gap"):
+            return "0 (reference)" if name == REFERENCE else _cell(summary["gap"][key], 2) if key in summary["gap"] else "n/a"
         if key == "seconds":
             return _cell(summary["seconds"], 2)
         digits = 3 if key in _extra_titles(results) and key != "ulira_members" else 1
@@ -130,7 +145,7 @@ def side_by_side_table(named_results: dict[str, dict], keys: list[str]) -> str:
 
     names: list[str] = []
     for results in named_results.values():
-        names += [name for name in _row_order(results) if name not in names]
+        names += [name for name in row_order(results) if name not in names]
     header = ["method"] + [f"{run} {title(results, key)}" for run, results in named_results.items() for key in keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name in names:
@@ -138,6 +153,19 @@ def side_by_side_table(named_results: dict[str, dict], keys: list[str]) -> str:
         cells = [cell(results, name, key) for results in named_results.values() for key in keys]
         lines.append("| " + " | ".join([_label(owner, name), *cells]) + " |")
     return "\n".join(lines)
+
+
+def _representation_section(results: dict) -> list[str]:
+    """The representation table with its heading and protocol line (nothing for older results)."""
+    if not results.get("representation_titles"):
+        return []
+    return ["### Representation level: linear probe and relearning attack (docs/metrics.md)", "",
+            "Probe: logistic regression on the inputs of the classifier layer, fitted on the whole training split "
+            "(original labels), accuracy on the test samples of the forgotten / remaining classes. Relearn: "
+            "per-class logit offsets fitted, then 10 Adam steps (lr 1e-3) on 10 forget samples per forgotten label "
+            "+ 90 remaining ones, forgotten-class test accuracy, mean of 3 draws. Closer to the retrained model is "
+            "better; a model that only hides the class in its logits keeps the original's figures.",
+            "", representation_table(results), ""]
 
 
 def format_report(results: dict) -> str:
@@ -156,6 +184,7 @@ def format_report(results: dict) -> str:
         "",
         gap_table(results),
         "",
+        *_representation_section(results),
         "### Per-class test accuracy (%)",
         "",
         per_class_table(results),
@@ -179,6 +208,12 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean(results: dict, name: str, key: str) -> float:
+    """The mean of ``key`` over ``name``'s seeds (NaN where the method or the figure is missing)."""
+    value = results["summary"].get(name, {}).get("metrics", {}).get(key, {}).get("mean")
+    return float("nan") if value is None else float(value)
+
+
 def _nan_to_none(value):
     """Strict JSON has no NaN: undefined figures (e.g. Acc_f test without a forget test set) become null."""
     if isinstance(value, float) and math.isnan(value):
@@ -191,9 +226,9 @@ def _nan_to_none(value):
 
 
 def write_outputs(results: dict, directory) -> dict[str, Path]:
-    """Write comparison.md, comparison.json, classwise.png, tradeoff.png and, when the
-    per-example attack ran, privacy.png; returns their paths."""
-    from unsc_fast.evaluation.plots import plot_classwise, plot_privacy, plot_tradeoff
+    """Write comparison.md, comparison.json, classwise.png, tradeoff.png, representation.png and,
+    when the per-example attack ran, privacy.png; returns their paths."""
+    from unsc_fast.evaluation.plots import plot_classwise, plot_privacy, plot_representation, plot_tradeoff
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -207,6 +242,9 @@ def write_outputs(results: dict, directory) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(_nan_to_none(results), indent=1) + "\n")
     plot_classwise(results, paths["classwise"])
     plot_tradeoff(results, paths["tradeoff"])
+    if results.get("representation_titles") and not math.isnan(_mean(results, REFERENCE, "relearn_forget")):
+        paths["representation"] = directory / "representation.png"
+        plot_representation(results, paths["representation"])
     if results.get("membership_titles") and REFERENCE in results["summary"]:
         paths["privacy"] = directory / "privacy.png"
         plot_privacy(results, paths["privacy"])

@@ -17,6 +17,7 @@ from unsc_fast.evaluation.methods import (
     fisher,
     gradient_ascent,
     l1_sparse,
+    logit_suppression,
     natmu,
     neggrad_plus,
     random_labels,
@@ -49,6 +50,7 @@ METHODS: dict[str, UnlearningMethod] = {
         fisher.METHOD,
         neggrad_plus.METHOD,
         amnesiac.METHOD,
+        logit_suppression.METHOD,
     )
 }
 

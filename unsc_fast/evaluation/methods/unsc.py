@@ -28,11 +28,16 @@ guards each run: with no room the run is reported as not run (``UnsupportedScena
 from __future__ import annotations
 
 from unsc_fast.evaluation.methods.base import UnlearningMethod, UnsupportedScenario
-from unsc_fast.projector import NullSpaceProjector
+from unsc_fast import NullSpaceProjector
 from unsc_fast.room import NoRoomError
 from unsc_fast.unlearn import PRESETS, unlearn
+from unsc_fast.unlearning.stopping import StopRule
 
-DEFAULTS = {k: v for k, v in PRESETS["default"].items() if k in ("threshold", "epochs", "lr", "momentum", "batch_size")}
+DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
+                if k in ("threshold", "epochs", "lr", "momentum", "batch_size", "features", "criterion", "adaptive",
+                         "distill")},
+            "stop": "rule", "tolerance": 0.5}  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
+STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
 SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the same layer inputs, so the "
                "null-space projection removes almost all of the forget gradient and the model would not change; "
@@ -40,11 +45,19 @@ SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the
 
 
 PROJECTED = ("full_class", "sub_class")  # and sequential: a series of full-class requests
-SUB_CLASS = {"sub_class": {"threshold": 0.99}}  # protect the sibling fine label (module docstring)
+SUB_CLASS = {"sub_class": {"threshold": 0.99}}  # protect the sibling fine label (module docstring; the default start now)
 
 
 def _runner(calibrate: bool, project: bool, preset: str = "default"):
     def run(model, scenario, settings, seed, progress):
+        settings = dict(settings)
+        if "stop" in settings:
+            if settings["stop"] not in STOPS:
+                raise ValueError(f"unsc: stop must be one of {sorted(STOPS)}, got {settings['stop']!r}")
+            settings["stop"] = STOPS[settings["stop"]]
+        tolerance = settings.pop("tolerance", None)
+        if tolerance is not None and settings.get("stop", "preset") == "preset":
+            settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50))
         forget_classes = scenario.forget_classes if scenario.kind == "full_class" else None
         remain, projector = scenario.remain, None
         if project and scenario.carry is not None:  # a later request of a sequence: no pass over the data

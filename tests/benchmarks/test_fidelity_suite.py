@@ -1,0 +1,119 @@
+"""The fidelity suite (benchmarks/fidelity_suite.py): its cases, the issue-27 targets it checks,
+the validation split it can report on, and a smoke run on a tiny configuration."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import fidelity_suite
+from benchmarks.fidelity_targets import checks, gap_verdict, worst_cases
+from unsc_fast.evaluation.data import load_digits_split, holdout_split
+from unsc_fast.evaluation.models import create_model
+
+
+def test_quick_cases_cover_every_kind_for_the_named_classes():
+    keys = [case.key for case in fidelity_suite.cases(["digits"], ["digits_mlp"], [0], [3, 8], fidelity_suite.KINDS)]
+    assert keys == ["digits-digits_mlp-s0-full-3", "digits-digits_mlp-s0-full-8", "digits-digits_mlp-s0-pair-3_8",
+                    "digits-digits_mlp-s0-sub-3", "digits-digits_mlp-s0-sub-8", "digits-digits_mlp-s0-seq-3_8"]
+    everything = fidelity_suite.cases(["digits", "mnist1d"], None, [0, 1, 2], range(10), fidelity_suite.KINDS)
+    assert len(everything) == 2 * 2 * 3 * (10 + len(fidelity_suite.PAIRS) + 10 + len(fidelity_suite.SEQUENCES))
+
+
+def figures(remain, forget, probe, relearn):
+    return {"acc_remain": remain, "acc_forget": forget, "probe_forget": probe, "relearn_forget": relearn, "seconds": 1.0}
+
+
+def record(kind="full", dataset="mnist1d", **methods):
+    models = {"original": figures(90.0, 80.0, 80.0, 70.0), "retrain": figures(91.0, 0.0, 60.0, 10.0),
+              "logit_suppression": figures(90.5, 0.0, 80.0, 70.0), **methods}
+    return {"dataset": dataset, "kind": kind, "models": models, "not_run": {}, "case_seconds": 1.0}
+
+
+def test_targets_are_checked_as_the_issue_states_them():
+    good = checks(record(unsc=figures(89.2, 0.5, 70.0, 34.0)), "unsc")
+    assert good["forget"] == (0.5, True)
+    assert good["remain"] == (pytest.approx(-0.8), True)       # MNIST-1D: 1 point of tolerance
+    assert good["relearn"] == (24.0, True)                      # within 25 of retrain's 10
+    assert good["probe"] == (0.5, True)                         # half of the way from 80 to 60
+    assert good["suppression"] == (2.0, True)                   # closer than 80 / 70 on both
+    assert good["gap"][0] == pytest.approx((1.8 + 0.5 + 10.0 + 24.0) / 4)
+    bad = checks(record(dataset="digits", unsc=figures(89.2, 1.5, 82.0, 36.0)), "unsc")
+    assert [bad[key][1] for key in ("forget", "remain", "relearn", "probe", "suppression")] == [False] * 5
+    assert bad["probe"][0] == pytest.approx(-0.1)  # moved away from the retrained model
+
+
+def test_targets_that_do_not_apply_are_not_counted():
+    same = record(unsc=figures(90.0, 0.0, 79.0, 12.0))
+    same["models"]["retrain"]["probe_forget"] = 77.0                 # original and retrain within 5 points
+    same["models"]["logit_suppression"]["relearn_forget"] = 13.0     # suppression already near retrain
+    result = checks(same, "unsc")
+    assert math.isnan(result["probe"][0]) and result["probe"][1] is None
+    assert result["suppression"] == (0.0, None)  # neither figure of the baseline is >= 5 points off
+    sub = record(kind="sub", unsc=figures(90.0, 6.0, 70.0, 10.0))
+    sub["models"]["retrain"]["acc_forget"] = 5.5                     # a retrained model keeps some of the digit
+    assert checks(sub, "unsc")["forget"] == (6.0, True)
+
+
+def test_worst_cases_and_the_gap_verdict():
+    records = [record(unsc=figures(89.2, 0.5, 70.0, 34.0), natmu=figures(90.0, 0.0, 80.0, 70.0)),
+               record(unsc=figures(85.0, 0.0, 62.0, 12.0), natmu=figures(91.0, 0.0, 60.0, 10.0))]
+    worst = worst_cases(records)
+    assert worst["unsc"]["remain"] == {"worst": -5.0, "failed": 1, "checked": 2}
+    assert worst["unsc"]["relearn"]["worst"] == 24.0 and worst["natmu"]["probe"]["failed"] == 1
+    assert "original" not in worst and "retrain" not in worst
+    assert "smaller" in gap_verdict(worst) and "NOT" not in gap_verdict(worst)
+
+
+def test_the_validation_split_holds_out_a_fifth_of_every_class_of_the_training_data():
+    split = load_digits_split()
+    held = holdout_split(split, 0.2, seed=1)
+    assert len(held.y_train) + len(held.y_test) == len(split.y_train)
+    for label in range(10):
+        total = int((split.y_train == label).sum())
+        assert int((held.y_test == label).sum()) == round(0.2 * total)
+    rows = {tuple(row.flatten().tolist()) for row in held.x_train}
+    assert not any(tuple(row.flatten().tolist()) in rows for row in held.x_test)
+    assert torch.equal(holdout_split(split, 0.2, seed=1).x_test, held.x_test)
+    assert not torch.equal(holdout_split(split, 0.2, seed=2).x_test, held.x_test)
+
+
+def test_digits_mlp_is_64_128_64_10():
+    model = create_model("digits_mlp", 10, (1, 8, 8))
+    widths = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [(64, 128), (128, 64), (64, 10)]
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.slow  # three end-to-end runs of the suite on 4 tiny cases (~10 s of CPU)
+def test_a_quick_run_on_a_tiny_configuration_writes_every_case_and_reuses_them(tmp_path, capsys, monkeypatch):
+    threads = torch.get_num_threads()
+    options = ["--datasets", "digits", "--models", "digits_mlp", "--methods", "unsc", "logit_suppression",
+               "--train-epochs", "2", "--out", str(tmp_path)]
+    try:
+        assert fidelity_suite.main(options + ["--quick", "--kinds", "full", "sub"]) == 0
+        first = json.loads((tmp_path / "results.json").read_text())
+        printed = capsys.readouterr().out
+        assert fidelity_suite.main(options + ["--quick", "--kinds", "full", "sub"]) == 0  # all read back, none run
+        again = json.loads((tmp_path / "results.json").read_text())["cases"]
+        monkeypatch.setattr(fidelity_suite, "code_version", lambda: "changed")  # new library code: run again
+        assert fidelity_suite.main(options + ["--seeds", "0", "--classes", "3", "--kinds", "full"]) == 0
+        rerun = json.loads((tmp_path / "results.json").read_text())["cases"]
+    finally:
+        torch.set_num_threads(threads)
+    assert "[4/4] digits/digits_mlp seed 0: forget digit 8 (coarse pairs)" in printed
+    assert "| unsc | 4 | 0 |" in printed and "| logit_suppression | 2 | 2 |" in printed
+    cases = first["cases"]
+    assert [case["key"] for case in cases] == ["digits-digits_mlp-s0-full-3", "digits-digits_mlp-s0-full-8",
+                                               "digits-digits_mlp-s0-sub-3", "digits-digits_mlp-s0-sub-8"]
+    assert set(cases[0]["models"]) == {"original", "retrain", "unsc", "logit_suppression"}
+    assert "cannot do sub-class" in cases[2]["not_run"]["logit_suppression"]
+    assert cases[0]["models"]["logit_suppression"]["acc_forget"] == 0.0
+    assert again == cases
+    assert rerun[0]["key"] == cases[0]["key"] and rerun[0]["case_seconds"] != cases[0]["case_seconds"]
+    assert rerun[0]["models"]["original"] == cases[0]["models"]["original"]  # the cached original, same figures
+    for name in ("summary.md", "cases.md", "table.md"):
+        assert (tmp_path / name).read_text().startswith(("# Fidelity suite", "| case", "| request"))
+    assert len(list((tmp_path / "originals").glob("*.pt"))) == 2  # fine and coarse labels, seed 0

@@ -1,0 +1,93 @@
+"""Per-label observation of inputs broadcast over the batch (Hugging Face position ids (1, T)).
+
+Reference: observing each sample alone under its label. A batch observed with ``labels=``
+must give every label exactly the statistics of its samples observed one by one, for every
+slot (the position embedding's counts included), through ``observe`` and ``collect``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from unsc_fast import NullSpaceProjector
+
+transformers = pytest.importorskip("transformers")
+
+LABELS = torch.tensor([0, 1, 1, 2, 0, 1])
+
+
+def gpt2():
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert():
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=40, max_position_embeddings=12)
+    return transformers.BertForSequenceClassification(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                      max_position_embeddings=12)
+    return transformers.LlamaForCausalLM(config)
+
+
+def one_by_one(model, tokens) -> NullSpaceProjector:
+    projector = NullSpaceProjector(model, dtype=torch.float64)
+    with torch.no_grad():
+        for sample, label in zip(tokens, LABELS):
+            with projector.observe(labels=label.view(1)):
+                model(input_ids=sample[None])
+    return projector
+
+
+def assert_same_statistics(batched: NullSpaceProjector, reference: NullSpaceProjector) -> None:
+    assert sorted(batched.groups) == sorted(reference.groups)
+    for key in reference.groups:
+        for name in reference.protection.slots:
+            assert batched.count(key, name) == reference.count(key, name), (key, name)
+            torch.testing.assert_close(batched.store.matrix(key, name), reference.store.matrix(key, name),
+                                       rtol=1e-12, atol=1e-12, msg=f"label {key}, slot {name}")
+
+
+@pytest.mark.parametrize("build", [gpt2, bert, llama], ids=["gpt2", "bert", "llama"])
+def test_labelled_batch_matches_samples_observed_one_by_one(build):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    tokens = torch.randint(0, 40, (len(LABELS), 7), generator=torch.Generator().manual_seed(1))
+    reference = one_by_one(model, tokens)
+    batched = NullSpaceProjector(model, dtype=torch.float64)
+    with torch.no_grad(), batched.observe(labels=LABELS):
+        model(input_ids=tokens)
+    assert_same_statistics(batched, reference)
+    collected = NullSpaceProjector(model, dtype=torch.float64)
+    loader = [({"input_ids": tokens[:4]}, LABELS[:4]), ({"input_ids": tokens[4:]}, LABELS[4:])]
+    collected.collect(([batch["input_ids"], labels] for batch, labels in loader))
+    assert_same_statistics(collected, reference)
+
+
+def test_gpt2_position_embedding_counts_each_sample():
+    """wpe sees position ids (1, T): each label's count of a position is its sample count."""
+    model = gpt2().eval()
+    tokens = torch.randint(0, 40, (len(LABELS), 5), generator=torch.Generator().manual_seed(2))
+    projector = NullSpaceProjector(model)
+    with torch.no_grad(), projector.observe(labels=LABELS):
+        model(input_ids=tokens)
+    for label in (0, 1, 2):
+        counts = projector.store.matrix(label, "transformer.wpe")
+        expected = torch.zeros(12)
+        expected[:5] = int((LABELS == label).sum())
+        assert torch.equal(counts, expected)
+
+
+def test_labels_for_a_single_sample_batch_are_still_refused():
+    """Every layer sees batch 1 while labels have 3 entries: not a broadcast, a wrong batch."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    projector = NullSpaceProjector(model)
+    with pytest.raises(ValueError, match=r"labels has 3 entries but the layer's input has batch size 1"):
+        with projector.observe(labels=torch.tensor([0, 1, 1])):
+            model(torch.randn(1, 4))
+    assert not projector.store

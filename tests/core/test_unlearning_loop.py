@@ -1,0 +1,146 @@
+"""The unlearning loop's decisions (unsc_fast.unlearning): stop when the forget data is
+forgotten, back off when the guard shows significant damage (restore, halve the lr, raise the
+protection's floor), lower the protection when forgetting stalls, stop within the budget; the
+ladder of protection levels; the stop rule's settings."""
+import pytest
+import torch
+from torch import nn
+
+from unsc_fast.unlearning import loop
+from unsc_fast.unlearning.schedule import ProtectionSchedule
+from unsc_fast.unlearning.stopping import Monitor, StopRule
+
+
+class Scripted(Monitor):
+    """A monitor that replays ``(forget, damage, significant)`` per check."""
+
+    def __init__(self, script):
+        self.script, self.features, self.calls = list(script), None, 0
+
+    def forget(self, model):
+        return self.script[min(self.calls, len(self.script) - 1)][0]
+
+    def guard_damage(self, model, tolerance=0.0):
+        entry = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        return entry[1], entry[2]
+
+
+def setup(script, rule=None, levels=(0.99, 0.9, 0.8), start=0.99):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2  # two steps per pass
+    built = []
+    schedule = ProtectionSchedule(built.append, levels, start)
+    rates = []
+
+    def make_optimizer(lr):
+        rates.append(lr)
+        return torch.optim.SGD(model.parameters(), lr=lr)
+
+    objective = lambda step: nn.functional.cross_entropy(step.outputs, step.targets)  # noqa: E731
+    result = loop.run(model, batches, make_optimizer, 0.1, objective, rule or StopRule(max_epochs=20), schedule,
+                      Scripted(script))
+    return result, built, rates, schedule, model
+
+
+def test_stops_when_forgotten():
+    result, built, rates, _, _ = setup([(50.0, 0.0, False), (0.0, 0.0, False)])
+    assert result.reason == "forgotten" and result.steps == 4 and len(result.trajectory) == 2
+    assert result.trajectory[-1].event == "forgotten" and built == [] and rates == [0.1]
+
+
+def test_significant_damage_backs_off_restores_and_halves_the_rate():
+    result, built, rates, schedule, model = setup([(50.0, 0.0, False), (40.0, 2.0, True), (0.0, 0.0, False)])
+    assert [c.event for c in result.trajectory] == ["", "backoff", "forgotten"]
+    assert rates == [0.1, 0.05]
+    assert built == [] and schedule.floor == schedule.start  # at the top level already: it stays, lr halved
+    # damage that is not significant (a few borderline guard samples) does not back off
+    result, *_ = setup([(50.0, 2.0, False), (0.0, 2.0, False)])
+    assert [c.event for c in result.trajectory] == ["", "forgotten"]
+
+
+def test_the_restored_state_is_the_last_one_that_passed_the_guard():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    states = []
+
+    class Recording(Scripted):
+        def guard_damage(self, m, tolerance=0.0):
+            states.append(m.weight.detach().clone())
+            return super().guard_damage(m, tolerance)
+
+    loop.run(model, batches, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.5,
+             lambda step: nn.functional.cross_entropy(step.outputs, step.targets), StopRule(max_epochs=3),
+             ProtectionSchedule(None), Recording([(50.0, 0.0, False), (50.0, 5.0, True), (50.0, 0.0, False)]))
+    # the third check measured the state restored to the first check's, plus one step at half the rate
+    assert not torch.equal(states[1], states[0])
+    step_after_restore = states[2] - states[0]
+    assert 0 < float(step_after_restore.norm()) < float((states[1] - states[0]).norm())
+
+
+def test_stalled_forgetting_lowers_the_protection_and_damage_raises_its_floor():
+    script = [(60.0, 0.0, False), (59.0, 0.0, False), (59.0, 0.0, False),  # stalls twice: 0.99 -> 0.9
+              (30.0, 3.0, True),  # damage at 0.9: back to 0.99, which becomes the floor
+              (29.5, 0.0, False), (29.5, 0.0, False), (29.5, 0.0, False)]
+    result, built, rates, schedule, _ = setup(script, StopRule(max_epochs=7))
+    assert built == [0.9, 0.99]
+    assert "lower protection" in [c.event for c in result.trajectory]
+    assert schedule.floor == schedule.start and schedule.threshold == 0.99
+    assert result.reason == "budget" and result.steps == 14
+
+
+def test_too_many_backoffs_stop_on_the_guard():
+    result, *_ = setup([(50.0, 5.0, True)] * 10, StopRule(max_backoffs=2))
+    assert result.reason == "guard" and [c.event for c in result.trajectory] == ["backoff"] * 2 + ["guard"]
+
+
+def test_budget_in_steps():
+    result, *_ = setup([(50.0, 0.0, False)] * 10, StopRule(max_steps=3, check_every=1))
+    assert result.reason == "budget" and result.steps == 3
+
+
+def test_schedule_ladder():
+    built = []
+    schedule = ProtectionSchedule(built.append, (0.99, 0.95, 0.9), start=0.95)
+    assert schedule.levels == (0.99, 0.95, 0.9) and schedule.threshold == 0.95
+    assert schedule.lower() and schedule.threshold == 0.9 and not schedule.lower()
+    schedule.back_off()  # damage at 0.9: floor 0.95
+    assert schedule.threshold == 0.95 and not schedule.lower()
+    schedule.back_off()  # damage at the start level: one level up, floor stays the start
+    assert schedule.threshold == 0.99 and built == [0.9, 0.95, 0.99]
+    fixed = ProtectionSchedule(None, (0.99, 0.9), start=0.99)
+    assert not fixed.lower() and fixed.threshold == 0.99
+    with pytest.raises(ValueError, match="levels"):
+        ProtectionSchedule(None, (1.5,), start=0.9)
+
+
+@pytest.mark.parametrize("field,value", [("holdout", 1.0), ("guard", -0.1), ("tolerance", -1), ("max_epochs", 0),
+                                         ("patience", 0), ("check_every", 0), ("max_steps", 0)])
+def test_stop_rule_settings_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        StopRule(**{field: value})
+
+
+def test_guard_damage_counts_net_losses_against_the_original():
+    guard = (torch.zeros(100, 1), torch.zeros(100, dtype=torch.long))
+
+    def correct(model, data):
+        return model(data[0])
+
+    before = torch.ones(100, dtype=torch.bool)
+    before[:10] = False
+    monitor = Monitor(correct, [], guard, lambda x: before)
+    now = before.clone()
+    now[10:20] = False  # 10 lost
+    now[:2] = True  # 2 won
+    damage, significant = monitor.guard_damage(lambda x: now)
+    assert damage == pytest.approx(8.0) and significant  # 8 > 2 sqrt(12)
+    damage, significant = monitor.guard_damage(lambda x: now, tolerance=2.0)
+    assert damage == pytest.approx(8.0) and not significant  # 8 - 2 < 2 sqrt(12): not clearly past 2 points
+    now = before.clone()
+    now[10:13] = False
+    now[:1] = True
+    damage, significant = monitor.guard_damage(lambda x: now)
+    assert damage == pytest.approx(2.0) and not significant  # 2 < 2 sqrt(4)

@@ -1,0 +1,79 @@
+"""What a request's data is split into before unlearning starts, and how the stop rule reads it.
+
+For in-memory ``(x, y)`` tensors: a class-wise request's forget samples lose a held-out slice
+(``StopRule.holdout``) that is never trained on and tells whether the forgetting carries over to
+samples of the class the run did not see; the remaining samples lose a guard slice
+(``StopRule.guard``) that is never observed and never trained on, the honest check of the
+remaining classes. Both slices are drawn per class with the run's seed, at least one sample
+per class where a class has two or more. Loaders are used whole (no slice is cut from a
+stream); a guard can then be passed explicitly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unsc_fast.training import batch_parts, eval_mode, model_device
+
+
+def is_tensor_pair(data) -> bool:
+    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def held_out(y: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool mask of a per-class random ``share`` of the samples (labels ``y``), seeded."""
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    if share <= 0:
+        return mask
+    labels = y.detach().cpu()
+    for value in labels.unique().tolist():
+        members = (labels == value).nonzero().flatten()
+        count = int(round(share * len(members)))
+        if len(members) >= 2:
+            count = min(max(count, 1), len(members) - 1)
+        else:
+            count = 0
+        chosen = members[torch.randperm(len(members), generator=generator)[:count]]
+        mask[chosen] = True
+    return mask
+
+
+@torch.no_grad()
+def correct_predictions(model: nn.Module, data, batch_size: int = 512) -> torch.Tensor:
+    """Per sample: does the model's most likely class equal its label? ``data``: ``(x, y)`` or an
+    iterable of ``(inputs, labels, ...)`` batches. Eval mode, restored afterwards."""
+    device = model_device(model)
+    flags = []
+    with eval_mode(model):
+        if is_tensor_pair(data):
+            x, y = data
+            for start in range(0, len(x), batch_size):
+                logits = model(x[start:start + batch_size].to(device))
+                flags.append(getattr(logits, "logits", logits).argmax(-1).cpu() == y[start:start + batch_size].cpu())
+        else:
+            for batch in data:
+                args, kwargs, targets = batch_parts(batch)
+                moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+                logits = model(*moved, **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+                flags.append(getattr(logits, "logits", logits).argmax(-1).cpu() == targets.cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def find_classifier(model: nn.Module, layers: dict, sample_inputs) -> tuple[str, nn.Module] | None:
+    """The tracked layer whose output is the model's output (its logits): the last tracked
+    module called in one forward whose output has the logits' shape. None if there is none."""
+    calls = []
+    handles = [module.register_forward_hook(lambda m, _a, out, name=name: calls.append((name, m, out)))
+               for name, module in ((n, a.module) for n, a in layers.items())]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            args, kwargs, _ = sample_inputs
+            logits = model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = getattr(logits, "logits", logits)
+    for name, module, out in reversed(calls):
+        if isinstance(out, torch.Tensor) and out.shape == logits.shape:
+            return name, module
+    return None
