@@ -205,8 +205,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
 
         ``criterion``: ``"total"`` (the summed covariance keeps ``threshold`` of its energy) or
         ``"per_label"`` (every kept label keeps ``threshold`` of its own energy in every layer:
-        ``unsc_fast.solve.per_label``; dense fp64 eigenvectors, per-label statistics, one
-        process; a rebuild of the same request at another threshold reuses the solve).
+        ``unsc_fast.solve.per_label``; dense fp64 eigenvectors, one process; a rebuild of the
+        same request at another threshold reuses the solve). It reads exact per-label matrices,
+        or under one total each label's class sketch (``class_statistics``: a conservative
+        bound, ``unsc_fast.solve.per_label_classes``); sketched layers keep the summed criterion
+        (with a warning); ``solve.per_label_classes.PerLabelUnavailable`` where neither exists.
         """
         threshold = self.threshold if threshold is None else ops.check_threshold(threshold)
         criterion = solve.check_criterion(criterion)
@@ -236,9 +239,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                                               include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
         if criterion == "per_label":
-            new_bases, solved_complements = per_label.request_bases(
-                self.store, self.protection.slots, self._slot_devices, kept, subtracted, threshold, self._spectra,
-                statistics=self.statistics, sketched=list(self._sketch_slots))
+            new_bases, solved_complements = self._per_label_bases(kept, subtracted, exclude, include, subtract,
+                                                                  threshold, generator, method)
         else:
             sketch_request = solve.sketch_keys(self.statistics, self._sketches, kept, subtracted, exclude, include,
                                                subtract)

@@ -12,6 +12,8 @@ from typing import Hashable, Iterable, Iterator
 import torch
 
 from unsc_fast.adapters import LayerAdapter
+from unsc_fast.solve import per_label, per_label_classes
+from unsc_fast.solve import request as solve
 from unsc_fast.statistics import batches, memory, policies
 from unsc_fast.statistics import class_statistics as per_class
 from unsc_fast.statistics import plan as planning
@@ -179,6 +181,42 @@ class StatisticsMixin:
         if group is None:
             return statistics
         return distributed_sketch.pooled_class_statistics(self, self._slot(slot_name), keys, group)
+
+    def _per_label_bases(self, kept: list, subtracted: list, exclude: set, include, subtract: set, threshold: float,
+                         generator, method: str) -> tuple[dict, dict]:
+        """``build(criterion="per_label")`` on one process: exact per-label matrices (per-label
+        storage), else the kept labels' class statistics beside one total; a sketched layer
+        keeps the summed criterion (its per-label cut would need ``d x d`` eigenvectors)."""
+        slots = self.protection.slots
+        sketched = {n: s for n, s in slots.items() if n in self._sketch_slots}
+        dense = {n: s for n, s in slots.items() if n not in sketched}
+        bases, complements = {}, {}
+        if sketched:
+            warnings.warn(f'build(criterion="per_label"): layers {sorted(set(self._sketch_slots.values()))} are '
+                          "sketched: their bases keep the threshold of the kept labels' summed energy (the per-label "
+                          "cut needs d x d eigenvectors)", UserWarning, stacklevel=3)
+            request = solve.sketch_keys(self.statistics, self._sketches, kept, subtracted, exclude, include, subtract)
+            bases, complements = solve.local_bases(self.store, sketched, self._sketches, self._sketch_slots,
+                                                   self._slot_devices, kept, subtracted, threshold, generator, method,
+                                                   request)
+        if self.statistics == "per_label":
+            found = per_label.request_bases(self.store, dense, self._slot_devices, kept, subtracted, threshold,
+                                            self._spectra, statistics=self.statistics, sketched=[])
+        else:
+            labels = [k for k in self.class_keys if k not in exclude and k not in subtract
+                      and (include is None or k in include)]
+            excluded = [k for k in self.class_keys if k not in labels]
+
+            def excluded_energy(slot: str) -> float:
+                return sum(s.trace for k in excluded if slot in self._class_sketches.get(k, {})
+                           for s in self._class_sketches[k][slot].parts)
+
+            found = per_label_classes.total_class_bases(
+                self.store, dense, self._slot_devices, kept, subtracted, labels, threshold, self._spectra,
+                lambda slot, keys: self.class_statistics(slot, keys), excluded_energy)
+        bases.update(found[0])
+        complements.update(found[1])
+        return {name: bases[name] for name in slots}, complements
 
     # ------------------------------------------------------------------ room before a batch
     def _make_room(self, keys: list, forget: bool) -> None:
