@@ -41,7 +41,8 @@ def run_one(policy: str, d: int, labels: int, per_label: int, threshold: float) 
     y = torch.arange(n) % labels
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    kwargs = {"per_label": {}, "total": {"statistics": "total"}, "sketch": {"sketch": {"0": 256}}}[policy]
+    kwargs = {"per_label": {"statistics": "per_label"}, "total": {"statistics": "total"},
+              "sketch": {"sketch": {"0": 256}}}[policy]
     proj = NullSpaceProjector(model, threshold=threshold, **kwargs)
     proj.collect([(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)])
     if policy == "total" and labels > 1:  # with one label there is nothing to forget

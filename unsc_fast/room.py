@@ -38,7 +38,9 @@ def selectivity(model: nn.Module, projector, forget, batch_size: int = 256) -> d
     from unsc_fast.projector.projector import NullSpaceProjector
     from unsc_fast.training import batch_parts, model_device
 
-    probe = NullSpaceProjector(model, modules=list(projector.layers))
+    # one group, per label, never built: no budget (the default would pick one total, keyed
+    # "total", and price a solve the probe never runs)
+    probe = NullSpaceProjector(model, modules=list(projector.layers), statistics="per_label", memory_budget=2**62)
     device = model_device(model)
     if isinstance(forget, torch.Tensor):
         forget = [forget[start:start + batch_size] for start in range(0, len(forget), batch_size)]

@@ -4,7 +4,7 @@
 resnet: CIFAR-shaped ResNet-18, 100 labels x 1 image, statistics="total" (one fp32 matrix
 per layer whatever the labels); a class-wise request (forget class 7) and a sample-wise one
 (10 images), each served from one pass over its forget images.
-wide: a 25,088-wide Linear, 4 labels x 8 samples, under a 1 GB budget: the layer is
+wide: a 25,088-wide Linear, 4 labels x 8 samples, under a 2 GB budget: the layer is
 sketched (Frequent Directions, 2 x 256 x 25,088 fp64 per label = 103 MB, instead of
 2.5 GB per label); class-wise request by excluding label 1; sample-wise request by
 re-observing the affected label's remaining samples (a sketch cannot be subtracted from).
@@ -50,7 +50,7 @@ def wide(labels: int = 4):
     model = nn.Sequential(nn.Linear(25_088, 10))
     x, y = torch.randn(8 * labels, 25_088), torch.arange(8 * labels) % labels
     baseline = rss_mb()
-    proj = NullSpaceProjector(model, threshold=0.99, statistics="auto", num_labels=labels, memory_budget=2**30)
+    proj = NullSpaceProjector(model, threshold=0.99, statistics="auto", num_labels=labels, memory_budget=2**31)
     assert proj.sketch_rows == {"0": 256}
     plan = proj.memory_estimate(labels=labels)
     proj.collect([(x, y)])
@@ -64,9 +64,45 @@ def wide(labels: int = 4):
     return baseline, plan.total("per_label"), plan.total("total"), proj.store.nbytes()
 
 
+def defaults(name: str):
+    """Issue 22: ``NullSpaceProjector(model, threshold=...)`` and nothing else, under the issue's
+    12 GB address-space cap (set before torch allocates): ResNet-18 with 100 labels x 2 images
+    observed with labels, then a class-wise request; Linear(25088) on 48-dimensional inputs
+    with 4 labels x 32 samples. Returns what the projector chose beside the memory."""
+    from unsc_fast import NullSpaceProjector
+    from unsc_fast.evaluation.models import ResNet18
+
+    torch.manual_seed(0)
+    if name == "resnet_defaults":
+        labels = 100
+        model = ResNet18(num_classes=labels).eval()
+        x, y = torch.randn(2 * labels, 3, 32, 32), torch.arange(labels).repeat(2)
+    else:
+        labels = 4
+        model = nn.Sequential(nn.Linear(25_088, 64))
+        x = torch.randn(32 * labels, 48) @ (torch.randn(48, 25_088) / 48**0.5)
+        y = torch.arange(32 * labels) % labels
+    baseline = rss_mb()
+    proj = NullSpaceProjector(model, threshold=0.99)
+    proj.collect([(x[i : i + 50], y[i : i + 50]) for i in range(0, len(x), 50)])
+    if proj.statistics == "total":
+        proj.collect([(x[y == 7], y[y == 7])], forget=True)
+    proj.build(exclude=(7,) if labels > 7 else (1,))
+    chosen = {"policy": proj.statistics, "sketched": sorted(proj.sketch_rows), "class_rows": proj._class_rows,
+              "budget": proj.memory_budget, "ranks": {n: r for n, r in proj.ranks().items() if n in ("0", "fc")}}
+    return baseline, chosen
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     start = time.perf_counter()
+    if sys.argv[1].endswith("_defaults"):
+        cap = 12 * 2**30
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        baseline, chosen = defaults(sys.argv[1])
+        print(json.dumps({"baseline_mb": baseline, "peak_mb": rss_mb(), "seconds": time.perf_counter() - start,
+                          **chosen}))
+        sys.exit(0)
     baseline, per_label, total, stored = {"resnet": resnet, "wide": wide}[sys.argv[1]]()
     print(json.dumps({"baseline_mb": baseline, "peak_mb": rss_mb(), "per_label_bytes": per_label,
                       "total_bytes": total, "stored_bytes": stored, "seconds": time.perf_counter() - start}))

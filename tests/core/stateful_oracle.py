@@ -51,11 +51,14 @@ class Oracle:
     """Per key: float64 ``sum a a^T`` and row counts per layer, and the multiset of
     (sample, weights version) whose rows went in, which says whether a subtraction is inside."""
 
-    def __init__(self, policy: str, names) -> None:
-        self.policy, self.names = policy, list(names)
+    def __init__(self, policy: str, names, sketched: bool = False) -> None:
+        self.policy, self.names, self.sketched = policy, list(names), sketched
         self.sums: dict = {}
         self.rows: dict = {}
         self.samples: dict = {}
+        # One total with a sketched layer: its sketches stay per label (or group, or forget
+        # pass of a label), so those keys are observed too (docs/statistics.md)
+        self.sketch_keys: set = set()
 
     def key(self, label, group, forget: bool):
         if self.policy == TOTAL:
@@ -65,6 +68,9 @@ class Oracle:
 
     def add(self, capture: Capture, labels: list, group, forget: bool, sample_ids: list, version: int) -> None:
         for index, (label, sample) in enumerate(zip(labels, sample_ids)):
+            if self.policy == TOTAL and self.sketched:
+                base = group if group is not None else label
+                self.sketch_keys.add((FORGET, base) if forget else base)
             key = self.key(label, group, forget)
             for name in self.names:
                 rows = capture.sample_rows(name, index)
@@ -78,14 +84,15 @@ class Oracle:
         for key in list(keys):
             for table in (self.sums, self.rows, self.samples):
                 table.pop(key, None)
+            self.sketch_keys.discard(key)
 
     @property
     def groups(self) -> set:
-        return {k for k in self.sums if not _is_forget(k)}
+        return {k for k in [*self.sums, *self.sketch_keys] if not _is_forget(k)}
 
     @property
     def forget_keys(self) -> set:
-        return {k for k in self.sums if _is_forget(k)}
+        return {k for k in [*self.sums, *self.sketch_keys] if _is_forget(k)}
 
     def request(self, exclude: set, include, subtract: set) -> tuple[list, list, str | None]:
         """``(kept, subtracted, why it must be refused or None)`` as ``build`` documents it."""

@@ -196,7 +196,7 @@ def test_sketched_layers_observe_real_tokens_only():
     with torch.no_grad():
         h = model.tok(ids) + model.pos(torch.arange(ids.shape[1])[None])
     expected.update(h[mask.bool()].double())
-    assert torch.equal(proj._sketches["all"]["hidden"].matrix(), expected.matrix())
+    assert torch.equal(proj._sketches["all"]["hidden"].parts[0].matrix(), expected.matrix())
 
 
 # --------------------------------------------------------------- the LM-batch rule (collect)

@@ -48,3 +48,22 @@ def test_wide_linear_4_labels_is_sketched_and_stays_far_below_one_dense_matrix()
     assert r["peak_mb"] - r["baseline_mb"] <= 2 * 4 * sketch_mb + 300, r
     assert r["peak_mb"] - r["baseline_mb"] < 25_088**2 * 4 / MB
     assert r["stored_bytes"] == 0  # no dense matrix at all
+
+
+@pytest.mark.slow
+def test_resnet18_100_labels_with_the_defaults_fits_2gb_under_a_12gb_cap():
+    """Issue 22: died inside observation with per-label storage by default; now the default
+    budget (1/8 of the room under the cap) keeps one total. Target: peak RSS under 2 GB."""
+    r = run_workload("resnet_defaults")
+    assert r["policy"] == "total", r
+    assert r["peak_mb"] < 2048, r
+
+
+@pytest.mark.slow
+def test_wide_linear_4_labels_with_the_defaults_fits_3gb_and_keeps_the_inputs_rank():
+    """Issue 22: Linear(25088) with 4 labels died allocating 2.5 GB; now sketched by default.
+    Target: peak RSS under 3 GB, the basis of the 48-dimensional inputs keeping rank 40-48."""
+    r = run_workload("wide_defaults")
+    assert r["sketched"] == ["0"], r
+    assert r["peak_mb"] < 3072, r
+    assert 40 <= r["ranks"]["0"] <= 48, r

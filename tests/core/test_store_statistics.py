@@ -130,34 +130,46 @@ def test_memory_estimate_counts_bytes_per_policy_and_layer():
     plan = proj.memory_estimate(labels=100)
     assert plan.per_layer("per_label") == {"0": 101 * 24 * 24 * 4, "2": 101 * 32 * 32 * 4}
     assert plan.per_layer("total") == {"0": 2 * 24 * 24 * 8, "2": 2 * 32 * 32 * 8}
-    assert plan.total("total") == 2 * 8 * (24 * 24 + 32 * 32) + 8 * 32 * 32
+    # + the larger of one pending set and the widest layer's solve (its kept sum, four fp64
+    # d x d matrices of a dense eigendecomposition, and the basis copied out of them)
+    assert plan.total("total") == 2 * 8 * (24 * 24 + 32 * 32) + 32 * 32 * (2 * 8 + 4 * 8)
     assert "per_label" in str(plan) and "'2'" not in str(plan)
+
+
+# Peak bytes of the model above (slots d = 24 and 32): one fp32 set 6,400, one fp64 set
+# 12,800; the widest solve 32^2 * (2 * 4 + 32) = 40,960 (fp32 sums) or 32^2 * (2 * 8 + 32) =
+# 49,152 (fp64), the narrower one's after it smaller even beside the widest's basis.
+PER_LABEL_10 = 11 * 6_400 + 40_960  # 111,360
+TOTAL_FP64, TOTAL_FP32 = 2 * 12_800 + 49_152, 6_400 * 2 + 40_960  # 74,752 and 53,760
 
 
 def test_auto_chooses_by_the_budget_and_refusals_name_the_layer_and_bytes():
     model, x, y = model_and_data()
-    roomy = NullSpaceProjector(model, statistics="auto", num_labels=10, memory_budget=10**7)
-    assert roomy.statistics == "per_label"
-    tight = NullSpaceProjector(model, statistics="auto", num_labels=10, memory_budget=40_000)
-    assert tight.statistics == "total"
-    with pytest.raises(MemoryError, match=r"'2'.*45,[0-9]{3} bytes"):
-        NullSpaceProjector(model, statistics="per_label", num_labels=10, memory_budget=40_000)
+    assert NullSpaceProjector(model, num_labels=10, memory_budget=PER_LABEL_10).statistics == "per_label"
+    fp64 = NullSpaceProjector(model, num_labels=10, memory_budget=PER_LABEL_10 - 1)
+    assert (fp64.statistics, fp64.dtype) == ("total", torch.float64)
+    fp32 = NullSpaceProjector(model, num_labels=10, memory_budget=TOTAL_FP64 - 1)
+    assert (fp32.statistics, fp32.dtype) == ("total", torch.float32)
+    with pytest.raises(MemoryError, match=r"'2' \(d=32\) alone takes 4,096 bytes per set.*memory_budget="):
+        NullSpaceProjector(model, statistics="per_label", num_labels=10, memory_budget=PER_LABEL_10 - 1)
     with pytest.raises(MemoryError, match="statistics=\"total\""):
         NullSpaceProjector(model, statistics="total", num_labels=10, memory_budget=1000)
-    # auto under a budget too small for any dense matrix sketches the Linear layers instead
-    assert NullSpaceProjector(model, statistics="auto", memory_budget=1000).sketch_rows == {"0": 256, "2": 256}
-    with pytest.raises(ValueError, match="memory_budget"):
-        NullSpaceProjector(model, statistics="auto")
+    # auto with a budget too small for even one total: these layers are too narrow for a
+    # sketch to pay (d / 8 < 8 rows), so it is refused up front, naming the options
+    with pytest.raises(MemoryError, match="sketch=.*memory_budget="):
+        NullSpaceProjector(model, memory_budget=TOTAL_FP32 - 1)
 
 
-def test_observing_more_labels_than_the_budget_holds_stops_with_the_layer():
+def test_observing_more_labels_than_an_explicit_per_label_budget_holds_stops_before_allocating():
     model, x, y = model_and_data(labels=10)
-    per_label = 4 * (24 * 24 + 32 * 32)
-    proj = NullSpaceProjector(model, statistics="per_label", num_labels=1, memory_budget=2 * per_label + 10)
+    budget = 2 * 6_400 + 40_960 + 100  # two labels at their peak, not three
+    proj = NullSpaceProjector(model, statistics="per_label", memory_budget=budget)
     proj.collect(batches(x[y < 2], y[y < 2]))
-    with pytest.raises(MemoryError, match="layer '0'.*over memory_budget"):
+    before = {k: proj.store.matrix(k, "0").clone() for k in proj.groups}
+    with pytest.raises(MemoryError, match=r"new key\(s\) \[2\].*over memory_budget=.*nothing was observed"):
         proj.collect(batches(x[y == 2], y[y == 2]))
     assert sorted(proj.groups) == [0, 1]
+    assert all(torch.equal(proj.store.matrix(k, "0"), m) for k, m in before.items())
 
 
 BAD_LABELS = [
@@ -179,7 +191,7 @@ def test_labels_are_checked_the_same_way_under_every_policy(policy, sketch, labe
     with proj.observe(labels=torch.tensor([0, 1])):
         model(x[:2])
     before = proj.state_dict()
-    sketched = {k: {n: s.matrix().clone() for n, s in v.items()} for k, v in proj._sketches.items()}
+    sketched = {k: {n: [p.matrix().clone() for p in s.parts] for n, s in v.items()} for k, v in proj._sketches.items()}
     with pytest.raises(error, match=message):
         with proj.observe(labels=labels):
             model(x[:2])
@@ -189,7 +201,7 @@ def test_labels_are_checked_the_same_way_under_every_policy(policy, sketch, labe
         for name in old["covariances"]:
             assert torch.equal(old["covariances"][name], new["covariances"][name])
             assert int(old["counts"][name]) == int(new["counts"][name])
-    assert {k: {n: s.matrix() for n, s in v.items()} for k, v in proj._sketches.items()}.keys() == sketched.keys()
+    assert proj._sketches.keys() == sketched.keys()
     for key, per_layer in sketched.items():
         for name, rows in per_layer.items():
-            assert torch.equal(proj._sketches[key][name].matrix(), rows)
+            assert all(torch.equal(p.matrix(), r) for p, r in zip(proj._sketches[key][name].parts, rows, strict=True))

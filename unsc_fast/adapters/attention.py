@@ -98,6 +98,16 @@ class MultiheadAttentionAdapter(LayerAdapter):
         rows[name] = part.shape[0]
         return rows
 
+    def input_rows(self, args, kwargs, output, index):
+        query, key, value = self._inputs(args, kwargs)
+        if self.packed:
+            for block, x in enumerate((query, key, value)):
+                yield self.slot_name("in_proj"), block, self._rows(x, index)
+        else:
+            for letter, x in zip("qkv", (query, key, value)):
+                yield self.slot_name(letter), None, self._rows(x, index)
+        yield self.slot_name("out_proj"), None, self._rows(self._head_outputs(args, kwargs), index)
+
     def _head_outputs(self, args, kwargs) -> torch.Tensor:
         """The concatenated heads, i.e. ``out_proj``'s input, by re-running the module with an
         identity output projection."""

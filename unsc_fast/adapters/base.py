@@ -15,7 +15,7 @@ commute (UNSC on a tied embedding and output head is a two-sided projection).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -143,6 +143,12 @@ class LayerAdapter:
         ``index`` is a ``TokenMask`` when the forward has an ``attention_mask`` (only for
         ``per_token`` adapters: ``select`` keeps the real tokens' rows)."""
         raise NotImplementedError
+
+    def input_rows(self, args, kwargs, output, index) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+        """The rows whose covariance ``accumulate_`` adds, as ``(own slot name, group, rows (n, d))``
+        chunks (group None for a dense slot): what a sketch consumes instead of a ``d x d``
+        matrix. A diagonal slot (embedding counts) has no rows to sketch."""
+        raise NotImplementedError(f"layer {self.name!r}: a {type(self).__name__} cannot feed a sketch")
 
     def detach(self) -> None:
         """Called when observation ends (adapters holding per-forward state clear it)."""

@@ -20,6 +20,8 @@ from torch import nn
 from unsc_fast import ops
 from unsc_fast.adapters.base import LayerAdapter, Slot, Use, check_floating, first_input, select
 
+PATCH_CHUNK = 2**22  # numbers of patches materialised at a time for a sketch
+
 
 def explicit_pads(conv: nn.modules.conv._ConvNd) -> tuple[int, ...]:
     """The padding the conv applies, 'same'/'valid' resolved, in ``F.pad`` order (last dim first)."""
@@ -137,6 +139,28 @@ class ConvAdapter(LayerAdapter):
             grouped = rows.view(rows.shape[0], self.groups, -1).transpose(0, 1)  # (g, N, d)
             delta.baddbmm_(grouped.mT, grouped)
         return {name: rows.shape[0]}
+
+
+    def input_rows(self, args, kwargs, output, index):
+        """The patches, materialised ``PATCH_CHUNK`` numbers at a time (a sketch needs the rows
+        themselves; the dense path never materialises them): ``prod(kernel)`` times the input's
+        size in all, one chunk alive at a time."""
+        conv = self.module
+        dims = len(conv.kernel_size)
+        x = self._input(args, kwargs).detach()
+        x = select(x.unsqueeze(0) if x.dim() == dims + 1 else x, index)
+        x = F.pad(x, explicit_pads(conv), mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        positions = _positions(x.shape[2:], conv.kernel_size, conv.stride, (0,) * dims, conv.dilation)
+        step = max(1, PATCH_CHUNK // max(1, positions * self.input_width() * self.groups))
+        name = self.slot_name()
+        for chunk in x.split(step):
+            rows = patch_rows(chunk, conv.kernel_size, conv.stride, conv.dilation, chunk.dtype)
+            if self.groups == 1:
+                yield name, None, rows
+                continue
+            grouped = rows.view(rows.shape[0], self.groups, -1)
+            for group in range(self.groups):
+                yield name, group, grouped[:, group]
 
 
 def _positions(spatial, kernel, stride, padding, dilation) -> int:

@@ -58,6 +58,12 @@ class LinearAdapter(LayerAdapter):
         return {name: x.shape[0] * math.prod(x.shape[1:-1])}
 
 
+    def input_rows(self, args, kwargs, output, index):
+        x = self._input(args, kwargs).detach()
+        x = select(x.unsqueeze(0) if x.dim() == 1 else x, index)
+        yield self.slot_name(), None, x.reshape(-1, x.shape[-1])
+
+
 class TransformersConv1DAdapter(LinearAdapter):
     """transformers' ``Conv1D``: weight ``(in, out)``; the ``(out, d)`` matrix is its transpose,
     so the rows multiply the stored weight's dim 0 (side ``"out"``)."""

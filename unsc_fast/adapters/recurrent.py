@@ -114,6 +114,15 @@ class RecurrentAdapter(LayerAdapter):
 
     # the hook's work ----------------------------------------------------------------------
     def accumulate_(self, deltas, args, kwargs, output, index) -> dict[str, int]:
+        rows = {}
+        for name, _, part in self.input_rows(args, kwargs, output, index):
+            self._add(deltas, rows, name, part)
+        return rows
+
+    def input_rows(self, args, kwargs, output, index):
+        """Every slot's rows, layer by layer (each layer's input, each direction's previous
+        states, and an LSTM projection's cell outputs), at the valid steps only: what
+        ``accumulate_`` adds and what a sketch consumes."""
         m = self.module
         if m.training and m.dropout > 0 and m.num_layers > 1:
             raise ValueError(
@@ -127,22 +136,20 @@ class RecurrentAdapter(LayerAdapter):
             h0, c0 = (None if s is None else s.index_select(1, index.to(s.device)) for s in (h0, c0))
         steps = torch.arange(x.shape[1], device=x.device)
         valid = steps[None, :] < lengths.to(x.device)[:, None]  # (B, T)
-        rows = {}
         layer_input = x
         for layer in range(m.num_layers):
-            self._add(deltas, rows, self._slot("ih", layer), layer_input[valid])
+            yield self._slot("ih", layer), None, layer_input[valid]
             states = self._states(layer, h0, c0, x.shape[0], x)
             outputs = self._run_layer(layer, layer_input, lengths, states)
             for d, direction in enumerate(self.directions):
                 h_start, c_start = states[0][d], None if states[1] is None else states[1][d]
                 own = outputs[..., d * self.state_width:(d + 1) * self.state_width]
                 previous = _previous_states(own, h_start, lengths, reverse=bool(direction))
-                self._add(deltas, rows, self._slot("hh", layer, direction), previous[valid])
+                yield self._slot("hh", layer, direction), None, previous[valid]
                 if self.projection:
                     cell = self._cell_outputs(layer, direction, layer_input, previous, c_start, lengths)
-                    self._add(deltas, rows, self._slot("hr", layer, direction), cell[valid])
+                    yield self._slot("hr", layer, direction), None, cell[valid]
             layer_input = outputs
-        return rows
 
     @staticmethod
     def _add(deltas, rows, name, part) -> None:

@@ -25,6 +25,11 @@ the sum over ranks of what each rank stores. ``keep_covariances="rank0"`` keeps 
 moving every stored covariance onto rank 0 (the other ranks keep only bases);
 ``"none"`` drops them everywhere (a new request then needs a new pass over the data).
 
+Sketched slots (``unsc_fast.statistics.sketch``) pool by stacking every rank's kept sketches
+(``unsc_fast.distributed.sketch``); their per-key energies travel in step 1's exchange, so a
+request a sketch cannot serve is refused alike on every rank. Under one total
+(``statistics="total"``) the forget passes are subtracted, as on one process.
+
 Sharded weights (FSDP2 ``fully_shard``) need no communication: each rank projects its own
 rows with the full basis (``tracking.wrappers.local_rows``).
 """
@@ -36,9 +41,14 @@ from typing import TYPE_CHECKING, Hashable, Iterable
 import torch
 import torch.distributed as dist
 
+from unsc_fast.distributed import sketch as distributed_sketch
+from unsc_fast.distributed.pool import gather_covariances_on_rank0, keep_sketches_on_rank0
+from unsc_fast.solve import request as solve
 from unsc_fast.solve.checks import Removal, check_definite, removal
 from unsc_fast.solve.complement import complement_if_cheaper, prefers_complement
 from unsc_fast.solve.request import solve_slot
+from unsc_fast.statistics import sketch
+from unsc_fast.statistics.policies import is_forget_key
 from unsc_fast.statistics.store import CovarianceStore
 from unsc_fast.tracking.layers import slot_devices, slot_named
 
@@ -135,6 +145,8 @@ class PooledStatistics:
     devices: list
     union: list  # every key observed on any rank
     kept: list
+    subtracted: list  # the user's subtract and the forget passes inside the kept keys
+    sketched: set  # slots whose pooled statistics are a sketch (solved from it, float64 bases)
     owners: list[int]  # slot index -> group rank that solves it
     owned: dict[int, torch.Tensor]  # slot index -> pooled kept sum (this rank's slots only)
     removed: list | None  # per slot, the pooled diagonal of the subtracted keys
@@ -154,26 +166,40 @@ def build(
     method: str,
     keep_covariances: str,
     allow_unobserved: bool = False,
+    statistics: str = "per_label",
+    sketches: dict | None = None,
+    sketch_rows: dict | None = None,
+    class_sketches: dict | None = None,
 ) -> tuple[dict, dict, list]:
     """Pooled bases over ``group``: returns ``(bases, complements, kept)`` for the projector.
 
     The single-process solve with communication at its two boundaries: ``pool_statistics``
     sums the kept statistics onto the rank that solves each slot, that rank solves it as a
-    single process would (``solve.request.solve_slot``), and ``share_bases`` sends every
-    basis to every rank. Every rank must call it (through ``NullSpaceProjector.build``) with
-    the same arguments.
+    single process would (``solve.request.solve_slot``, or the sketch's basis), and
+    ``share_bases`` sends every basis to every rank. Every rank must call it (through
+    ``NullSpaceProjector.build``) with the same arguments. ``statistics``: the storage policy
+    (one total: its forget passes are subtracted); ``sketches`` / ``sketch_rows``: the
+    sketched slots' per-key sketches and rows; ``class_sketches`` follow ``keep_covariances``.
     """
+    sketches, sketch_rows = sketches if sketches is not None else {}, sketch_rows or {}
+    class_sketches = class_sketches if class_sketches is not None else {}
     pooled = pool_statistics(store, slots, slot_devices, group, exclude=exclude, include=include, subtract=subtract,
                              threshold=threshold, method=method, keep_covariances=keep_covariances,
-                             allow_unobserved=allow_unobserved)
+                             allow_unobserved=allow_unobserved, statistics=statistics, sketches=sketches,
+                             sketch_rows=sketch_rows)
     # Solve this rank's slots; a failure is shared so that no rank waits on a broadcast.
     solved: dict[int, torch.Tensor] = {}
     solved_complements: dict[int, torch.Tensor] = {}
     error = None
     try:
         for index in sorted(pooled.owned):
+            name = pooled.names[index]
+            if name in pooled.sketched:
+                solved[index] = sketch.slot_basis([pooled.owned[index]], threshold, name,
+                                                  pooled.slots[index].kind == "grouped")
+                continue
             if pooled.removed is not None:  # the pooled remainder must still be a covariance
-                check_definite(pooled.names[index], pooled.owned[index], pooled.removed[index], subtract)
+                check_definite(name, pooled.owned[index], pooled.removed[index], pooled.subtracted, store.rounding)
             solved[index], complement = solve_slot(pooled.slots[index], pooled.owned[index], threshold, generator,
                                                    method)
             if complement is not None:
@@ -184,34 +210,51 @@ def build(
     bases, complements = share_bases(pooled, solved, solved_complements, error, store.dtype)
 
     if keep_covariances == "rank0":
-        _gather_covariances_on_rank0(store, pooled.slots, group, pooled.union, pooled.names, pooled.devices)
+        gather_covariances_on_rank0(store, pooled.slots, group, pooled.union, pooled.names, pooled.devices)
+        rank = dist.get_rank(group)
+        for table, keys, rows in ((sketches, pooled.union, sketch_rows), (class_sketches, None, None)):
+            keep_sketches_on_rank0(table, keys, rows, slots, slot_devices, group, rank)
     elif keep_covariances == "none":
         store.reset()
+        sketches.clear()
+        class_sketches.clear()
     return bases, complements, pooled.kept
 
 
 def pool_statistics(store: CovarianceStore, slots: dict[str, "Slot"], slot_devices: dict, group, *, exclude: set,
                     include, subtract: set, threshold: float, method: str, keep_covariances: str,
-                    allow_unobserved: bool) -> PooledStatistics:
+                    allow_unobserved: bool, statistics: str = "per_label", sketches: dict | None = None,
+                    sketch_rows: dict | None = None) -> PooledStatistics:
     """The statistics boundary: agree on the request, union the observed keys, check the
-    pooled row counts, and reduce each slot's kept sum onto the rank that will solve it."""
+    pooled row counts, and reduce each slot's kept sum (a sketched slot: its stacked
+    sketches) onto the rank that will solve it."""
+    sketches, sketch_rows = sketches or {}, sketch_rows or {}
     world = dist.get_world_size(group)
     include = None if include is None else list(include)
     mine = {"request": _request(store, slots, threshold, method, exclude, include, subtract, keep_covariances),
-            "groups": store.keys}
+            "groups": list(dict.fromkeys([*store.keys, *sketches])), "energies": distributed_sketch.summary(sketches),
+            "statistics": statistics}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine, group=group)
-    _check_same_request([entry["request"] for entry in gathered])
+    _check_same_request([{**entry["request"], "statistics": entry["statistics"]} for entry in gathered])
     union = list(dict.fromkeys(key for entry in gathered for key in entry["groups"]))
     if not union:
         raise RuntimeError("build() needs observed data: no rank ran the model inside observe()")
-    kept = store.kept_keys(union, exclude, set(include) if include is not None else None, subtract,
-                           allow_unobserved=allow_unobserved)
+    included = set(include) if include is not None else None
+    kept, subtracted = solve.request_keys(store, statistics, [k for k in union if not is_forget_key(k)],
+                                          [k for k in union if is_forget_key(k)], exclude, included, subtract,
+                                          allow_unobserved)
+    energies = distributed_sketch.merged([entry["energies"] for entry in gathered])
+    request = solve.sketch_keys(statistics, energies, kept, subtracted, exclude, included, subtract)
+    for name in sketch_rows:  # the same global numbers on every rank: the same decision
+        solve.check_sketch_request(energies, name, request)
 
     names = list(slots)
     layers = [slots[name] for name in names]
     devices = [slot_devices[name] for name in names]
-    counts = torch.tensor([sum(store.rows(k, n) for k in kept) for n in names], dtype=torch.int64)
+    counts = torch.tensor([sum(sketches[k][n].count for k in request.kept if n in sketches.get(k, {}))
+                           if n in sketch_rows else sum(store.rows(k, n) for k in kept) for n in names],
+                          dtype=torch.int64)
     counts = counts.to(devices[0])
     dist.all_reduce(counts, group=group)
     empty = [n for n, c in zip(names, counts.tolist()) if c == 0]
@@ -221,17 +264,24 @@ def pool_statistics(store: CovarianceStore, slots: dict[str, "Slot"], slot_devic
             "observe()? Leave them out with modules=[...] if the model never calls them"
         )
 
-    removed = pooled_removals(store, names, layers, kept, subtract, devices[0], group)
+    removed = pooled_removals(store, names, layers, kept, subtracted, devices[0], group)
     owners = _owners([layer.dim * layer.groups ** (1 / 3) if layer.kind != "diagonal" else 1 for layer in layers],
                      world)
     rank = dist.get_rank(group)
     owned: dict[int, torch.Tensor] = {}
     for index, name in enumerate(names):
-        local = store.kept_sum(name, kept, subtract, shape=layers[index].shape, device=devices[index], required=False)
+        if name in sketch_rows:  # every rank gets the pooled sketch; its owner solves it
+            parts = [sketches[k][name] for k in request.kept if name in sketches.get(k, {})]
+            pooled = distributed_sketch.pool(parts, layers[index].groups, layers[index].dim, devices[index], group)
+            if owners[index] == rank:
+                owned[index] = pooled
+            continue
+        local = store.kept_sum(name, kept, subtracted, shape=layers[index].shape, device=devices[index], required=False)
         dist.reduce(local, dst=_global_rank(group, owners[index]), group=group)
         if owners[index] == rank:
             owned[index] = local
-    return PooledStatistics(group, names, layers, devices, union, kept, owners, owned, removed)
+    return PooledStatistics(group, names, layers, devices, union, kept, subtracted, set(sketch_rows), owners, owned,
+                            removed)
 
 
 def share_bases(pooled: PooledStatistics, solved: dict, solved_complements: dict, error: Exception | None,
@@ -256,11 +306,11 @@ def share_bases(pooled: PooledStatistics, solved: dict, solved_complements: dict
     bases, complements = {}, {}
     for index, (name, layer) in enumerate(zip(names, layers)):
         k, source = int(status[index]), _global_rank(group, owners[index])
+        own_dtype = torch.bool if layer.kind == "diagonal" else torch.float64 if name in pooled.sketched else dtype
         if owners[index] == rank:
             basis = solved[index].to(devices[index]).contiguous()
         else:
-            basis = torch.empty(_basis_shape(layer, k), dtype=torch.bool if layer.kind == "diagonal" else dtype,
-                                device=devices[index])
+            basis = torch.empty(_basis_shape(layer, k), dtype=own_dtype, device=devices[index])
         if k:
             if basis.dtype == torch.bool:  # not every backend reduces or sends bool
                 sent = basis.to(torch.uint8)
@@ -274,7 +324,7 @@ def share_bases(pooled: PooledStatistics, solved: dict, solved_complements: dict
             if owners[index] == rank:
                 complement = complement_if_cheaper(basis, solved_complements.pop(index, None))
             else:
-                complement = torch.empty(layer.dim, layer.dim - k, dtype=dtype, device=devices[index])
+                complement = torch.empty(layer.dim, layer.dim - k, dtype=own_dtype, device=devices[index])
             if complement.shape[1]:
                 dist.broadcast(complement, src=source, group=group)
             complements[name] = complement
@@ -306,33 +356,6 @@ def _basis_shape(slot, k: int) -> tuple[int, ...]:
     if slot.kind == "grouped":
         return (slot.groups, slot.dim, k)
     return (slot.dim, k)
-
-
-def _gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, keys: list, names: list,
-                                 devices: list) -> None:
-    """Move every stored covariance onto group rank 0, summed; the other ranks drop theirs.
-
-    The pooled store is the sum over ranks either way, so later builds stay exact.
-    """
-    rank, root = dist.get_rank(group), _global_rank(group, 0)
-    covariances, counts = {}, {}
-    for key in keys:
-        count = torch.tensor([store.rows(key, n) for n in names], dtype=torch.int64, device=devices[0])
-        dist.all_reduce(count, group=group)  # everyone learns which layers have data for this key
-        for index, name in enumerate(names):
-            if not int(count[index]):
-                continue
-            local, _ = store.pop(key, name)
-            local = (
-                torch.zeros(layers[index].shape, dtype=store.dtype, device=devices[index])
-                if local is None
-                else local.to(devices[index])
-            )
-            dist.reduce(local, dst=root, group=group)
-            if rank == 0:
-                covariances.setdefault(key, {})[name] = local
-                counts.setdefault(key, {})[name] = int(count[index])
-    store.replace(covariances, counts)
 
 
 def pooled_covariance(projector, name: str, keys: Iterable[Hashable] | None = None, process_group=None) -> torch.Tensor:

@@ -15,8 +15,9 @@ import torch
 
 from unsc_fast.projection.bases import NullSpaceBases
 from unsc_fast.projection.checksum import seal_state
-from unsc_fast.projector.sketch_state import parse_sketches, sketches_state
+from unsc_fast.projector import sketch_state
 from unsc_fast.projector.state_validation import StateError, parse_projector_state
+from unsc_fast.statistics.policies import TOTAL_KEY
 from unsc_fast.statistics.store import CovarianceStore
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
@@ -44,7 +45,14 @@ class PersistenceMixin:
             "complements": dict(self._complements),
             # build()'s definiteness check allows for rounding at the rows' precision
             "row_dtypes": {name: str(dtype).removeprefix("torch.") for name, dtype in self.store.row_dtypes.items()},
-            "sketches": sketches_state(self._sketches),
+            # the statistics policy, its sketches and a total's class sketches (per-class protection)
+            "statistics": self.statistics,
+            "sketch_rows": dict(self._sketch_rows),
+            "sketches": sketch_state.state(self._sketches),
+            "class_rows": self._class_rows,
+            "class_sketches": sketch_state.state(self._class_sketches),
+            "forget_labels": list(self._forget_labels),
+            "rounding": self.store.rounding,
         })
 
     def load_state_dict(self, state: dict, *, _where: str = "projector state") -> PersistenceMixin:
@@ -64,15 +72,21 @@ class PersistenceMixin:
             devices=self._slot_devices,
             where=_where,
         )
-        sketched = {slot: (self.protection.slot(slot).dim, self.sketch_rows[layer])
-                    for slot, layer in self._sketch_slots.items()}
-        sketches = parse_sketches(state.get("sketches", []), sketched, self._slot_devices)
+        statistics = sketch_state.parse_statistics(
+            state, {name: (slot.kind, tuple(slot.shape)) for name, slot in self.protection.slots.items()},
+            self._slot_devices, {slot for slots in self._units.values() for slot in slots},
+            _saved_policy(state, self.statistics), self._sketch_rows)
         solution = NullSpaceBases(self.protection)  # every complement computed before anything is assigned
         solution.install(parsed.bases, parsed.complements, built_from=parsed.built_from, threshold=parsed.built_threshold)
         store = CovarianceStore(parsed.dtype)
         store.replace(parsed.matrices, parsed.rows)
         store.row_dtypes.update(parsed.row_dtypes)
-        self.threshold, self.store, self._sketches = parsed.threshold, store, sketches
+        store.rounding = statistics.rounding
+        self.threshold, self.store = parsed.threshold, store
+        self.statistics, self._class_rows = statistics.policy, statistics.class_rows
+        self._set_sketch_rows(statistics.sketch_rows)
+        self._sketches, self._class_sketches = statistics.sketches, statistics.class_sketches
+        self._forget_labels = statistics.forget_labels
         if self.solution and solution.fingerprint() == self.solution.fingerprint():
             # The very bases in place: keep their objects, so that what is known about them
             # (the optimizer's clean momentum buffers) still holds, as it does bit for bit.
@@ -91,6 +105,14 @@ class PersistenceMixin:
             return self.load_state_dict(state, _where=f"projector state file {os.fspath(path)!r}")
         except StateError as error:
             raise StateError(f"{os.fspath(path)!r}: {error}") from None
+
+
+def _saved_policy(state, current: str) -> str:
+    """The policy of a state saved before it was recorded: one total if it holds one."""
+    groups = state.get("groups") if isinstance(state, dict) else None
+    if isinstance(groups, list) and any(isinstance(e, dict) and e.get("key") == TOTAL_KEY for e in groups):
+        return "total"
+    return current
 
 
 def read_state_file(path):

@@ -27,8 +27,8 @@ from unsc_fast.solve import lora, per_label
 from unsc_fast.solve import request as solve
 from unsc_fast.solve.checks import check_rows, warn_if_everything_blocked
 from unsc_fast.statistics import policies
-from unsc_fast.statistics.observation import Observation
-from unsc_fast.statistics.store import CovarianceStore, key_set
+from unsc_fast.statistics.observation import Observation, label_groups
+from unsc_fast.statistics.store import key_set
 from unsc_fast.tracking import wrappers
 from unsc_fast.tracking.layers import (Coverage, coverage, find_layers, plan_protection, slot_devices, slot_named,
                                         warn_unprotected)
@@ -46,19 +46,17 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
     against all of their inputs. ``coverage()`` says what is protected; ``strict=True``
     refuses a model with a trainable weight that no adapter protects.
 
-    ``statistics`` is the storage policy (``unsc_fast.statistics.policies``): ``"per_label"`` keeps a
-    covariance per label/group (memory grows with the classes; ``build(exclude=...)`` needs
-    no pass over any data), ``"total"`` keeps one total per layer and serves every request
-    from one pass over its forget data (``collect(forget_loader, forget=True)``, then
-    ``build()``), ``"auto"`` takes per-label when ``num_labels`` labels fit ``memory_budget``
-    bytes, else total. A policy that does not fit ``memory_budget`` is refused up front, and
-    a store that would outgrow it while observing stops with the layer and the bytes.
-    ``dtype``: accumulation dtype; default float32 per label, float64 for the total (its
-    subtraction cancels in fp32 when the forget data is a large share).
-    ``sketch``: ``{layer name: rows}`` of Linear layers kept as a Frequent Directions sketch
-    (``unsc_fast.statistics.sketch``: ``2 rows x d`` numbers, a stated energy guarantee, no subtraction)
-    instead of a ``d x d`` matrix; None: with ``statistics="auto"`` and a ``memory_budget``,
-    chosen for the Linear layers whose dense statistics alone would take over half of it.
+    Statistics (``docs/statistics.md``): ``statistics="auto"`` (default) keeps a covariance per
+    label where ``num_labels`` labels (None: unknown, folded later) fit ``memory_budget``
+    bytes (None: ``unsc_fast.statistics.memory.DEFAULT_FRACTION`` of the memory available where the
+    weights live), else one total (a request then brings one pass over its forget data)
+    with small per-label ``class_rows``-row class sketches (None: as many as fit), and
+    sketches the layers too wide for a ``d x d`` matrix; labels that outgrow the budget
+    while observing are folded into the total, with a warning. ``"per_label"`` /
+    ``"total"`` force a policy (refused before allocating where it cannot fit).
+    ``dtype``: accumulation dtype (default float32 per label; float64 for a total where it
+    fits, its subtraction cancels in fp32). ``sketch``: ``{layer name: rows}`` to sketch
+    (``unsc_fast.statistics.sketch``: Frequent Directions, a stated energy guarantee, no subtraction).
 
     Usage::
 
@@ -77,10 +75,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         modules: Iterable[str] | None = None,
         dtype: torch.dtype | None = None,
         strict: bool = False,
-        statistics: str = "per_label",
+        statistics: str = "auto",
         memory_budget: int | None = None,
-        num_labels: int = 1,
+        num_labels: int | None = None,
         sketch: dict[str, int] | None = None,
+        class_rows: int | None = None,
     ) -> None:
         self.threshold = ops.check_threshold(threshold)
         wrappers.check_model(model)
@@ -99,16 +98,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             )
         if modules is None:
             warn_unprotected(report)
-        self.memory_budget = memory_budget
-        self._requested_dtype = dtype
-        self.sketch_rows = policies.sketched_layers(sketch, self.layers, self.protection, num_labels, dtype,
-                                                    statistics, memory_budget)
-        self._sketch_slots = {self.protection.slot(self.layers[n].slot_name()).name: n for n in self.sketch_rows}
-        dense = {name: size for name, size in self._slot_sizes().items() if name not in self._sketch_slots}
-        self.statistics = policies.choose(statistics, dense, num_labels, dtype, memory_budget)
-        self._sketches: dict = {}  # key -> slot name -> sketch.FrequentDirections
+        self._setup_statistics(statistics, memory_budget, num_labels, dtype, sketch, class_rows)
         self._spectra = per_label.SpectrumCache()  # criterion="per_label": the last request's eigenvectors
-        self.store = CovarianceStore(dtype or policies.default_dtype(self.statistics))
         self.solution = NullSpaceBases(self.protection)  # the bases of the last build
         self._observation: Observation | None = None
 
@@ -137,19 +128,24 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             raise RuntimeError("observe() is already active on this projector; it does not nest")
         if labels is not None and group is not None:
             raise ValueError("pass labels= or group=, not both")
+        batch, labelled = label_groups(labels) if labels is not None else (
+            None, [(DEFAULT_GROUP if group is None else group, None)])
+        self._make_room([key for key, _ in labelled], forget)  # may fold into one total: before the router
         pooled = self.statistics == "total"  # one matrix per layer: labels checked, then pooled
         group = policies.TOTAL_KEY if pooled else DEFAULT_GROUP if group is None else group
-        router = policies.StatisticsRouter(self.store, forget=forget, budget=self.memory_budget)
+        router = policies.StatisticsRouter(self.store, forget=forget, budget=None)
         observation = Observation(router, self.protection, labels, group, pool_labels=pooled)
-        sketching = self._sketch_observation(observation, router)
+        sketching = self._sketch_observation(batch, labelled, router, forget)
         self._observation = observation
         try:
             observation.attach(self.model, [l for n, l in self.layers.items() if n not in self.sketch_rows])
-            if sketching is not None:
+            if sketching:
                 sketching.attach(self.model)
             yield self
             observation.commit()
-            if not observation.calls and not (sketching is not None and sketching.calls):
+            if forget and batch is not None and self.statistics == "total":
+                self._forget_labels.update(key for key, _ in labelled)
+            if not observation.calls and not sketching.calls:
                 elsewhere = (
                     f"; {observation.foreign_calls} layer forwards ran in other threads, which "
                     "observe() never records: run the model in the thread that entered the block"
@@ -163,8 +159,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                 )
         finally:
             observation.detach()
-            if sketching is not None:
-                sketching.detach()
+            sketching.detach()
             self._observation = None
             wrappers.reshard(self.model)  # FSDP2 keeps a root's weights gathered after a no-grad forward
 
@@ -210,8 +205,11 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
 
         ``criterion``: ``"total"`` (the summed covariance keeps ``threshold`` of its energy) or
         ``"per_label"`` (every kept label keeps ``threshold`` of its own energy in every layer:
-        ``unsc_fast.solve.per_label``; dense fp64 eigenvectors, per-label statistics, one
-        process; a rebuild of the same request at another threshold reuses the solve).
+        ``unsc_fast.solve.per_label``; dense fp64 eigenvectors, one process; a rebuild of the
+        same request at another threshold reuses the solve). It reads exact per-label matrices,
+        or under one total each label's class sketch (``class_statistics``: a conservative
+        bound, ``unsc_fast.solve.per_label_classes``); sketched layers keep the summed criterion
+        (with a warning); ``solve.per_label_classes.PerLabelUnavailable`` where neither exists.
         """
         threshold = self.threshold if threshold is None else ops.check_threshold(threshold)
         criterion = solve.check_criterion(criterion)
@@ -228,7 +226,8 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
             new_bases, new_complements, kept = distributed.build(
                 self.store, self.protection.slots, self._slot_devices, group, exclude=exclude, include=include, subtract=subtract,
                 threshold=threshold, generator=generator, method=method, keep_covariances=keep_covariances,
-                allow_unobserved=allow_unobserved,
+                allow_unobserved=allow_unobserved, statistics=self.statistics, sketches=self._sketches,
+                sketch_rows=self._sketch_rows, class_sketches=self._class_sketches,
             )
             lora.start_zero_adapters_(self._lora, self.protection, new_bases, self.store)
             warn_if_everything_blocked(self.protection.slots, new_bases)
@@ -240,13 +239,14 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
                                               include, subtract, allow_unobserved)
         check_rows(self.store, self.protection.slots, kept, subtracted)
         if criterion == "per_label":
-            new_bases, solved_complements = per_label.request_bases(
-                self.store, self.protection.slots, self._slot_devices, kept, subtracted, threshold, self._spectra,
-                statistics=self.statistics, sketched=list(self._sketch_slots))
+            new_bases, solved_complements = self._per_label_bases(kept, subtracted, exclude, include, subtract,
+                                                                  threshold, generator, method)
         else:
+            sketch_request = solve.sketch_keys(self.statistics, self._sketches, kept, subtracted, exclude, include,
+                                               subtract)
             new_bases, solved_complements = solve.local_bases(
                 self.store, self.protection.slots, self._sketches, self._sketch_slots, self._slot_devices, kept,
-                subtracted, threshold, generator, method)
+                subtracted, threshold, generator, method, sketch_request)
         lora.start_zero_adapters_(self._lora, self.protection, new_bases, self.store)  # B = 0: A into the null space
         warn_if_everything_blocked(self.protection.slots, new_bases)
         self.solution.install(new_bases, solved_complements, built_from=kept, threshold=threshold)
@@ -263,7 +263,7 @@ class NullSpaceProjector(StatisticsMixin, PersistenceMixin):
         covariance) stays the default. Returns ``self``."""
         from unsc_fast.solve import incremental
 
-        if self.statistics == "total" or self._sketches:
+        if self.statistics == "total" or self._sketch_slots:
             raise ValueError('build_incremental() grows the basis from per-label covariances: it needs '
                              'statistics="per_label" and no sketched layer')
         if not self.store:

@@ -25,6 +25,9 @@ REQUIRED_FIELDS = ("format", "threshold", "dtype", "layers", "groups", "bases", 
 # Fields that older states lack: complements (a QR rebuilds them), the rows' dtypes (taken as
 # float32 by build()'s definiteness check), the sketches of sketched layers, the checksum.
 OPTIONAL_FIELDS = ("complements", "row_dtypes", "sketches", CHECKSUM_FIELD)
+# The statistics fields (policy, sketch rows, class sketches, labels with a forget pass, the
+# sums' rounding; checked by ``unsc_fast.projector.sketch_state``) came later too.
+STATISTICS_FIELDS = ("statistics", "sketch_rows", "class_rows", "class_sketches", "forget_labels", "rounding")
 ROW_DTYPES = {name: getattr(torch, name) for name in
               ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")}
 
@@ -278,7 +281,8 @@ def parse_projector_state(state, expected_format: str, slots: dict[str, tuple], 
         )
     verify_checksum(state, where)
     missing = [field for field in REQUIRED_FIELDS if field not in state]
-    unknown = sorted(str(field) for field in state if field not in REQUIRED_FIELDS + OPTIONAL_FIELDS)
+    known = REQUIRED_FIELDS + OPTIONAL_FIELDS + STATISTICS_FIELDS
+    unknown = sorted(str(field) for field in state if field not in known)
     if missing or unknown:
         raise StateError(f"projector state: missing fields {missing}, unknown fields {unknown}")
     threshold = check_threshold_field(state["threshold"], "threshold")

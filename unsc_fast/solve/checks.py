@@ -46,7 +46,8 @@ class Removal(NamedTuple):
     row_eps: float
 
 
-def rounding_allowance(removed_trace, trace_before, rows: int, row_eps: float, dtype: torch.dtype, dim: int):
+def rounding_allowance(removed_trace, trace_before, rows: int, row_eps: float, dtype: torch.dtype, dim: int,
+                       accumulation_eps: float | None = None):
     """How far below zero an eigenvalue of ``kept - subtracted`` may fall from rounding alone.
 
     With ``rho = ROW_ULPS * row_eps`` (``row_eps``: the rows' epsilon, at least the
@@ -55,9 +56,11 @@ def rounding_allowance(removed_trace, trace_before, rows: int, row_eps: float, d
     Accumulating ``rows`` rows in ``dtype`` perturbs the sums by about
     ``ACCUMULATION_ULPS * sqrt(rows) * eps(dtype) * trace_before``, and the float64 check
     itself by ``dim * eps(float64) * trace_before``. Per group for grouped slots (the traces
-    may be tensors)."""
-    rho = ROW_ULPS * max(row_eps, torch.finfo(dtype).eps)
-    accumulation = ACCUMULATION_ULPS * math.sqrt(max(rows, 1)) * torch.finfo(dtype).eps
+    may be tensors). ``accumulation_eps``: the sums' own unit roundoff where coarser than
+    ``dtype``'s (float32 sums folded into a float64 total)."""
+    eps = max(torch.finfo(dtype).eps, accumulation_eps or 0.0)
+    rho = ROW_ULPS * max(row_eps, eps)
+    accumulation = ACCUMULATION_ULPS * math.sqrt(max(rows, 1)) * eps
     check = dim * torch.finfo(torch.float64).eps
     return (2 * rho + rho * rho) * removed_trace + (accumulation + check) * trace_before
 
@@ -113,19 +116,22 @@ def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tenso
     if not any(store.matrix(key, name) is not None for key in subtract):
         return
     check_definite(name, covariance, removal(store, name, kept, subtract, covariance.shape, covariance.device),
-                   subtract)
+                   subtract, store.rounding)
 
 
-def check_definite(name: str, covariance: torch.Tensor, removed: Removal, subtract: Iterable) -> None:
+def check_definite(name: str, covariance: torch.Tensor, removed: Removal, subtract: Iterable,
+                   rounding: float | None = None) -> None:
     """``covariance`` is a kept sum less groups described by ``removed``: raise when it is
     indefinite beyond ``rounding_allowance`` (a diagonal entry, or below
-    ``MAX_DEFINITENESS_CHECK_DIM`` the smallest eigenvalue, per group)."""
+    ``MAX_DEFINITENESS_CHECK_DIM`` the smallest eigenvalue, per group). ``rounding``: the unit
+    roundoff the sums were accumulated with where coarser than their dtype's (a float64 total
+    folded from float32 per-label sums carries float32's; ``CovarianceStore.rounding``)."""
     after = _diagonal(covariance).to(torch.float64)
     before = after + removed.diagonal.to(after.device)
     trace_before = float(before.sum())
     d = covariance.shape[-1]
     allowance = rounding_allowance(removed.diagonal.to(after.device).sum(-1), before.sum(-1), removed.rows,
-                                   removed.row_eps, covariance.dtype, d)
+                                   removed.row_eps, covariance.dtype, d, rounding)
     problems = []
     if bool((after < -allowance[..., None]).any()):
         problems.append(f"negative diagonal mass {float(after.clamp(max=0).sum()):.4g}")

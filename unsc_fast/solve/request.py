@@ -7,6 +7,8 @@ slot); sketched layers take their basis from the Frequent Directions sketch inst
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from unsc_fast.statistics import sketch
@@ -32,6 +34,11 @@ def check_criterion(criterion: str) -> str:
     return criterion
 
 
+# An unlabelled forget pass on a sketched slot is taken as the excluded labels' rows when its
+# energy does not exceed theirs by more than the rounding of two fp64 sums of the same rows.
+UNLABELLED_FORGET_SLACK = 1e-9
+
+
 def request_keys(store, statistics: str, groups: list, forget: list, exclude: set, include, subtract: set,
                  allow_unobserved: bool) -> tuple[list, list]:
     """``(kept, subtracted)`` keys of a build: what is summed, and what is taken away from it
@@ -48,15 +55,46 @@ def request_keys(store, statistics: str, groups: list, forget: list, exclude: se
     return kept, list(subtract) + inside
 
 
+@dataclass(frozen=True)
+class SketchRequest:
+    """What a build sums on a sketched slot (``kept``), the forget passes it must refuse there
+    (``refused``: rows of a kept key), and, under one total, the unlabelled forget passes
+    taken as the ``excluded`` labels' data (their energy may not exceed those labels')."""
+
+    kept: tuple
+    refused: tuple
+    unlabelled: tuple = ()
+    excluded: tuple = ()
+
+
+def sketch_keys(statistics: str, sketches: dict, kept: list, subtracted: list, exclude: set, include,
+                subtract: set) -> SketchRequest:
+    """Per-label storage: the dense request's keys. One total: sketches are still kept per
+    label, so the kept labels are the observed ones less ``exclude``/``subtract`` (within
+    ``include``); a labelled forget pass of a kept label is a sample-wise request, which a
+    sketch cannot serve."""
+    if statistics != "total":
+        return SketchRequest(tuple(kept), tuple(subtracted))
+    labels = [k for k in sketches if not policies.is_forget_key(k)]
+    kept_labels = [k for k in labels if k not in exclude and k not in subtract and (include is None or k in include)]
+    forget = [k for k in sketches if policies.is_forget_key(k)]
+    return SketchRequest(tuple(kept_labels), tuple(k for k in forget if policies.forget_label(k) in kept_labels),
+                         tuple(k for k in forget if policies.forget_label(k) not in labels),
+                         tuple(k for k in labels if k not in kept_labels))
+
+
 def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices: dict, kept: list, subtracted: list,
-                threshold: float, generator, method: str) -> tuple[dict, dict]:
+                threshold: float, generator, method: str, request: SketchRequest | None = None) -> tuple[dict, dict]:
     """``(bases, complements)``: a basis per slot from this process's statistics, each on its
     parameter's device, and the complement the solver found with it (eigh's other
     eigenvectors) or None (``bases.NullSpaceBases.install`` decides which to keep)."""
     bases, complements = {}, {}
-    for slot in slots.values():  # one kept sum alive at a time
+    # One kept sum alive at a time, the widest first: its solve (a dense fp64 eigh holds four
+    # d x d matrices) then runs before the other slots' bases pile up beside it.
+    for slot in sorted(slots.values(), key=lambda s: -s.dim * s.groups ** 0.5 if s.kind != "diagonal" else 0):
         if slot.name in sketch_slots:
-            bases[slot.name] = sketch_basis(sketches, slot.name, kept, subtracted, threshold).to(devices[slot.name])
+            request = request or SketchRequest(tuple(kept), tuple(subtracted))
+            bases[slot.name] = sketch_basis(sketches, slot, request, threshold).to(devices[slot.name])
             continue
         covariance = store.kept_sum(slot.name, kept, subtracted)
         check_subtraction(store, slot.name, covariance, kept, subtracted)
@@ -65,7 +103,7 @@ def local_bases(store, slots: dict, sketches: dict, sketch_slots: dict, devices:
         bases[slot.name] = basis.to(devices[slot.name])
         if complement is not None:
             complements[slot.name] = complement.to(devices[slot.name])
-    return bases, complements
+    return {name: bases[name] for name in slots}, complements
 
 
 def solve_slot(slot, covariance: torch.Tensor, threshold: float, generator, method: str) -> tuple:
@@ -79,14 +117,35 @@ def solve_slot(slot, covariance: torch.Tensor, threshold: float, generator, meth
     return basis, complement
 
 
-def sketch_basis(sketches: dict, name: str, kept: list, subtracted: list, threshold: float) -> torch.Tensor:
-    present = [k for k in subtracted if name in sketches.get(k, {})]
+def sketched_parts(sketches: dict, name: str, request: SketchRequest) -> list:
+    """The kept keys' sketches of slot ``name``, after refusing what a sketch cannot serve."""
+    check_sketch_request({k: {n: s.trace for n, s in per.items()} for k, per in sketches.items()}, name, request)
+    parts = [sketches[k][name] for k in request.kept if name in sketches.get(k, {})]
+    if not parts:
+        raise RuntimeError(f"layer {name!r} saw no input under keys {list(request.kept)}")
+    return parts
+
+
+def check_sketch_request(energies: dict, name: str, request: SketchRequest) -> None:
+    """Refuse, on slot ``name``, a forget pass that a sketch cannot serve; ``energies``:
+    ``{key: {slot: energy}}`` (pooled over the ranks in a distributed build)."""
+    present = [k for k in request.refused if name in energies.get(k, {})]
     if present:
         raise ValueError(
             f"layer {name!r} is sketched: its statistics cannot be subtracted from (keys {present}); "
             "serve the request by excluding whole labels/groups, or observe the remaining data"
         )
-    parts = [sketches[k][name] for k in kept if name in sketches.get(k, {})]
-    if not parts:
-        raise RuntimeError(f"layer {name!r} saw no input under keys {kept}")
-    return sketch.basis(parts, threshold, name)
+    unlabelled = sum(energies[k][name] for k in request.unlabelled if name in energies.get(k, {}))
+    excluded = sum(energies[k][name] for k in request.excluded if name in energies.get(k, {}))
+    if unlabelled > excluded * (1 + UNLABELLED_FORGET_SLACK):
+        raise ValueError(
+            f"layer {name!r} is sketched: the unlabelled forget pass holds more energy ({unlabelled:.6g}) than the "
+            f"excluded labels {list(request.excluded)} ({excluded:.6g}), so it has rows of kept labels: a "
+            "sample-wise request cannot be served from a sketch (observe the forget pass with its labels, or "
+            "re-observe the affected labels' remaining samples)"
+        )
+
+
+def sketch_basis(sketches: dict, slot, request: SketchRequest, threshold: float) -> torch.Tensor:
+    return sketch.slot_basis(sketched_parts(sketches, slot.name, request), threshold, slot.name,
+                             slot.kind == "grouped")

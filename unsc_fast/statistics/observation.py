@@ -37,7 +37,7 @@ from unsc_fast.tracking.layers import Protection
 from unsc_fast.statistics.store import CovarianceStore
 
 
-def _label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
+def label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
     labels = torch.as_tensor(labels)
     if labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D tensor (batch,), got shape {tuple(labels.shape)}")
@@ -60,7 +60,7 @@ class Observation:
         self.groups: list[tuple[Hashable, torch.Tensor | None]] = [(group, None)]
         self.batch_size = None
         if labels is not None:
-            self.batch_size, by_label = _label_groups(labels)
+            self.batch_size, by_label = label_groups(labels)
             if not pool_labels:
                 self.groups = by_label
         self.pending: dict[tuple[Hashable, str], list] = {}  # (key, slot) -> [delta, rows]

@@ -1,4 +1,5 @@
-"""Storage policies for the observed statistics: per label, or one total less a forget pass.
+"""Storage policies for the observed statistics: per label, or one total less a forget pass
+(``statistics_plan`` chooses between them from the memory budget).
 
 Why: per-label covariances cost ``sum_l d_l^2`` per label (369 MB per label on a CIFAR
 ResNet-18, 2.5 GB per label on VGG-11's 25,088-wide classifier input), so they do not scale
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Hashable
 
 import torch
+
+from unsc_fast.statistics.plan import SOLVE_MATRICES
 
 POLICIES = ("per_label", "total", "auto")
 TOTAL_KEY = "total"
@@ -52,7 +55,9 @@ class MemoryEstimate:
 
     ``per_label``: ``labels`` matrices per layer (plus one forget matrix per label a
     request touches, counted as one here); ``total``: the total and one forget pass.
-    ``build_extra``: the one running sum a build holds for its largest layer.
+    ``build_extra``: the larger of a batch's pending matrices and what a build holds: the
+    layers solved widest first, each its kept sum and a dense fp64 eigendecomposition's
+    ``SOLVE_MATRICES`` beside the bases before it (``statistics_plan`` prices the same way).
     """
 
     labels: int
@@ -67,7 +72,12 @@ class MemoryEstimate:
         return sum(self.per_layer(policy).values()) + self.build_extra(policy)
 
     def build_extra(self, policy: str) -> int:
-        return max(self.sizes.values(), default=0) * self.itemsizes[policy]
+        size = self.itemsizes[policy]
+        held = peak = 0
+        for numbers in sorted(self.sizes.values(), reverse=True):  # widest first, as build solves them
+            peak = max(peak, held + numbers * (2 * size + SOLVE_MATRICES * 8))
+            held += numbers * size  # its basis and complement
+        return max(sum(self.sizes.values()) * size, peak, held)
 
     def as_dict(self) -> dict:
         return {p: {"total": self.total(p), "layers": self.per_layer(p)} for p in ("per_label", "total")}
@@ -78,7 +88,7 @@ class MemoryEstimate:
         per_label, total = self.per_layer("per_label"), self.per_layer("total")
         for name, size in self.sizes.items():
             lines.append(f"{name:<32}{size:>12,}{per_label[name]:>16,}{total[name]:>16,}")
-        lines.append(f"{'all (+ one build sum)':<44}{self.total('per_label'):>16,}{self.total('total'):>16,}")
+        lines.append(f"{'all (+ pending or build)':<44}{self.total('per_label'):>16,}{self.total('total'):>16,}")
         return "\n".join(lines)
 
 
@@ -88,47 +98,17 @@ def estimate(sizes: dict[str, int], labels: int, dtype: torch.dtype | None) -> M
     return MemoryEstimate(int(labels), dict(sizes), itemsizes)
 
 
-def over_budget(per_layer: dict[str, int], budget: int) -> str | None:
-    """A message naming the widest-costing layer when ``per_layer`` does not fit ``budget``."""
-    needed = sum(per_layer.values())
-    if needed <= budget:
-        return None
-    name = max(per_layer, key=per_layer.get)
-    return (
-        f"needs {needed:,} bytes over a budget of {budget:,}; the largest layer {name!r} alone "
-        f"takes {per_layer[name]:,} bytes"
-    )
-
-
-def choose(policy: str, sizes: dict[str, int], labels: int, dtype: torch.dtype | None, budget: int | None) -> str:
-    """Resolve ``"auto"`` (per-label when it fits the budget, else total) and check the fit."""
-    if policy not in POLICIES:
-        raise ValueError(f"statistics must be one of {POLICIES}, got {policy!r}")
-    if budget is None:
-        if policy == "auto":
-            raise ValueError('statistics="auto" needs memory_budget= (bytes) to choose against')
-        return policy
-    plan = estimate(sizes, labels, dtype)
-    candidates = ("per_label", "total") if policy == "auto" else (policy,)
-    reasons = []
-    for candidate in candidates:
-        problem = over_budget(plan.per_layer(candidate), budget)
-        if problem is None:
-            return candidate
-        reasons.append(f'statistics="{candidate}" for {labels} labels {problem}')
-    raise MemoryError("; ".join(reasons) + " (raise memory_budget, observe fewer layers with modules=[...], "
-                      "or use a smaller dtype)")
-
-
 class StatisticsRouter:
-    """Files each committed delta under its policy's key and enforces the memory budget.
+    """Files each committed delta under its policy's key.
 
     The observation hooks call ``add(key, name, delta, rows)`` and read ``dtype``; the router
     forwards to the ``CovarianceStore`` after mapping the key: a forget pass goes under
-    ``FORGET_KEY`` (total policy) or ``(FORGET_KEY, label)`` (per-label policy).
+    ``FORGET_KEY`` (total policy) or ``(FORGET_KEY, label)`` (per-label policy). Whether a
+    batch fits the memory budget is decided before it runs (``StatisticsMixin._make_room``);
+    ``budget`` is a last guard that refuses a new matrix past it, naming the layer and bytes.
     """
 
-    def __init__(self, store, *, forget: bool, budget: int | None) -> None:
+    def __init__(self, store, *, forget: bool, budget: int | None = None) -> None:
         self.store, self.forget, self.budget = store, forget, budget
 
     @property
@@ -154,34 +134,3 @@ class StatisticsRouter:
 
     def note_row_dtype(self, name: str, dtype: torch.dtype) -> None:
         self.store.note_row_dtype(name, dtype)
-
-
-def sketched_layers(sketch, layers: dict, protection, labels: int, dtype, policy: str,
-                    budget: int | None) -> dict[str, int]:
-    """``{layer name: sketch rows}``: the user's choice, else (``statistics="auto"`` under a
-    budget) every Linear layer whose dense statistics alone would take over half of ``budget``
-    under the cheapest policy (so that "auto" prefers a dense total to a sketch). Only a plain ``nn.Linear``
-    with its own slot can be sketched (the sketch hooks read its input rows directly)."""
-    from torch import nn
-
-    from unsc_fast.statistics.sketch import DEFAULT_ROWS
-
-    def sketchable(name: str) -> bool:
-        layer = layers[name]
-        own = protection.slot(layer.slot_name())
-        shared = sum(1 for other in layers.values() if protection.slot(other.slot_name()).name == own.name) > 1
-        return type(layer.module) is nn.Linear and own.kind == "dense" and not shared
-
-    if sketch is not None:
-        unknown = sorted(set(sketch) - set(layers))
-        if unknown:
-            raise KeyError(f"sketch names untracked layers {unknown}; tracked: {list(layers)}")
-        wrong = sorted(n for n in sketch if not sketchable(n))
-        if wrong:
-            raise ValueError(f"sketches support Linear layers only (with their own statistics), not {wrong}")
-        return {name: int(rows) for name, rows in sketch.items()}
-    if budget is None or policy != "auto":  # an explicit policy is kept, or refused
-        return {}
-    sizes = {name: layer.module.in_features**2 for name, layer in layers.items() if sketchable(name)}
-    plan = estimate(sizes, labels, dtype)
-    return {name: DEFAULT_ROWS for name in sizes if min(plan.per_layer(p)[name] for p in ("per_label", "total")) > budget / 2}

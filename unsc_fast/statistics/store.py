@@ -55,6 +55,9 @@ class CovarianceStore:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype = dtype
+        # The unit roundoff of the coarsest accumulation in the sums (None: ``dtype``'s); a
+        # float64 store folded from float32 per-label sums keeps float32's.
+        self.rounding: float | None = None
         self._matrices: dict[Key, dict[str, torch.Tensor]] = {}
         self._rows: dict[Key, dict[str, int]] = {}
         self.version = 0  # bumped by every change: a cached solve of this content is stale when it moves

@@ -10,6 +10,7 @@ from torch import nn
 
 from unsc_fast.projector import NullSpaceProjector
 from unsc_fast.room import NoRoomError, selectivity
+from unsc_fast.solve.per_label_classes import PerLabelUnavailable
 from unsc_fast.training import batch_parts, eval_mode, make_loader, model_device, to_device
 from unsc_fast.unlearning import language
 from unsc_fast.unlearning.data import is_tensor_pair
@@ -60,17 +61,17 @@ def ready_projector(model, projector, remain, forget, forget_classes, threshold,
             progress(f"observing {len(remain[0]) if is_tensor_pair(remain) else 'the'} remaining samples")
         by_label = None if language_data else is_tensor_pair(remain) or bool(forget_classes)
         projector.collect(batches_of(remain, 256, language_data), labels=by_label, device=device, progress=progress_bar)
-    if criterion == "per_label" and (projector.statistics != "per_label" or distributed_run()):
+    if criterion == "per_label" and distributed_run():
         criterion = "total"
-    options = dict(generator=generator, method=method, criterion=criterion)
+    options = dict(generator=generator, method=method)
     if projector.statistics == "total":
         if remain is not None:  # the total is the remaining data itself
-            return projector.build(**options), criterion
+            return projector, build_with(projector, criterion, **options)
         projector.reset_forget()
         projector.collect(batches_of(forget, 256, language_data), labels=False, device=device, forget=True,
                           progress=progress_bar)
-        projector.build(exclude=forget_classes, **options)  # unlearn() resets the pass when the run ends
-        return projector, criterion
+        # unlearn() resets the pass when the run ends
+        return projector, build_with(projector, criterion, exclude=forget_classes, **options)
     if remain is None and projector.built and not forget_classes:
         return projector, criterion
     observed = set(projector.groups)
@@ -78,9 +79,23 @@ def ready_projector(model, projector, remain, forget, forget_classes, threshold,
     if incremental:  # the official pipeline's class-by-class basis (per-label statistics only)
         projector.build_incremental(exclude=exclude, class_thresholds=basis_rule)
     else:  # an explicit threshold= overrides a given projector's own
-        projector.build(exclude=exclude, threshold=explicit_threshold if explicit_threshold is not None else threshold,
-                        **options)
+        criterion = build_with(projector, criterion, exclude=exclude,
+                               threshold=explicit_threshold if explicit_threshold is not None else threshold, **options)
     return projector, criterion
+
+
+def build_with(projector: NullSpaceProjector, criterion: str, **options) -> str:
+    """Build by ``criterion``; where per-label protection cannot be served from the statistics
+    kept (one total without class sketches, a sample-wise forget pass under one total), warn
+    and protect the summed energy instead. Returns the criterion the bases were built with."""
+    try:
+        projector.build(criterion=criterion, **options)
+        return criterion
+    except PerLabelUnavailable as error:
+        warnings.warn(f"unlearn(): per-label protection is not available here ({error}); protecting the kept "
+                      'data\'s summed energy instead (criterion="total")', UserWarning, stacklevel=4)
+        projector.build(criterion="total", **options)
+        return "total"
 
 
 def distributed_run() -> bool:
