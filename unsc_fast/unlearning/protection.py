@@ -61,7 +61,9 @@ def ready_projector(model, projector, remain, forget, forget_classes, threshold,
             progress(f"observing {len(remain[0]) if is_tensor_pair(remain) else 'the'} remaining samples")
         by_label = None if language_data else is_tensor_pair(remain) or bool(forget_classes)
         projector.collect(batches_of(remain, 256, language_data), labels=by_label, device=device, progress=progress_bar)
-    if criterion == "per_label" and distributed_run():
+    if criterion == "per_label" and (distributed_run() or (projector.statistics == "total" and not forget_classes)):
+        # one total serves per-label protection only for a class-wise request (its class sketches
+        # less the excluded labels); a sample-wise forget pass has rows of every kept label
         criterion = "total"
     options = dict(generator=generator, method=method)
     if projector.statistics == "total":
