@@ -128,3 +128,16 @@ def test_a_quick_run_on_a_tiny_configuration_writes_every_case_and_reuses_them(t
     for name in ("summary.md", "cases.md", "table.md"):
         assert (tmp_path / name).read_text().startswith(("# Fidelity suite", "| case", "| request"))
     assert len(list((tmp_path / "originals").glob("*.pt"))) == 2  # fine and coarse labels, seed 0
+
+
+def test_the_report_reads_stored_cases_of_one_code_version_and_the_named_kinds(tmp_path):
+    from benchmarks.fidelity_report import report, stored_cases
+    (tmp_path / "cases").mkdir()
+    for name, kind, code in (("a", "full", "new"), ("b", "pair", "new"), ("c", "sub", "new"), ("d", "full", "old")):
+        case = record(kind=kind, unsc=figures(89.0, 0.0, 70.0, 30.0))
+        case.update(seed=0, signature={"split": "test", "code": code})
+        (tmp_path / "cases" / f"{name}.json").write_text(json.dumps(case))
+    by_dataset = stored_cases(tmp_path, ["full", "pair"], "test", None)
+    assert [len(records) for records in by_dataset.values()] == [2]  # "new" is the most common; no sub
+    assert "#### mnist1d: 2 requests (full, pair), seeds 0" in report(by_dataset)
+    assert [len(r) for r in stored_cases(tmp_path, ["full"], "test", "old").values()] == [1]
