@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.fidelity_targets import averages, averages_table, gap_verdict, worst_cases, worst_table
+from benchmarks.fidelity_targets import summary_tables
 
 
 def stored_cases(out: Path, kinds: list[str], split: str, code: str | None) -> dict[str, list[dict]]:
@@ -35,9 +35,7 @@ def report(by_dataset: dict[str, list[dict]]) -> str:
     for dataset, records in by_dataset.items():
         kinds = ", ".join(sorted({r["kind"] for r in records}))
         seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in records}))
-        worst = worst_cases(records)
-        parts += [f"#### {dataset}: {len(records)} requests ({kinds}), seeds {seeds}", "", worst_table(worst), "",
-                  gap_verdict(worst), "", averages_table(averages(records)), ""]
+        parts += [f"#### {dataset}: {len(records)} requests ({kinds}), seeds {seeds}", "", summary_tables(records), ""]
     return "\n".join(parts)
 
 

@@ -180,6 +180,15 @@ def averages_table(average: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_tables(records: list[dict], worst: dict | None = None) -> str:
+    """The worst case per method against the targets (``worst_cases``, computed unless given), the
+    gap verdict and the means over the cases."""
+    worst = worst_cases(records) if worst is None else worst
+    return "\n".join([worst_table(worst), "", gap_verdict(worst), "",
+                      "Mean over the cases (Acc_r as the change from each case's original; gap: mean |figure - retrained|).",
+                      "", averages_table(averages(records))])
+
+
 def cases_table(records: list[dict]) -> str:
     """Every case and method: Acc_r, Acc_f, probe, relearn, time."""
     lines = ["| case | model | " + " | ".join(TITLES.values()) + " | time s |", "|---" * (len(TITLES) + 3) + "|"]
@@ -215,9 +224,7 @@ def write_report(records: list[dict], out: Path, arguments: dict, seconds: float
         f"(mean {_number(float(np.mean(times)) if times else float('nan'))} s per case as measured, reused cases "
         "counted with their first run's time)", "",
         "Worst case per method against issue 27's targets (benchmarks/fidelity_targets.py); misses in brackets.", "",
-        worst_table(worst), "", gap_verdict(worst), "",
-        "Mean over the cases (Acc_r as the change from each case's original; gap: mean |figure - retrained|).", "",
-        averages_table(averages(records))])
+        summary_tables(records, worst)])
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(summary + "\n")
     (out / "cases.md").write_text(cases_table(records) + "\n")

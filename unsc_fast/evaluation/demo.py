@@ -66,10 +66,9 @@ def run_demo(
     unlearn_epochs: int = 5,
     lr: float = 0.01,
     progress=None,
-    unsc_overrides: dict | None = None,
 ) -> list[DemoRow]:
     """Train, retrain without ``forget_class``, unlearn with UNSC (``unlearn()``'s default preset,
-    plus ``threshold`` and ``unsc_overrides`` where given) and with random labels on the forget data
+    with ``threshold`` as its start where given) and with random labels on the forget data
     alone (no projection, ``unlearn_epochs`` at ``lr``); one row each."""
     if not 0 <= forget_class <= 9:
         raise ValueError(f"forget_class must be a digit 0-9, got {forget_class}")
@@ -100,7 +99,7 @@ def run_demo(
     retrained = train(DigitsCNN(), *remain, epochs=train_epochs, seed=seed, progress=progress, label="retrain")
     rows.append(row("retrain (gold standard)", retrained, time.perf_counter() - start))
 
-    unsc = dict(threshold=threshold, **(unsc_overrides or {}))
+    unsc = dict(threshold=threshold)
     # the naive baseline runs its epochs as they are: no stop rule, no guard, no distillation
     naive = dict(calibrate=False, project=False, stop=None, features=0.0, distill=0.0, epochs=unlearn_epochs, lr=lr)
     for method, options in (("UNSC", unsc), (FORGET_ONLY_RANDOM, naive)):
