@@ -78,12 +78,14 @@ def allcnn_shapes(batch: int, width: int) -> list:
 
 
 def kernel_label(label: str, shape, kernel: int, stride: int, padding: int) -> str:
-    """"ext (shift)" or "ext (panel)": which of the extension's two CPU kernels ran."""
+    """"ext (shift)", "ext (panel)" or "ext (spectral)": which of the extension's CPU kernels ran
+    (spectral only under ``UNSC_FAST_CONV_KERNEL=fast``)."""
     if label != "ext":
         return label
-    from unsc_fast.ops.dispatch import load_extension
+    from unsc_fast.ops.dispatch import conv_kernel_rule, load_extension
 
-    chosen = load_extension().conv_covariance_kernel(list(shape), [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1])
+    chosen = load_extension().conv_covariance_kernel(list(shape), [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1],
+                                                     conv_kernel_rule() == "fast")
     return f"ext ({chosen})"
 
 
@@ -134,10 +136,11 @@ def main(argv=None) -> None:
                 if ours_is_reference:
                     ours_bytes = unfold
                 elif label == "ext":
-                    from unsc_fast.ops.dispatch import load_extension
+                    from unsc_fast.ops.dispatch import conv_kernel_rule, load_extension
 
                     ours_bytes = load_extension().conv_covariance_workspace_bytes(
-                        list(shape), [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1], 4
+                        list(shape), [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1], 4,
+                        conv_kernel_rule() == "fast"
                     )
                 else:
                     ours_bytes = 0

@@ -61,16 +61,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         unsc_fast::conv_covariance_cpu_(C, x, kernel_size, stride, padding, dilation, kernel);
       },
       "C += P^T P over the conv patches of x (B, Cin, H, W) on CPU, without an unfold buffer; "
-      "kernel: auto, panel, shift (stride 1) or spectral (stride 1, same-like padding).",
+      "kernel: auto (panel or shift, the reference's rounding), fast (spectral allowed), panel, "
+      "shift (stride 1) or spectral (stride 1, same-like padding).",
       pybind11::arg("C"), pybind11::arg("x"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
       pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("kernel") = "auto",
       pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("conv_covariance_kernel", &unsc_fast::conv_covariance_kernel,
-             "The CPU kernel conv_covariance_ runs for this geometry: panel, shift or spectral.",
+             "The CPU kernel conv_covariance_ runs for this geometry under kernel auto (or fast, "
+             "allow_spectral=True): panel, shift or spectral.",
              pybind11::arg("x_shape"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
-             pybind11::arg("padding"), pybind11::arg("dilation"));
+             pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("allow_spectral") = false);
   module.def("conv_covariance_workspace_bytes", &unsc_fast::conv_covariance_workspace_bytes,
              "Bytes conv_covariance_ allocates besides C for x of x_shape (per-thread workspaces).",
              pybind11::arg("x_shape"), pybind11::arg("kernel_size"), pybind11::arg("stride"),
-             pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("element_size"));
+             pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("element_size"),
+             pybind11::arg("allow_spectral") = false);
 }

@@ -51,11 +51,12 @@ double panel_cost_per_patch(int64_t d) {
 enum class ConvKernel { panel, shift, spectral };
 
 // Of the kernels that apply (the shift kernel: stride 1, more than one tap; its spectral
-// products: also "same"-like padding), the one with the fewest weighted multiply-adds per
-// image (conv_covariance_shift_cost); the panel kernel on a tie.
+// products: also "same"-like padding, and only when allowed: they round differently from the
+// reference), the one with the fewest weighted multiply-adds per image
+// (conv_covariance_shift_cost); the panel kernel on a tie.
 ConvKernel choose_conv_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                               std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
-                              std::array<int64_t, 2> dilation) {
+                              std::array<int64_t, 2> dilation, bool allow_spectral) {
   if (stride[0] != 1 || stride[1] != 1 || kernel_size[0] * kernel_size[1] == 1) return ConvKernel::panel;
   const int64_t d = x_shape[1] * kernel_size[0] * kernel_size[1];
   const int64_t out_h = output_size(x_shape[2], kernel_size[0], 1, padding[0], dilation[0]);
@@ -64,7 +65,7 @@ ConvKernel choose_conv_kernel(const std::array<int64_t, 4>& x_shape, std::array<
   double lowest = panel_cost_per_patch(d) * static_cast<double>(out_h * out_w);
   const double shift = conv_covariance_shift_cost(x_shape, kernel_size, padding, dilation, ShiftedProducts::direct);
   if (shift <= lowest) best = ConvKernel::shift, lowest = shift;
-  if (spectral_products_apply(kernel_size, padding, dilation) &&
+  if (allow_spectral && spectral_products_apply(kernel_size, padding, dilation) &&
       conv_covariance_shift_cost(x_shape, kernel_size, padding, dilation, ShiftedProducts::spectral) < lowest) {
     best = ConvKernel::spectral;
   }
@@ -158,8 +159,8 @@ int64_t panel_rows(int64_t d, int64_t out_w, int64_t total_rows, int64_t element
 
 int64_t conv_covariance_workspace_bytes(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                                         std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
-                                        std::array<int64_t, 2> dilation, int64_t element_size) {
-  const ConvKernel chosen = choose_conv_kernel(x_shape, kernel_size, stride, padding, dilation);
+                                        std::array<int64_t, 2> dilation, int64_t element_size, bool allow_spectral) {
+  const ConvKernel chosen = choose_conv_kernel(x_shape, kernel_size, stride, padding, dilation, allow_spectral);
   if (chosen != ConvKernel::panel) {
     return conv_covariance_shift_workspace_bytes(x_shape, kernel_size, padding, dilation, element_size,
                                                  products_of(chosen));
@@ -207,8 +208,8 @@ void covariance_cpu_(at::Tensor& C, const at::Tensor& x) {
 
 std::string conv_covariance_kernel(const std::array<int64_t, 4>& x_shape, std::array<int64_t, 2> kernel_size,
                                    std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
-                                   std::array<int64_t, 2> dilation) {
-  switch (choose_conv_kernel(x_shape, kernel_size, stride, padding, dilation)) {
+                                   std::array<int64_t, 2> dilation, bool allow_spectral) {
+  switch (choose_conv_kernel(x_shape, kernel_size, stride, padding, dilation, allow_spectral)) {
     case ConvKernel::shift: return "shift";
     case ConvKernel::spectral: return "spectral";
     default: return "panel";
@@ -218,8 +219,8 @@ std::string conv_covariance_kernel(const std::array<int64_t, 4>& x_shape, std::a
 void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t, 2> kernel_size,
                           std::array<int64_t, 2> stride, std::array<int64_t, 2> padding,
                           std::array<int64_t, 2> dilation, const std::string& kernel) {
-  TORCH_CHECK(kernel == "auto" || kernel == "panel" || kernel == "shift" || kernel == "spectral",
-              "conv_covariance_cpu_: kernel must be auto, panel, shift or spectral, got ", kernel);
+  TORCH_CHECK(kernel == "auto" || kernel == "fast" || kernel == "panel" || kernel == "shift" || kernel == "spectral",
+              "conv_covariance_cpu_: kernel must be auto, fast, panel, shift or spectral, got ", kernel);
   c10::AutoGradMode no_grad(false);
   TORCH_CHECK(C.device().is_cpu() && x.device().is_cpu(), "conv_covariance_cpu_: CPU tensors only");
   TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
@@ -244,7 +245,8 @@ void conv_covariance_cpu_(at::Tensor& C, const at::Tensor& x, std::array<int64_t
   const std::array<int64_t, 4> shape{x.size(0), x.size(1), x.size(2), x.size(3)};
   TORCH_CHECK((kernel != "shift" && kernel != "spectral") || (stride[0] == 1 && stride[1] == 1),
               "conv_covariance_cpu_: the shift kernel needs stride 1, got stride (", stride[0], ", ", stride[1], ")");
-  const ConvKernel chosen = kernel == "auto"       ? choose_conv_kernel(shape, kernel_size, stride, padding, dilation)
+  const ConvKernel chosen = kernel == "auto"       ? choose_conv_kernel(shape, kernel_size, stride, padding, dilation, false)
+                            : kernel == "fast"     ? choose_conv_kernel(shape, kernel_size, stride, padding, dilation, true)
                             : kernel == "shift"    ? ConvKernel::shift
                             : kernel == "spectral" ? ConvKernel::spectral
                                                    : ConvKernel::panel;

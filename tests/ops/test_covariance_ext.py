@@ -70,19 +70,11 @@ def small_integers(shape, dtype, seed=0, low=-3, high=4) -> torch.Tensor:
     return torch.randint(low, high, shape, generator=generator).to(dtype)
 
 
-def exact_kernel(shape, kernel_size, stride, padding, dilation) -> str:
-    """The kernel ``auto`` takes, or the direct shift kernel where that is the spectral one
-    (exact sums on small integers, which the DFT's rounding is not)."""
-    chosen = auto_kernel(shape, kernel_size, stride, padding, dilation)
-    return "shift" if chosen == "spectral" else chosen
-
-
 def conv_both(C0, x, geometry):
-    """(ext result with exact_kernel, reference result) from the same C0 and x."""
+    """(ext result with its default kernel rule, reference result) from the same C0 and x."""
     kernel_size, stride, padding, dilation = geometry
     ours = C0.clone()
-    load_extension().conv_covariance_(ours, x, list(kernel_size), list(stride), list(padding), list(dilation),
-                                      exact_kernel(tuple(x.shape), kernel_size, stride, padding, dilation))
+    load_extension().conv_covariance_(ours, x, list(kernel_size), list(stride), list(padding), list(dilation))
     expected = reference.conv_covariance_(C0.clone(), x, kernel_size, stride, padding, dilation)
     return ours, expected
 
@@ -121,26 +113,51 @@ def test_each_conv_kernel_bitwise_on_small_integers(name, kernel, x_dtype):
     assert torch.equal(ours, expected)
 
 
-def auto_kernel(shape, kernel_size, stride, padding, dilation=(1, 1)) -> str:
+def auto_kernel(shape, kernel_size, stride, padding, dilation=(1, 1), allow_spectral=False) -> str:
     return load_extension().conv_covariance_kernel(list(shape), list(kernel_size), list(stride), list(padding),
-                                                   list(dilation))
+                                                   list(dilation), allow_spectral)
 
 
 def test_auto_kernel_rule():
-    """Spectral shifted products where they save work ("same" padding, wide or large maps:
-    All-CNN's 32x32 and 16x16 maps, ResNet-18's 4x4 stage at batch 64), the direct ones on
-    small convs (few channels, where the transforms cost more than they save) and without
-    enough padding, the panel kernel for strides and 1x1 convs; the tests' geometries
-    exercise all three under auto."""
-    assert auto_kernel((43, 48, 32, 32), (3, 3), (1, 1), (1, 1)) == "spectral"
-    assert auto_kernel((43, 96, 16, 16), (3, 3), (1, 1), (1, 1)) == "spectral"
-    assert auto_kernel((64, 512, 4, 4), (3, 3), (1, 1), (1, 1)) == "spectral"
-    assert auto_kernel((43, 3, 32, 32), (3, 3), (1, 1), (1, 1)) == "shift"
-    assert auto_kernel((43, 96, 16, 16), (3, 3), (1, 1), (0, 0)) == "shift"
-    assert auto_kernel((43, 96, 16, 16), (3, 3), (2, 2), (1, 1)) == "panel"
-    assert auto_kernel((43, 96, 8, 8), (1, 1), (1, 1), (0, 0)) == "panel"
+    """``auto`` (the default) chooses between the two kernels that round like the reference:
+    the direct shifted products on stride-1 convs where they save work, the panel kernel for
+    strides, 1x1 convs and where the shifts' corrections cost more. ``fast``
+    (``allow_spectral``) also takes the spectral products where they save work ("same"
+    padding, wide or large maps: All-CNN's 32x32 and 16x16 maps, ResNet-18's 4x4 stage at
+    batch 64). The tests' geometries exercise every kernel."""
+    for allow in (False, True):
+        assert auto_kernel((43, 3, 32, 32), (3, 3), (1, 1), (1, 1), allow_spectral=allow) == "shift"
+        assert auto_kernel((43, 96, 16, 16), (3, 3), (1, 1), (0, 0), allow_spectral=allow) == "shift"
+        assert auto_kernel((43, 96, 16, 16), (3, 3), (2, 2), (1, 1), allow_spectral=allow) == "panel"
+        assert auto_kernel((43, 96, 8, 8), (1, 1), (1, 1), (0, 0), allow_spectral=allow) == "panel"
+    for shape in ((43, 48, 32, 32), (43, 96, 16, 16), (64, 512, 4, 4)):
+        assert auto_kernel(shape, (3, 3), (1, 1), (1, 1), allow_spectral=True) == "spectral"
+        assert auto_kernel(shape, (3, 3), (1, 1), (1, 1)) in ("shift", "panel")
     chosen = {auto_kernel(shape, *geometry) for shape, *geometry in GEOMETRIES.values()}
-    assert chosen == {"shift", "panel", "spectral"}
+    assert chosen == {"shift", "panel"}
+    fast = {auto_kernel(shape, *geometry, allow_spectral=True) for shape, *geometry in GEOMETRIES.values()}
+    assert fast == {"shift", "panel", "spectral"}
+
+
+def test_default_conv_covariance_is_bitwise_where_fast_would_take_spectral(monkeypatch):
+    """DESIGN section 4: the extension's default equals the reference bitwise on exact inputs,
+    also on a geometry where the spectral products would save work; the opt-in
+    ``UNSC_FAST_CONV_KERNEL=fast`` runs them (close, not bitwise), and a bad setting names
+    the variable."""
+    shape, geometry = (5, 48, 12, 12), ((3, 3), (1, 1), (1, 1), (1, 1))
+    assert auto_kernel(shape, *geometry, allow_spectral=True) == "spectral"
+    x = small_integers(shape, torch.float32)
+    d = 48 * 9
+    expected = reference.conv_covariance_(torch.zeros(d, d), x, *geometry)
+    monkeypatch.delenv("UNSC_FAST_CONV_KERNEL", raising=False)
+    assert torch.equal(ops.conv_covariance_(torch.zeros(d, d), x, *geometry, backend="ext"), expected)
+    monkeypatch.setenv("UNSC_FAST_CONV_KERNEL", "fast")
+    fast = ops.conv_covariance_(torch.zeros(d, d), x, *geometry, backend="ext")
+    assert not torch.equal(fast, expected)
+    torch.testing.assert_close(fast, expected, rtol=0, atol=1e-2)
+    monkeypatch.setenv("UNSC_FAST_CONV_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="UNSC_FAST_CONV_KERNEL='fastest'"):
+        ops.conv_covariance_(torch.zeros(d, d), x, *geometry, backend="ext")
 
 
 def test_shift_kernel_diagonal_is_a_sum_of_squares():

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from unsc_fast.ops import reference
-from unsc_fast.ops.dispatch import load_extension
+from unsc_fast.ops.dispatch import conv_kernel_rule, load_extension
 
 NAMESPACE = "unsc_fast"
 IMPLEMENTATIONS = ("torch", "triton", "ext")
@@ -85,7 +85,7 @@ def conv_covariance_(
         tuple(int(v) for v in pair) for pair in (kernel_size, stride, padding, dilation)
     )
     if backend == "ext":
-        load_extension().conv_covariance_(C, x, kernel_size, stride, padding, dilation)
+        load_extension().conv_covariance_(C, x, kernel_size, stride, padding, dilation, conv_kernel_rule())
     elif backend == "triton":
         from unsc_fast.kernels import conv_covariance
 

@@ -14,6 +14,20 @@ import torch
 
 BACKENDS = ("torch", "triton", "ext")
 ENV_VAR = "UNSC_FAST_BACKEND"
+CONV_KERNEL_ENV_VAR = "UNSC_FAST_CONV_KERNEL"
+CONV_KERNELS = {"exact": "auto", "fast": "fast"}  # setting -> the C++ op's kernel argument
+
+
+def conv_kernel_rule() -> str:
+    """The C++ conv-covariance kernel rule: ``"auto"`` (the default, setting ``exact``) chooses
+    between the panel and shift kernels, which round like the reference (bitwise equal on
+    exact inputs, DESIGN section 4); ``UNSC_FAST_CONV_KERNEL=fast`` also allows the spectral
+    products (fewer multiply-adds on "same"-padded stride-1 convs, within a stated bound of
+    the exact covariance, not bitwise). Read at each call."""
+    setting = os.environ.get(CONV_KERNEL_ENV_VAR, "exact").strip().lower() or "exact"
+    if setting not in CONV_KERNELS:
+        raise ValueError(f"{CONV_KERNEL_ENV_VAR}={setting!r} is not one of {', '.join(map(repr, CONV_KERNELS))}")
+    return CONV_KERNELS[setting]
 
 
 @functools.lru_cache(maxsize=None)
