@@ -91,3 +91,35 @@ def test_labels_for_a_single_sample_batch_are_still_refused():
         with projector.observe(labels=torch.tensor([0, 1, 1])):
             model(torch.randn(1, 4))
     assert not projector.store
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
+def test_unlabelled_token_batch_matches_sequences_observed_one_by_one(build):
+    """Without labels or attention_mask, a token batch (B, T) counts broadcast inputs (GPT-2's
+    position ids (1, T)) once per sequence, as observing each sequence alone does, whether the
+    ids come positionally or as ``input_ids=``."""
+    model = build().double().eval()
+    tokens = torch.randint(0, 40, (len(LABELS), 6), generator=torch.Generator().manual_seed(3))
+    reference = NullSpaceProjector(model, dtype=torch.float64, statistics="total")
+    with torch.no_grad():
+        for sample in tokens:
+            with reference.observe():
+                model(sample[None])
+    for call in (lambda: model(tokens), lambda: model(input_ids=tokens)):
+        batched = NullSpaceProjector(model, dtype=torch.float64, statistics="total")
+        with torch.no_grad(), batched.observe():
+            call()
+        assert_same_statistics(batched, reference)
+
+
+def test_total_minus_one_batch_forget_pass_keeps_the_positions_the_rest_used():
+    """A total over 6 sequences in one batch less a forget pass of 2 in one batch: every
+    position is still used by the 4 kept sequences (before the fix: 1 - 1 = 0, all free)."""
+    model = gpt2().eval()
+    tokens = torch.randint(0, 40, (len(LABELS), 5), generator=torch.Generator().manual_seed(4))
+    projector = NullSpaceProjector(model, statistics="total", threshold=0.99)
+    projector.collect([tokens], labels=False)
+    projector.collect([tokens[:2]], labels=False, forget=True)
+    projector.build()
+    assert projector.ranks()["transformer.wpe"] == 5  # the 5 positions, frozen
+    assert projector.basis("transformer.wpe")[:5].all()

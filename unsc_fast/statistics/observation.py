@@ -20,7 +20,9 @@ while other layers of the same forward see the n samples (Hugging Face position 
 ``(1, T)``, broadcast over the batch) is used by every sample. Its rows are counted once for
 each sample: each label's statistics get ``n_label`` times the input's covariance, which is
 what the model does with it. A forward in which no layer saw the n samples is refused (the
-labels do not match the batch).
+labels do not match the batch). Without labels, a forward of token ids ``(B, T)`` (an integer
+tensor as the model's first input or ``input_ids=``) counts such an input ``B`` times too, as
+``attention_mask`` does: a total's counts then match what its forget pass subtracts.
 """
 from __future__ import annotations
 
@@ -46,6 +48,16 @@ def label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
     labels = labels.detach().cpu()
     groups = [(int(value), (labels == value).nonzero().flatten()) for value in labels.unique().tolist()]
     return labels.numel(), groups
+
+
+def _token_batch(args, kwargs) -> int | None:
+    """The number of sequences of a forward whose input is token ids ``(B, T)`` (the first
+    positional argument or ``input_ids=``), else None."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() and not ids.is_complex() \
+            and ids.dtype != torch.bool:
+        return int(ids.shape[0])
+    return None
 
 
 class Observation:
@@ -74,6 +86,7 @@ class Observation:
         self.row_dtypes: dict[str, set] = {}  # per slot, this forward's floating input dtypes
         self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.token_mask: torch.Tensor | None = None  # this forward's real tokens (attention_mask)
+        self.token_batch: int | None = None  # sequences of this unlabelled forward of token ids
         self._token_masks_on: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # hooks -------------------------------------------------------------------
@@ -110,6 +123,7 @@ class Observation:
         if not self.records():
             return
         self.token_mask = padding_mask(kwargs)
+        self.token_batch = _token_batch(args, kwargs) if self.batch_size is None and self.token_mask is None else None
         if self.token_mask is not None and self.batch_size is not None and self.token_mask.shape[0] != self.batch_size:
             raise ValueError(f"labels has {self.batch_size} entries but attention_mask {tuple(self.token_mask.shape)} "
                              "has another batch size; labels need one entry per sequence")
@@ -130,7 +144,8 @@ class Observation:
             )
         batch = layer.batch_size(args, kwargs)
         masked = self.token_mask is not None  # the mask lines each layer's rows up with the sequences
-        broadcast = not masked and self.batch_size is not None and batch == 1 and self.batch_size > 1
+        sequences = self.batch_size if self.batch_size is not None else self.token_batch
+        broadcast = not masked and sequences is not None and batch == 1 and sequences > 1
         if self.batch_size is not None and not masked and batch != self.batch_size and not broadcast:
             raise ValueError(_mismatch(layer.name, self.batch_size, batch))
         self.saw_labelled_batch |= self.batch_size is not None and (masked or batch == self.batch_size)
@@ -139,8 +154,9 @@ class Observation:
             inputs_finite = _inputs_finite(args, kwargs)  # unsynchronised; read only if a delta is not finite
             row_dtype = _coarsest_dtype(args, kwargs)
             if broadcast:
-                self.broadcast_layers.append(layer.name)
-                self._accumulate_broadcast(layer, args, kwargs, output, device, inputs_finite, row_dtype)
+                if self.batch_size is not None:
+                    self.broadcast_layers.append(layer.name)
+                self._accumulate_broadcast(layer, args, kwargs, output, device, inputs_finite, row_dtype, sequences)
                 return
             for position, (key, index) in enumerate(self.groups):
                 deltas = _SlotDeltas(self, key, device)
@@ -152,13 +168,14 @@ class Observation:
                 self._count(key, rows, inputs_finite, row_dtype)
 
     def _accumulate_broadcast(self, layer: LayerAdapter, args, kwargs, output, device, inputs_finite,
-                              row_dtype) -> None:
+                              row_dtype, sequences: int) -> None:
         """One input shared by the whole batch: its statistics once, then ``n_label`` times
-        into each label's accumulators (every sample of the label used it)."""
+        into each label's accumulators (every sample of the label used it), or ``sequences``
+        times into the one group of an unlabelled forward of token ids."""
         once = _FreshDeltas(self, device)
         rows = layer.accumulate_(once, args, kwargs, output, None)
         for key, index in self.groups:
-            deltas, samples = _SlotDeltas(self, key, device), index.numel()
+            deltas, samples = _SlotDeltas(self, key, device), sequences if index is None else index.numel()
             for own_name, delta in once.items():
                 deltas[own_name].add_(delta, alpha=samples)
             self._count(key, {name: count * samples for name, count in rows.items()}, inputs_finite, row_dtype)
