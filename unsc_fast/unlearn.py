@@ -7,7 +7,8 @@
    or any ``relabel(inputs, targets) -> targets`` callable. Relabelling is a classifier
    idea: a language model's data (token tensors, ``(tokens, labels)``, Hugging Face dicts;
    told from the data) keeps its targets, and ``objective=`` says what is minimised
-   (``"npo"`` by default, ``"graddiff"``, ``"ascent"`` or an object of
+   (by default NPO, plus the retain NLL at weight 100 when there is retain data;
+   ``"npo"``, ``"graddiff"``, ``"ascent"`` or an object of
    ``unsc_fast.objectives.causal_lm``); its defaults and stop rule on scored tokens live in
    ``unsc_fast.unlearning.language_request`` (docs/language_models.md).
 2. Protect: every tracked weight update is confined to the null space of the remaining data's
@@ -84,6 +85,7 @@ class UnlearnResult:
     trajectory: list[dict] = field(default_factory=list)  # every check: step, threshold, lr, forget, guard damage
     protection: dict = field(default_factory=dict)  # criterion, thresholds used, final ranks
     holdout: torch.Tensor | None = None  # bool per forget sample: held out of training, measured only
+    objective: str = ""  # what was minimised (repr of the objective), e.g. "GradDiff(forget=NPO(beta=0.1), ...)"
 
 
 def unlearn(
@@ -221,7 +223,8 @@ def unlearn(
         guard_data = (remain[0][guard_mask], remain[1][guard_mask])
         observed_remain = (remain[0][~guard_mask], remain[1][~guard_mask])
 
-    base = language_request.resolve_objective(objective, loss) if language_data else None
+    base = language_request.resolve_objective(objective, loss, retain is not None or observed_remain is not None) \
+        if language_data else None
     needs_reference = bool(getattr(base, "needs_reference", False))
     original = copy.deepcopy(model).requires_grad_(False) if stop_rule is not None or needs_reference else None
     schedule = ProtectionSchedule(None, levels, threshold)
@@ -288,7 +291,7 @@ def unlearn(
                       "ranks": projector.ranks()}
     return UnlearnResult(model, projector if project else None, new_labels, time.perf_counter() - start,
                          outcome.losses, outcome.steps, outcome.epochs, outcome.reason,
-                         [c.as_dict() for c in outcome.trajectory], protection, holdout_mask)
+                         [c.as_dict() for c in outcome.trajectory], protection, holdout_mask, repr(chosen))
 
 
 def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:

@@ -47,3 +47,11 @@ def test_optimizer_quick_runs_with_profile(run):
                         "--warmup", "0", "--threads", "1", "--profile", *options)
     assert "overhead" in out
     assert all(text in out for text in expected), [text for text in expected if text not in out]
+
+
+def test_lm_variants_quick_prints_one_row_per_variant():
+    out = run_benchmark("lm_variants", "--quick", "--output", "", '{"retain_weight": 100, "max_steps": 2}',
+                        '{"objective": "npo", "max_steps": 2}')
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [row["objective"] for row in rows] == ["GradDiff(forget=NPO(beta=0.1), retain_weight=100)", "NPO(beta=0.1)"]
+    assert all(row["steps"] == 2 and {"forget", "validation", "retain", "unseen"} <= row.keys() for row in rows)

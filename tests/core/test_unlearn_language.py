@@ -103,6 +103,27 @@ def test_default_request_forgets_and_keeps_the_rest():
     assert result.protection["criterion"] == "per_label"
 
 
+def test_default_objective_is_npo_plus_the_weighted_retain_nll_when_there_is_retain_data():
+    """With remaining data the default is GradDiff(NPO(), retain_weight=100), step for step the
+    same as asking for it; without any (remain=None), NPO alone; the result says which ran."""
+    from unsc_fast.unlearning.language_request import DEFAULT_RETAIN_WEIGHT
+
+    forget, remain = split()
+    rule = StopRule(max_steps=4, guard=0.1)
+    default, explicit = trained_model(), trained_model()
+    first = unlearn(default, forget, remain, stop=rule)
+    second = unlearn(explicit, forget, remain, objective=GradDiff(NPO(), retain_weight=DEFAULT_RETAIN_WEIGHT), stop=rule)
+    assert first.objective == second.objective == "GradDiff(forget=NPO(beta=0.1), retain_weight=100)"
+    for a, b in zip(default.parameters(), explicit.parameters()):
+        assert torch.equal(a, b)
+    npo_only = trained_model()
+    third = unlearn(npo_only, forget, remain, objective="npo", stop=rule)
+    assert third.objective == "NPO(beta=0.1)"
+    assert any(not torch.equal(a, b) for a, b in zip(default.parameters(), npo_only.parameters()))
+    alone = unlearn(trained_model(), forget, None, stop=StopRule(max_steps=2, guard=0.0), project=False)
+    assert alone.objective == "NPO(beta=0.1)"
+
+
 @pytest.mark.parametrize("name, cls", [("ascent", GradientAscent), ("npo", NPO), ("graddiff", GradDiff)])
 def test_objectives_by_name_equal_the_objects(name, cls):
     forget, remain = split()

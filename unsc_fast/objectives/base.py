@@ -51,8 +51,14 @@ class _LossObjective:
     """A plain ``loss(outputs, targets)``, minimised, or maximised for ``"ascent"``, or turned into
     what is minimised by ``objective(loss, fraction_done)`` (the form ``training.fit`` takes)."""
 
-    def __init__(self, loss, objective=None) -> None:
-        self.loss, self.objective = loss, objective
+    def __init__(self, loss, objective=None, name: str | None = None) -> None:
+        self.loss, self.objective, self.name = loss, objective, name
+
+    def __repr__(self) -> str:
+        loss = getattr(self.loss, "__name__", type(self.loss).__name__)
+        if self.objective is None:
+            return f"minimise {loss}"
+        return f"{self.name or getattr(self.objective, '__name__', 'objective')} of {loss}"
 
     def __call__(self, step: Step) -> torch.Tensor:
         value = self.loss(step.outputs, step.targets)
@@ -69,7 +75,7 @@ def as_objective(loss, objective) -> Objective:
     if objective is None:
         return _LossObjective(loss)
     if objective == "ascent":
-        return _LossObjective(loss, lambda value, _fraction: -value)
+        return _LossObjective(loss, lambda value, _fraction: -value, name="ascent")
     if getattr(objective, "needs_step", False):
         return objective
     if callable(objective):

@@ -131,6 +131,9 @@ class Custom(LanguageObjective):
             raise TypeError(f"Custom: expected a callable(step) -> loss, got {type(function).__name__}")
         self.function, self.needs_reference, self.needs_retain = function, bool(reference), bool(retain)
 
+    def __repr__(self) -> str:
+        return f"Custom({getattr(self.function, '__name__', type(self.function).__name__)})"
+
     def __call__(self, step) -> torch.Tensor:
         labels = token_labels(step.args, step.kwargs, step.targets)
         if labels is not None and "loss" not in step.extras:

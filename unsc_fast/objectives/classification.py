@@ -25,6 +25,9 @@ class CrossEntropy:
     def __call__(self, step) -> torch.Tensor:
         return F.cross_entropy(step.outputs, step.targets)
 
+    def __repr__(self) -> str:
+        return "CrossEntropy()"
+
 
 class FeatureErasure:
     """``base(step) + weight * ||(I - U U^T) phi||^2 / scale``: ``U`` the classifier's protected
@@ -40,6 +43,9 @@ class FeatureErasure:
         self.base, self.weight = base, float(weight)
         self.basis: torch.Tensor | None = None
         self.scale = 1.0
+
+    def __repr__(self) -> str:
+        return f"FeatureErasure({self.base!r}, weight={self.weight:g})"
 
     def calibrate(self, basis: torch.Tensor, forget_features: torch.Tensor) -> None:
         """Set the protected basis of the classifier's input and the normalising scale."""
@@ -88,6 +94,9 @@ class RetainDistillation:
         if weight < 0:
             raise ValueError(f"the distillation weight must be >= 0, got {weight}")
         self.base, self.weight = base, float(weight)
+
+    def __repr__(self) -> str:
+        return f"RetainDistillation({self.base!r}, weight={self.weight:g})"
 
     def __call__(self, step) -> torch.Tensor:
         loss = self.base(step)

@@ -4,7 +4,7 @@ classifier's, its defaults, its objective, its data slices and its stop rule's m
 Defaults (``LANGUAGE_DEFAULTS``, measured on the facts benchmark's validation persons:
 docs/language_models.md) replace the classifier preset's where the caller leaves a value
 unset: the targets are kept (relabelling is a classifier idea), the objective is NPO against
-the frozen original, the protection starts at a higher threshold, and the stop rule measures
+the frozen original (plus the retain NLL, heavily weighted, when there is retain data), the protection starts at a higher threshold, and the stop rule measures
 scored tokens (``language.correct_tokens``) on the forget data, with a guard of held-out
 remaining sequences. The loop runs on its own seeded random stream (``seeded``).
 """
@@ -17,12 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from unsc_fast.objectives.base import as_objective
-from unsc_fast.objectives.causal_lm import NAMES, language_objective
+from unsc_fast.objectives.causal_lm import NAMES, NPO, GradDiff, language_objective
 from unsc_fast.training import model_device
 from unsc_fast.unlearning import language
 from unsc_fast.unlearning.stopping import Monitor, StopRule
 
-DEFAULT_OBJECTIVE = "npo"
+DEFAULT_OBJECTIVE = "npo"  # without retain data; with it, GradDiff(NPO(), DEFAULT_RETAIN_WEIGHT)
+# The projection removes the retain NLL's gradient inside the protected subspace (its rows are
+# combinations of the retain inputs), so the retain term acts only in the directions the
+# threshold leaves free, where it pulls damage back; a large weight is what makes it count there
+# (facts benchmark, validation persons: docs/language_models.md).
+DEFAULT_RETAIN_WEIGHT = 100.0
 LANGUAGE_DEFAULTS = dict(threshold=0.999, epochs=50, lr=0.1, momentum=0.9, batch_size=32, criterion="per_label",
                          adaptive=False, features=0.0, distill=0.0,
                          stop=StopRule(forget_target=2.0, holdout=0.0, guard=0.1, check_every=1))
@@ -45,13 +50,18 @@ def is_language_request(forget, objective, labels) -> bool:
     return bool(data) or bool(wants)
 
 
-def resolve_objective(objective, loss):
+def resolve_objective(objective, loss, has_retain: bool = False):
     """The Step objective of a language-model request: a name (``"npo"``, ``"graddiff"``,
-    ``"ascent"``) or an objective object; ``None`` is the default (NPO). A ``loss=`` of the
-    user's keeps its old meaning (minimised, or maximised with ``"ascent"``)."""
+    ``"ascent"``) or an objective object; ``None`` is the default: NPO, plus the retain NLL at
+    ``DEFAULT_RETAIN_WEIGHT`` (``GradDiff(NPO(), ...)``) when there is retain data. A ``loss=``
+    of the user's keeps its old meaning (minimised, or maximised with ``"ascent"``)."""
     default_loss = loss is F.cross_entropy
     if objective is None:
-        return language_objective(DEFAULT_OBJECTIVE) if default_loss else as_objective(loss, None)
+        if not default_loss:
+            return as_objective(loss, None)
+        if has_retain:
+            return GradDiff(NPO(), retain_weight=DEFAULT_RETAIN_WEIGHT)
+        return language_objective(DEFAULT_OBJECTIVE)
     if isinstance(objective, str):
         if not default_loss and objective == "ascent":
             return as_objective(loss, objective)

@@ -216,7 +216,7 @@ def library_unlearning(original: nn.Module, context: UnlearningContext, settings
     return model, info
 
 
-register(Method("unlearn", "unlearn() default (NPO, per-label protection, SGD momentum)", library_unlearning,
+register(Method("unlearn", "unlearn() default (NPO + retain NLL, per-label protection, SGD momentum)", library_unlearning,
                 dict(lr=LANGUAGE_DEFAULTS["lr"], max_steps=200, stop_accuracy=2.0, objective=None, threshold=None,
                      criterion=None)))
 
