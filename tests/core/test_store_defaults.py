@@ -92,6 +92,16 @@ def test_labels_past_the_budget_fold_into_one_total_without_loss_and_say_so():
         assert (P @ P.T - R @ R.T).abs().max() < 1e-4, name
 
 
+def test_a_first_batch_past_the_budget_switches_to_one_total_and_prices_it():
+    """Nothing observed yet: the warning gives the total's estimated size, not its empty store's."""
+    model, x, y, proj = fold_setup(labels_that_fit=2, class_rows=0)
+    expected = proj.memory_estimate(1, dtype=torch.float32).total("total")
+    with pytest.warns(UserWarning, match=rf"switched to one total \(float32, about {expected:,} bytes with a "
+                                         r"forget pass and the build\)"):
+        proj.collect([(x, y)])
+    assert proj.statistics == "total"
+
+
 @pytest.mark.parametrize("folded", [True, False])
 def test_class_sketches_never_exceed_each_label_and_keep_its_exact_trace(folded):
     model, x, y = model_and_data()

@@ -151,10 +151,12 @@ def fold_to_total(projector, dtype: torch.dtype, class_rows: int, reason: str) -
         if policies.is_forget_key(key) and policies.forget_label(key) is not None:
             projector._forget_labels.add(policies.forget_label(key))
     projector.store, projector.statistics = new, "total"
+    size = f"{new.nbytes():,} bytes" if labels else \
+        f"about {projector.memory_estimate(1, dtype=dtype).total('total'):,} bytes with a forget pass and the build"
     warnings.warn(
         f'statistics="auto": {reason}; ' + (f"folded the per-label statistics of {len(labels)} label(s) into"
                                                  if labels else "switched to") + " one total "
-        f"({str(dtype).removeprefix('torch.')}, {new.nbytes():,} bytes)"
+        f"({str(dtype).removeprefix('torch.')}, {size})"
         + (f" and class sketches of {class_rows} rows" if class_rows else ", without class sketches (the budget "
            "cannot hold them: a per-class criterion falls back to the total's)")
         + ". From now on a request costs one pass over its forget data: collect(forget_loader, forget=True), "
