@@ -278,3 +278,34 @@ def test_no_frozen_rows_warning_where_a_kept_row_is_used_as_often_by_chance():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         unlearn(trained_model(), forget, remain, stop=StopRule(max_steps=1, guard=0.0), min_selectivity=0)
+
+
+def test_dict_batches_give_the_model_the_pair_form_gives():
+    """Hugging Face dict data (``input_ids`` + ``labels``) and the ``(tokens, labels)`` pair are one
+    request: the same steps, the same model, bit for bit."""
+    forget, remain = split()
+    as_dict = lambda pair: {"input_ids": pair[0], "labels": pair[1]}  # noqa: E731
+    rule = StopRule(max_steps=4, guard=0.1)
+    by_pair, by_dict = trained_model(), trained_model()
+    first = unlearn(by_pair, forget, remain, stop=rule)
+    second = unlearn(by_dict, as_dict(forget), as_dict(remain), stop=rule)
+    assert first.steps == second.steps == 4 and first.objective == second.objective
+    for a, b in zip(by_pair.parameters(), by_dict.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_loaders_of_lm_batches_run_with_their_retain_term_and_an_explicit_guard():
+    """DataLoaders of (tokens, labels) batches: observed whole (no guard is cut from a loader),
+    the default's retain NLL drawn from the remaining loader, and ``guard=`` measured."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    forget, remain = split()
+    guard = (remain[0][:8], remain[1][:8])
+    forget_loader = DataLoader(TensorDataset(*forget), batch_size=2)
+    remain_loader = DataLoader(TensorDataset(remain[0][8:], remain[1][8:]), batch_size=8)
+    model = trained_model()
+    result = unlearn(model, forget_loader, remain_loader, guard=guard, stop=StopRule(max_steps=6, guard=0.1))
+    assert result.steps == 6 and result.objective.startswith("GradDiff(forget=NPO")
+    assert all(check["guard_damage"] is not None for check in result.trajectory)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), trained_model().parameters()))
+    assert token_accuracy(model, remain) >= 95.0
