@@ -123,3 +123,17 @@ def test_total_minus_one_batch_forget_pass_keeps_the_positions_the_rest_used():
     projector.build()
     assert projector.ranks()["transformer.wpe"] == 5  # the 5 positions, frozen
     assert projector.basis("transformer.wpe")[:5].all()
+
+
+def test_labels_under_one_total_count_the_broadcast_input_once_per_sample():
+    """statistics="total" pools the labels into one group: GPT-2's position ids (1, T) count
+    once per sequence there too (before: an AttributeError on the pooled group's index)."""
+    model = gpt2().eval()
+    tokens = torch.randint(0, 40, (len(LABELS), 5), generator=torch.Generator().manual_seed(5))
+    projector = NullSpaceProjector(model, statistics="total")
+    with torch.no_grad(), projector.observe(labels=LABELS):
+        model(input_ids=tokens)
+    (key,) = projector.groups
+    expected = torch.zeros(12, dtype=projector.store.matrix(key, "transformer.wpe").dtype)
+    expected[:5] = len(LABELS)
+    assert torch.equal(projector.store.matrix(key, "transformer.wpe"), expected)
