@@ -23,8 +23,8 @@ value accuracy; the run stops at ``stop_accuracy`` or after ``max_steps``.
 momentum (the issue's measured best recipe through the public API).
 
 ``unlearn`` is the library's own default LM unlearning, as a user calls it: ``unlearn(model,
-forget, remain)`` on the Hugging Face batches (NPO against the frozen original, per-label
-protection of the remaining data observed inside, SGD with momentum, its stop rule on the
+forget, remain)`` on the Hugging Face batches (NPO against the frozen original plus 100 x the
+retain NLL, per-label protection of the remaining data observed inside, SGD with momentum, its stop rule on the
 forget data's scored tokens with a guard of held-out retain sequences), nothing tuned: its
 one learning rate is the library's default. Other methods plug in the same way: one more entry
 of ``METHODS`` (see ``register``), a runner ``(original, context, settings, seed) -> (model, info)``.
