@@ -1,8 +1,9 @@
 """Variants of the default LM unlearning on the facts benchmark's seed (docs/language_models.md).
 
-Each variant is ``unlearn(model, forget, retain, **settings)`` on a copy of the benchmark's
-original (from ``--output``'s model cache, trained there when missing), with the benchmark's
-step budget and 2 % forget target; ``"retain_weight": w`` runs ``GradDiff(NPO(), retain_weight=w)``.
+Each variant is the benchmark's ``unlearn`` method (``unlearn(model, forget, retain, ...)`` on a
+copy of the benchmark's original, from ``--output``'s model cache, trained there when missing)
+with the variant's settings, the benchmark's step budget and 2 % forget target unless given;
+``"retain_weight": w`` runs ``GradDiff(NPO(), retain_weight=w)``.
 Prints one JSON line per variant: steps, stop reason, the forget value accuracy and the share
 of each person split's facts kept. Settings are chosen on ``validation``; the other splits are
 printed for the record.
@@ -13,37 +14,32 @@ printed for the record.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
-from dataclasses import replace
 
 import torch
 
 from unsc_fast.evaluation.facts.data import FactsTask
-from unsc_fast.evaluation.facts.metrics import forget_accuracy
+from unsc_fast.evaluation.facts.methods import METHODS, library_unlearning, method_settings
 from unsc_fast.evaluation.facts.runner import FactsConfig, knows_fraction, quick_config, trained_model, unlearning_context
 from unsc_fast.objectives.causal_lm import NPO, GradDiff
-from unsc_fast.unlearn import unlearn
-from unsc_fast.unlearning.language_request import LANGUAGE_DEFAULTS
 
 SPLITS = ("validation", "retain", "unseen")
 
 
-def run_variant(original, task: FactsTask, settings: dict, seed: int) -> dict:
-    kwargs = dict(settings)
-    steps = kwargs.pop("max_steps", 200)
-    if "retain_weight" in kwargs:
-        kwargs["objective"] = GradDiff(NPO(), retain_weight=kwargs.pop("retain_weight"))
-    context = unlearning_context(task)
-    model = copy.deepcopy(original)
-    rule = replace(LANGUAGE_DEFAULTS["stop"], max_steps=steps, forget_target=2.0)
+def run_variant(original, task: FactsTask, variant: dict, seed: int) -> dict:
+    """The benchmark's ``unlearn`` method (``facts.methods.library_unlearning``) with ``variant``:
+    its own settings (``lr``, ``max_steps``, ``objective``, ``threshold``, ``criterion``) and any
+    other ``unlearn`` keyword passed through."""
+    options = dict(variant)
+    if "retain_weight" in options:
+        options["objective"] = GradDiff(NPO(), retain_weight=options.pop("retain_weight"))
+    defaults = METHODS["unlearn"].defaults
+    settings = method_settings("unlearn", {k: options.pop(k) for k in list(options) if k in defaults})
     start = time.perf_counter()
-    result = unlearn(model, context.forget.batch(), context.retain.batch(), stop=rule, seed=seed, **kwargs)
-    model.eval()
-    row = {"variant": settings, "seconds": round(time.perf_counter() - start, 1), "steps": result.steps,
-           "stop": result.stop_reason, "objective": result.objective,
-           "forget": round(forget_accuracy(model, task, context.forget_check), 1)}
+    model, info = library_unlearning(original, unlearning_context(task), settings, seed, **options)
+    row = {"variant": variant, "seconds": round(time.perf_counter() - start, 1), "steps": info["steps"],
+           "stop": info["stop_reason"], "objective": info["objective"], "forget": round(info["final_forget_accuracy"], 1)}
     for split in SPLITS:
         row[split] = round(knows_fraction(model, task.facts(task.persons(split))), 1)
     return row

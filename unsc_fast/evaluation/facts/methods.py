@@ -198,21 +198,22 @@ _objective_method("npo+nso-sgd", "NPO + NullSpaceOptimizer(SGD momentum)", "npo"
                   optimizer="sgd", weight_decay=0.0)
 
 
-def library_unlearning(original: nn.Module, context: UnlearningContext, settings: dict, seed: int
-                       ) -> tuple[nn.Module, dict]:
+def library_unlearning(original: nn.Module, context: UnlearningContext, settings: dict, seed: int,
+                       **options) -> tuple[nn.Module, dict]:
     """The library's default: ``unlearn(model, forget, remain)``, only the step budget and the
     forget target given (the benchmark's ``max_steps`` and ``stop_accuracy``); ``objective``,
-    ``threshold``, ``criterion`` (None: unlearn's defaults) are there to measure alternatives."""
+    ``threshold``, ``criterion`` (None: unlearn's defaults) and ``options`` (more ``unlearn``
+    keywords, e.g. ``optimizer``: ``benchmarks/lm_variants.py``) are there to measure alternatives."""
     model = copy.deepcopy(original)
     rule = replace(LANGUAGE_DEFAULTS["stop"], max_steps=settings["max_steps"], forget_target=settings["stop_accuracy"])
     chosen = {key: settings[key] for key in ("objective", "threshold", "criterion") if settings[key] is not None}
     result = unlearn(model, context.forget.batch(), context.retain.batch(), lr=settings["lr"], stop=rule, seed=seed,
-                     **chosen)
+                     **chosen, **options)
     model.eval()
     accuracy = forget_accuracy(model, context.task, context.forget_check)
     info = {"steps": result.steps, "final_forget_accuracy": accuracy, "reached": accuracy <= settings["stop_accuracy"],
-            "stop_reason": result.stop_reason, "ranks": result.protection.get("ranks", {}),
-            "threshold": result.protection.get("threshold")}
+            "stop_reason": result.stop_reason, "objective": result.objective,
+            "ranks": result.protection.get("ranks", {}), "threshold": result.protection.get("threshold")}
     return model, info
 
 
