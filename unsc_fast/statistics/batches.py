@@ -20,6 +20,12 @@ from __future__ import annotations
 import torch
 
 
+def is_token_ids(value) -> bool:
+    """Token ids: an integer (non-floating, non-complex) tensor of shape (B, T)."""
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point() \
+        and not value.is_complex()
+
+
 def is_language_model_batch(args: tuple, kwargs: dict, targets) -> bool:
     """True for a batch with per-token targets (see the module docstring)."""
     if not isinstance(targets, torch.Tensor):
@@ -27,8 +33,7 @@ def is_language_model_batch(args: tuple, kwargs: dict, targets) -> bool:
     if not args:  # a dict batch
         return targets.dim() >= 2
     tokens = args[0]
-    return (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()
-            and not tokens.is_complex() and targets.shape == tokens.shape and not targets.is_floating_point())
+    return is_token_ids(tokens) and targets.shape == tokens.shape and not targets.is_floating_point()
 
 
 def observed_labels(args: tuple, kwargs: dict, targets, labels) -> tuple[dict, torch.Tensor | None]:

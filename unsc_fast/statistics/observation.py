@@ -36,6 +36,7 @@ from torch import nn
 from unsc_fast.adapters import LayerAdapter
 from unsc_fast.adapters.tokens import TokenMask, padding_mask
 from unsc_fast.tracking.layers import Protection
+from unsc_fast.statistics.batches import is_token_ids
 from unsc_fast.statistics.store import CovarianceStore
 
 
@@ -54,10 +55,7 @@ def _token_batch(args, kwargs) -> int | None:
     """The number of sequences of a forward whose input is token ids ``(B, T)`` (the first
     positional argument or ``input_ids=``), else None."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() and not ids.is_complex() \
-            and ids.dtype != torch.bool:
-        return int(ids.shape[0])
-    return None
+    return int(ids.shape[0]) if is_token_ids(ids) and ids.dtype != torch.bool else None
 
 
 class Observation:

@@ -27,22 +27,17 @@ from torch.utils.data import DataLoader
 
 from unsc_fast.objectives.causal_lm import token_labels
 from unsc_fast.objectives.language import IGNORE_INDEX
-from unsc_fast.statistics.batches import is_language_model_batch
+from unsc_fast.statistics.batches import is_language_model_batch, is_token_ids
 from unsc_fast.training import batch_parts, eval_mode, model_device, to_device
 
 
-def _tokens(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point() \
-        and not value.is_complex()
-
-
 def _is_token_dict(data) -> bool:
-    return isinstance(data, Mapping) and _tokens(data.get("input_ids"))
+    return isinstance(data, Mapping) and is_token_ids(data.get("input_ids"))
 
 
 def in_memory(data) -> bool:
     """Language-model data held as tensors (sliceable): a token tensor, a pair, a token dict."""
-    if _tokens(data) or _is_token_dict(data):
+    if is_token_ids(data) or _is_token_dict(data):
         return True
     return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
         and is_language_model_batch((data[0],), {}, data[1])
@@ -50,7 +45,7 @@ def in_memory(data) -> bool:
 
 def _batch_is_language(batch) -> bool | None:
     if isinstance(batch, torch.Tensor):
-        return _tokens(batch)
+        return is_token_ids(batch)
     if isinstance(batch, (tuple, list, Mapping)):
         args, kwargs, targets = batch_parts(batch)
         if isinstance(batch, Mapping) and "input_ids" not in batch:
@@ -94,7 +89,7 @@ def is_language_data(data) -> bool | None:
 
 def normalised(data):
     """In-memory data as a ``(tokens, labels)`` pair or a token dict (tokens alone: labels = tokens)."""
-    if _tokens(data):
+    if is_token_ids(data):
         return data, data
     if _is_token_dict(data):
         length = data["input_ids"].shape[0]
