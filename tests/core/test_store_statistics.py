@@ -130,17 +130,17 @@ def test_memory_estimate_counts_bytes_per_policy_and_layer():
     plan = proj.memory_estimate(labels=100)
     assert plan.per_layer("per_label") == {"0": 101 * 24 * 24 * 4, "2": 101 * 32 * 32 * 4}
     assert plan.per_layer("total") == {"0": 2 * 24 * 24 * 8, "2": 2 * 32 * 32 * 8}
-    # + the larger of one pending set and the widest layer's solve (its kept sum, four fp64
+    # + the larger of one pending set and the widest layer's solve (its kept sum, 3.5 fp64
     # d x d matrices of a dense eigendecomposition, and the basis copied out of them)
-    assert plan.total("total") == 2 * 8 * (24 * 24 + 32 * 32) + 32 * 32 * (2 * 8 + 4 * 8)
+    assert plan.total("total") == 2 * 8 * (24 * 24 + 32 * 32) + 32 * 32 * (2 * 8 + 28)
     assert "per_label" in str(plan) and "'2'" not in str(plan)
 
 
 # Peak bytes of the model above (slots d = 24 and 32): one fp32 set 6,400, one fp64 set
-# 12,800; the widest solve 32^2 * (2 * 4 + 32) = 40,960 (fp32 sums) or 32^2 * (2 * 8 + 32) =
-# 49,152 (fp64), the narrower one's after it smaller even beside the widest's basis.
-PER_LABEL_10 = 11 * 6_400 + 40_960  # 111,360
-TOTAL_FP64, TOTAL_FP32 = 2 * 12_800 + 49_152, 6_400 * 2 + 40_960  # 74,752 and 53,760
+# 12,800; the widest solve 32^2 * (2 * 4 + 28) = 36,864 (fp32 sums) or 32^2 * (2 * 8 + 28) =
+# 45,056 (fp64), the narrower one's after it smaller even beside the widest's basis.
+PER_LABEL_10 = 11 * 6_400 + 36_864  # 107,264
+TOTAL_FP64, TOTAL_FP32 = 2 * 12_800 + 45_056, 6_400 * 2 + 36_864  # 70,656 and 49,664
 
 
 def test_auto_chooses_by_the_budget_and_refusals_name_the_layer_and_bytes():
@@ -162,7 +162,7 @@ def test_auto_chooses_by_the_budget_and_refusals_name_the_layer_and_bytes():
 
 def test_observing_more_labels_than_an_explicit_per_label_budget_holds_stops_before_allocating():
     model, x, y = model_and_data(labels=10)
-    budget = 2 * 6_400 + 40_960 + 100  # two labels at their peak, not three
+    budget = 2 * 6_400 + 36_864 + 100  # two labels at their peak, not three
     proj = NullSpaceProjector(model, statistics="per_label", memory_budget=budget)
     proj.collect(batches(x[y < 2], y[y < 2]))
     before = {k: proj.store.matrix(k, "0").clone() for k in proj.groups}

@@ -82,8 +82,8 @@ def test_non_orthonormal_fp32_vectors_give_way(monkeypatch):
     pytorch#144384) must not reach the projector: the probe sends it to fp64."""
     eigh = torch.linalg.eigh
 
-    def skewed(A):
-        eigenvalues, eigenvectors = eigh(A)
+    def skewed(A, **kwargs):
+        eigenvalues, eigenvectors = eigh(A, **kwargs)
         if A.dtype == torch.float32:
             eigenvectors = eigenvectors.clone()
             eigenvectors[:, 1] += 1e-3 * eigenvectors[:, 0]
@@ -107,3 +107,48 @@ def test_energy_bases_with_complements_pairs_each_basis():
     (_, Q0), (_, Q1), (U2, Q2) = paired
     assert Q0 is not None and Q0.shape[1] == 300 - bases[0].shape[1]
     assert Q1 is None and Q2 is None and U2.shape == (8, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 7, 129, 300])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_float64_factors_are_the_references_bitwise(dtype, d, layout):
+    """The lean float64 path (in-place symmetrisation and ``eigh``, no flipped copy) gives the
+    reference's basis and the reference's other eigenvectors bit for bit, on inputs that are not
+    exactly symmetric (``X^T X`` from BLAS), odd sizes and non-contiguous layouts, and leaves
+    its input untouched."""
+    generator = torch.Generator().manual_seed(d)
+    X = torch.randn(d + 3, d, generator=generator, dtype=dtype) * torch.linspace(0.01, 2.0, d, dtype=dtype)
+    C = {"contiguous": lambda M: M, "transposed": lambda M: M.mT,
+         "strided": lambda M: torch.empty(d, 2 * d, dtype=dtype)[:, ::2].copy_(M)}[layout](X.mT @ X)
+    before = C.clone()
+    eigenvalues, eigenvectors = reference.symmetric_eigh(C)
+    for threshold in (0.5, 0.97, 0.999, 1.0):
+        U, Q = dense.eigh_factors(C, threshold, fp32_first=False)
+        k = reference.energy_rank(eigenvalues, threshold, torch.finfo(dtype).eps)
+        assert torch.equal(U, reference.energy_basis_eigh(C, threshold))
+        assert torch.equal(Q, eigenvectors[:, k:].to(dtype))
+        assert U.is_contiguous() and Q.is_contiguous()
+    assert torch.equal(C, before)
+
+
+def test_lean_eigh_overwrites_its_own_copy():
+    """The memory claim of ``lean_eigh`` (3 instead of ~5 ``d x d`` doubles, issue 22) rests on
+    ``torch.linalg.eigh(out=)`` writing the eigenvectors into the symmetrised copy itself; if a
+    torch release stopped honouring an aliased, column-major ``out``, this says so."""
+    C = uncentred_features(200, 64)
+    seen = {}
+    real = torch.linalg.eigh
+
+    def spy(A, *args, out=None, **kwargs):
+        seen["input"], seen["out"] = A.data_ptr(), out[1].data_ptr()
+        return real(A, *args, out=out, **kwargs)
+
+    torch.linalg.eigh = spy
+    try:
+        _, vectors = dense.lean_eigh(C)
+    finally:
+        torch.linalg.eigh = real
+    assert seen["input"] == seen["out"] == vectors.data_ptr()
+    assert vectors.stride() == (1, C.shape[0])  # column-major: LAPACK's layout, no internal copy
+    torch.testing.assert_close(vectors.mT @ vectors, torch.eye(C.shape[0], dtype=torch.float64), atol=1e-12, rtol=0)

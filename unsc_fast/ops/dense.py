@@ -59,16 +59,46 @@ def eigh_factors(C: torch.Tensor, threshold: float, fp32_first: bool, complement
     eigenvectors (None unless ``complement``); orthonormal columns, orthogonal to each other.
 
     ``fp32_first``: try float32 ``eigh`` where ``tries_fp32``; float64 otherwise or when its
-    cut is not clear. The float64 basis is bitwise ``reference.energy_basis_eigh``'s."""
+    cut is not clear. The float64 basis is bitwise ``reference.energy_basis_eigh``'s (``lean_eigh``)."""
     if fp32_first and tries_fp32(C, threshold):
         found = fp32_factors(C, threshold, complement)
         if found is not None:
             return found
-    eigenvalues, eigenvectors = reference.symmetric_eigh(C)
-    k = reference.energy_rank(eigenvalues, threshold, torch.finfo(C.dtype).eps)
-    del eigenvalues
-    rest = eigenvectors[:, k:].to(C.dtype).contiguous() if complement else None
-    return eigenvectors[:, :k].to(C.dtype).contiguous(), rest
+    ascending, vectors = lean_eigh(C)
+    descending = ascending.flip(0).clamp_min(0.0)  # reference.symmetric_eigh's eigenvalues
+    k = reference.energy_rank(descending, threshold, torch.finfo(C.dtype).eps)
+    d = C.shape[0]
+    basis = _columns_descending(vectors, range(d - 1, d - 1 - k, -1), C.dtype)
+    rest = _columns_descending(vectors, range(d - 1 - k, -1, -1), C.dtype) if complement else None
+    return basis, rest
+
+
+def lean_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``eigh`` of ``(C + C^T) / 2`` (eigenvalues ascending, as LAPACK returns them),
+    bitwise ``reference.symmetric_eigh``'s before its flip, in a third of its memory.
+
+    Why: the reference holds the fp64 copy, two temporaries of the symmetrisation, the
+    eigenvectors beside their input, LAPACK's ``2 d^2`` workspace and a flipped copy: about
+    5 ``d x d`` doubles, which on a 4,608-wide slot (ResNet-18's last stage) was most of a
+    build's peak (issue 22). Here the copy is symmetrised in place (``symmetrize_``: the same
+    values), and LAPACK overwrites it with the eigenvectors: a symmetric matrix read through
+    its transpose is already in LAPACK's column-major layout, so ``eigh(out=)`` needs no
+    second buffer. The peak is the copy and the workspace, 3 ``d x d`` doubles."""
+    A = reference.symmetrize_(C.to(torch.float64, copy=True))
+    column_major = A.mT  # the same values (A is symmetric), LAPACK's layout
+    eigenvalues = A.new_empty(A.shape[0])
+    torch.linalg.eigh(column_major, out=(eigenvalues, column_major))
+    return eigenvalues, column_major
+
+
+def _columns_descending(vectors: torch.Tensor, columns: range, dtype: torch.dtype, block: int = 256) -> torch.Tensor:
+    """``vectors[:, columns]`` as a contiguous ``dtype`` matrix, gathered a block of columns at
+    a time (no full float64 copy beside the eigenvectors)."""
+    order = torch.tensor(list(columns), dtype=torch.long, device=vectors.device)
+    out = torch.empty((vectors.shape[0], order.numel()), dtype=dtype, device=vectors.device)
+    for start in range(0, order.numel(), block):
+        out[:, start : start + block] = vectors.index_select(1, order[start : start + block])
+    return out
 
 
 def fp32_factors(C: torch.Tensor, threshold: float, complement: bool = True):

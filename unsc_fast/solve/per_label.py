@@ -32,6 +32,8 @@ from typing import Iterable
 
 import torch
 
+from unsc_fast.ops import dense
+
 # Ties and rounding at the cut: a fraction within this of the threshold counts as reaching it
 # (the fractions are ratios of float64 sums of d terms).
 FRACTION_SLACK = 1e-12
@@ -74,11 +76,9 @@ def label_spectrum(kept_sum: torch.Tensor, labels: Iterable[tuple[object, float,
     """The spectrum of one dense slot. ``kept_sum``: the kept labels' summed covariance (d, d);
     ``labels``: ``(label, exact trace, gram)`` with ``gram <= C_label`` (its exact covariance, or
     a sketch's ``B^T B``), consumed one at a time. Eigenvectors are solved in float64."""
-    matrix = kept_sum.to(torch.float64)
-    matrix = (matrix + matrix.T) / 2
-    _, vectors = torch.linalg.eigh(matrix)
-    del matrix
-    vectors = vectors.flip(1)  # decreasing eigenvalue
+    _, ascending = dense.lean_eigh(kept_sum)  # the reference's eigenvectors in 3 d x d doubles, not 5
+    vectors = ascending.flip(1)  # decreasing eigenvalue
+    del ascending
     names, curves = [], []
     for label, trace, gram in labels:
         names.append(label)
@@ -86,7 +86,7 @@ def label_spectrum(kept_sum: torch.Tensor, labels: Iterable[tuple[object, float,
             curves.append(torch.ones(vectors.shape[0] + 1, dtype=torch.float64))  # nothing to keep: no constraint
             continue
         work = vectors.to(gram.device)
-        captured = ((gram.to(torch.float64) @ work) * work).sum(0).to(vectors.device).clamp_min(0)
+        captured = (gram.to(torch.float64) @ work).mul_(work).sum(0).to(vectors.device).clamp_min(0)
         curves.append(torch.cat([captured.new_zeros(1), captured.cumsum(0)]) / float(trace))
     stacked = torch.stack(curves) if curves else torch.zeros(0, vectors.shape[0] + 1, dtype=torch.float64)
     return LabelSpectrum(vectors.to(kept_sum.dtype), stacked, tuple(names))
