@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from unsc_fast.distributed import sketch as distributed_sketch
+from unsc_fast.statistics.policies import is_forget_key
 from unsc_fast.statistics.store import CovarianceStore
 
 
@@ -40,6 +41,7 @@ def gather_covariances_on_rank0(store: CovarianceStore, layers: list, group, key
                 covariances.setdefault(key, {})[name] = local
                 counts.setdefault(key, {})[name] = int(count[index])
     store.replace(covariances, counts)
+    store.factor_([key for key in store.keys if is_forget_key(key)])  # pooled dense, kept as factors again
 
 
 def keep_sketches_on_rank0(table: dict, keys, rows, slots: dict, devices: dict, group, rank: int) -> None:

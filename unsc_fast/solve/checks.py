@@ -70,7 +70,7 @@ def check_rows(store: CovarianceStore, names: Iterable[str], kept: list, subtrac
     subtract = list(subtract)
     empty = [
         name for name in names
-        if any(store.matrix(key, name) is not None for key in kept)
+        if any(store.has(key, name) for key in kept)
         and store.kept_rows(name, kept, subtract) <= 0
     ]
     if empty:
@@ -101,9 +101,9 @@ def removal(store: CovarianceStore, name: str, kept: Iterable, subtract: Iterabl
     shape, subtract = tuple(shape), list(subtract)
     total = torch.zeros(shape if len(shape) == 1 else shape[:-1], dtype=torch.float64, device=device)
     for key in subtract:
-        part = store.matrix(key, name)
+        part = store.diagonal(key, name)
         if part is not None:
-            total += _diagonal(part).to(device=total.device, dtype=torch.float64)
+            total += part.to(device=total.device, dtype=torch.float64)
     rows = sum(store.rows(key, name) for key in [*kept, *subtract])
     return Removal(total, rows, row_eps(store, name))
 
@@ -113,7 +113,7 @@ def check_subtraction(store: CovarianceStore, name: str, covariance: torch.Tenso
     """Refuse ``covariance`` (kept sum less the ``subtract`` groups) when it is clearly
     indefinite, i.e. the subtracted samples were not part of the kept ones."""
     subtract = list(subtract)
-    if not any(store.matrix(key, name) is not None for key in subtract):
+    if not any(store.has(key, name) for key in subtract):
         return
     check_definite(name, covariance, removal(store, name, kept, subtract, covariance.shape, covariance.device),
                    subtract, store.rounding)

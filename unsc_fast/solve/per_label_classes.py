@@ -93,11 +93,11 @@ def _slot_spectrum(store, slot, kept: list, subtracted: list, labels: list, clas
 
 def _check_forget_pass(store, slot, allowed: float) -> None:
     """Refuse a forget pass holding more energy than the excluded labels' rows (``allowed``)."""
-    forget = store.matrix(policies.FORGET_KEY, slot.name)
+    forget = store.diagonal(policies.FORGET_KEY, slot.name)
     if forget is None:
         return
-    energy = float(forget.to(torch.float64).diagonal(dim1=-2, dim2=-1).sum())
-    slack = max(FORGET_ENERGY_SLACK, 1024 * torch.finfo(forget.dtype).eps)  # a float32 total's own rounding
+    energy = float(forget.to(torch.float64).sum())
+    slack = max(FORGET_ENERGY_SLACK, 1024 * torch.finfo(store.dtype).eps)  # a float32 total's own rounding
     if energy > allowed * (1 + slack):
         raise PerLabelUnavailable(
             f'build(criterion="per_label"): layer {slot.name!r}: the forget pass holds more energy ({energy:.6g}) '

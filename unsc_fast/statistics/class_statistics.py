@@ -145,7 +145,8 @@ def fold_to_total(projector, dtype: torch.dtype, class_rows: int, reason: str) -
                 parts = [fd.from_covariance(m, class_rows, rows, generator=generator)
                          for m in (matrix.unbind(0) if slot.kind == "grouped" else [matrix])]
                 projector._class_sketches.setdefault(key, {})[name] = fd.SlotSketch.of(parts)
-            new.add(target, name, matrix.to(dtype), rows)  # may keep (and later add into) the matrix itself
+            # may keep (and later add into) the matrix itself; a forget pass stays factored where it was
+            new.add(target, name, matrix.to(dtype), rows, factor=target == policies.FORGET_KEY)
             del matrix
     for key in old.keys:
         if policies.is_forget_key(key) and policies.forget_label(key) is not None:

@@ -75,7 +75,7 @@ class MemoryEstimate:
         size = self.itemsizes[policy]
         held = peak = 0
         for numbers in sorted(self.sizes.values(), reverse=True):  # widest first, as build solves them
-            peak = max(peak, held + numbers * (2 * size + SOLVE_MATRICES * 8))
+            peak = max(peak, held + 2 * numbers * size + int(numbers * SOLVE_MATRICES * 8))
             held += numbers * size  # its basis and complement
         return max(sum(self.sizes.values()) * size, peak, held)
 
@@ -122,7 +122,7 @@ class StatisticsRouter:
 
     def add(self, key: Hashable, name: str, delta: torch.Tensor, rows: int) -> None:
         key = self.key(key)
-        if self.budget is not None and self.store.matrix(key, name) is None:
+        if self.budget is not None and not self.store.has(key, name):
             needed = self.store.nbytes() + delta.numel() * delta.element_size()
             if needed > self.budget:
                 raise MemoryError(
@@ -130,7 +130,7 @@ class StatisticsRouter:
                     f"({delta.numel() * delta.element_size():,} bytes) takes the statistics to "
                     f"{needed:,} bytes, over memory_budget={self.budget:,} (use statistics='total')"
                 )
-        self.store.add(key, name, delta, rows)
+        self.store.add(key, name, delta, rows, factor=self.forget)  # a forget pass: kept as a factor where its rows are few
 
     def note_row_dtype(self, name: str, dtype: torch.dtype) -> None:
         self.store.note_row_dtype(name, dtype)

@@ -7,8 +7,10 @@ covariance is the sum over the keys that stay, less any key whose samples are al
 them (a sample-wise request observed separately). Observation adds to it, distributed code
 pools it, the projector reads it; nobody else touches its dictionaries.
 
-Memory: one ``d x d`` matrix per layer and key. ``kept_sum`` adds keys one at a time into
-a single running sum, so a build never holds more than one extra matrix per layer.
+Memory: one ``d x d`` matrix per layer and key, except a sum added with ``factor=True`` (a
+forget pass) of fewer rows than a quarter of its width, which is kept as its ``r x d`` factor
+(``statistics.factored``). ``kept_sum`` adds keys one at a time into a single running sum, so
+a build never holds more than one extra matrix per layer.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import warnings
 from typing import Hashable, Iterable
 
 import torch
+
+from unsc_fast.statistics.factored import FactoredSum, psd_factor, worth_factoring
 
 Key = Hashable
 
@@ -79,23 +83,66 @@ class CovarianceStore:
         return self._rows.get(key, {}).get(name, 0)
 
     def matrix(self, key: Key, name: str) -> torch.Tensor | None:
-        """The stored sum of ``key`` for layer ``name`` (not a copy), or None."""
-        return self._matrices.get(key, {}).get(name)
+        """The stored sum of ``key`` for layer ``name`` (not a copy; a factored sum is
+        materialised as a new matrix), or None."""
+        stored = self._matrices.get(key, {}).get(name)
+        return stored.dense() if isinstance(stored, FactoredSum) else stored
+
+    def has(self, key: Key, name: str) -> bool:
+        """Whether ``key`` holds statistics for layer ``name`` (without materialising them)."""
+        return name in self._matrices.get(key, {})
+
+    def diagonal(self, key: Key, name: str) -> torch.Tensor | None:
+        """The diagonal of ``key``'s sum for layer ``name`` (a diagonal slot: the counts
+        themselves), without materialising a factored sum; None when not observed."""
+        stored = self._matrices.get(key, {}).get(name)
+        if stored is None or isinstance(stored, FactoredSum):
+            return None if stored is None else stored.diagonal()
+        return stored if stored.dim() == 1 else stored.diagonal(dim1=-2, dim2=-1)
+
+    def factored(self, key: Key, name: str) -> bool:
+        """Whether ``key``'s sum for layer ``name`` is kept as a factor."""
+        return isinstance(self._matrices.get(key, {}).get(name), FactoredSum)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for per_layer in self._matrices.values() for t in per_layer.values())
+        return sum(t.nbytes if isinstance(t, FactoredSum) else t.numel() * t.element_size()
+                   for per_layer in self._matrices.values() for t in per_layer.values())
 
     # ------------------------------------------------------------------ write
-    def add(self, key: Key, name: str, delta: torch.Tensor, rows: int) -> None:
-        """Add ``delta`` (rows^T rows of ``rows`` rows) to ``key``'s sum; the store may keep ``delta``."""
+    def add(self, key: Key, name: str, delta: torch.Tensor, rows: int, *, factor: bool = False) -> None:
+        """Add ``delta`` (rows^T rows of ``rows`` rows) to ``key``'s sum; the store may keep ``delta``.
+
+        ``factor``: keep the sum as its factor where its rows are few (``statistics.factored``;
+        for forget passes, which are only ever subtracted)."""
         self.version += 1
         per_layer = self._matrices.setdefault(key, {})
-        if name in per_layer:
-            per_layer[name].add_(delta)
-        else:
-            per_layer[name] = delta
         counts = self._rows.setdefault(key, {})
-        counts[name] = counts.get(name, 0) + int(rows)
+        total_rows = counts.get(name, 0) + int(rows)
+        stored = per_layer.get(name)
+        if isinstance(stored, FactoredSum):
+            stored = stored.add_to_(delta)  # delta is the observation's own buffer: summed into it
+        elif stored is not None:
+            stored = stored.add_(delta)
+        else:
+            stored = delta
+        if factor and worth_factoring(stored, total_rows):
+            found = psd_factor(stored, total_rows)
+            if found is not None:
+                stored = FactoredSum(found, stored.dtype)
+        per_layer[name] = stored
+        counts[name] = total_rows
+
+    def factor_(self, keys: Iterable[Key]) -> None:
+        """Keep the sums of ``keys`` as factors where their rows are few (forget passes that
+        arrived dense: loaded from a file, or pooled across processes)."""
+        for key in keys:
+            per_layer = self._matrices.get(key, {})
+            for name, stored in per_layer.items():
+                rows = self.rows(key, name)
+                if isinstance(stored, torch.Tensor) and worth_factoring(stored, rows):
+                    found = psd_factor(stored, rows)
+                    if found is not None:
+                        per_layer[name] = FactoredSum(found, stored.dtype)
 
     def note_row_dtype(self, name: str, dtype: torch.dtype) -> None:
         """Layer ``name`` received rows in ``dtype``: keep the coarsest seen."""
@@ -104,11 +151,11 @@ class CovarianceStore:
             self.row_dtypes[name] = dtype
 
     def pop(self, key: Key, name: str) -> tuple[torch.Tensor | None, int]:
-        """Remove and return ``(matrix, rows)`` of one key and layer."""
+        """Remove and return ``(matrix, rows)`` of one key and layer (a factored sum materialised)."""
         self.version += 1
         matrix = self._matrices.get(key, {}).pop(name, None)
         rows = self._rows.get(key, {}).pop(name, 0)
-        return matrix, rows
+        return (matrix.dense() if isinstance(matrix, FactoredSum) else matrix), rows
 
     def reset(self, keys: Iterable[Key] | None = None) -> None:
         """Forget ``keys`` (default: all)."""
@@ -173,8 +220,10 @@ class CovarianceStore:
                 )
             total = torch.zeros(shape, dtype=self.dtype, device=device)
         for key in subtract:
-            part = self.matrix(key, name)
-            if part is not None:
+            part = self._matrices.get(key, {}).get(name)
+            if isinstance(part, FactoredSum):
+                part.add_to_(total, alpha=-1.0)
+            elif part is not None:
                 total.sub_(part.to(total.device))
         return total
 
@@ -187,7 +236,7 @@ class CovarianceStore:
         return [
             {
                 "key": key,
-                "covariances": dict(self._matrices[key]),
+                "covariances": {name: self.matrix(key, name) for name in self._matrices[key]},
                 "counts": {n: torch.tensor(c, dtype=torch.int64) for n, c in self._rows[key].items()},
             }
             for key in self._matrices

@@ -1,0 +1,103 @@
+"""A forget pass kept as a factor: ``C = F^T F`` with ``F`` (r, d), where its rows are few.
+
+Why: a deletion request's forget pass is usually small (a class of a few images, a handful of
+samples), yet stored like the total as one ``d x d`` matrix per slot: 390 MB of float32 on a
+CIFAR ResNet-18, where label 0's two images are 32 rows of a 4,608-wide slot (issue 22). A
+sum of ``r`` rows has rank at most ``r``, so it is held exactly by an ``r x d`` factor. The
+factor is recovered from the committed ``d x d`` sum by pivoted Cholesky (left-looking: each
+step reads one row of the sum and the factor so far, ``O(d r^2)`` in all, no ``d x d``
+temporary), in float64, and kept only when its residual is at rounding level; otherwise the
+dense sum stays.
+
+Accuracy: the stored sum is a float32 (or float64) accumulation of the products, so it is a
+rank-``r`` matrix plus rounding; the factor keeps the rank-``r`` part and drops a residual no
+larger than ``FACTOR_RESIDUAL`` of the largest diagonal entry (float32 accumulations leave
+~1e-7). Dropping part of a forget pass can only make the kept sum larger, never free a
+direction the remaining data uses.
+"""
+from __future__ import annotations
+
+import torch
+
+# A forget sum of r rows is factored when r * FACTOR_WIDTH_RATIO <= d: the float64 factor is
+# then at most half the size of a float32 d x d matrix, and the O(d r^2) factorisation cheap.
+FACTOR_WIDTH_RATIO = 4
+# The largest diagonal entry left after r steps, relative to the largest diagonal entry of the
+# sum, above which the factor is refused (the sum had more rank than its row count: keep it dense).
+FACTOR_RESIDUAL = 1e-5
+# Rows of the dense sum rebuilt per block when a factor is added to or subtracted from a matrix.
+BLOCK_ROWS = 512
+
+
+class FactoredSum:
+    """A stored covariance sum held as its float64 factor ``F`` (r, d): the sum is ``F^T F``,
+    materialised in ``dtype`` (the store's) only where a reader needs the matrix."""
+
+    __slots__ = ("factor", "dtype")
+
+    def __init__(self, factor: torch.Tensor, dtype: torch.dtype) -> None:
+        self.factor, self.dtype = factor, dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        d = self.factor.shape[1]
+        return (d, d)
+
+    @property
+    def device(self) -> torch.device:
+        return self.factor.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.factor.numel() * self.factor.element_size()
+
+    def diagonal(self) -> torch.Tensor:
+        """The sum's diagonal, float64, without forming the matrix."""
+        return self.factor.square().sum(0)
+
+    def dense(self) -> torch.Tensor:
+        """``F^T F`` as a new ``dtype`` matrix."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        for start in range(0, self.shape[0], BLOCK_ROWS):
+            out[start : start + BLOCK_ROWS] = self.factor[:, start : start + BLOCK_ROWS].mT @ self.factor
+        return out
+
+    def add_to_(self, matrix: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``matrix += alpha F^T F`` in place, a block of rows at a time (no ``d x d`` temporary)."""
+        factor = self.factor.to(matrix.device)
+        for start in range(0, self.shape[0], BLOCK_ROWS):
+            block = matrix[start : start + BLOCK_ROWS]
+            block.add_((factor[:, start : start + BLOCK_ROWS].mT @ factor).to(matrix.dtype), alpha=alpha)
+        return matrix
+
+
+def worth_factoring(delta: torch.Tensor, rows: int) -> bool:
+    """Whether a dense ``(d, d)`` sum of ``rows`` rows is kept smaller as a factor."""
+    return delta.dim() == 2 and delta.is_floating_point() and 0 < rows and rows * FACTOR_WIDTH_RATIO <= delta.shape[0]
+
+
+def psd_factor(C: torch.Tensor, rank: int) -> torch.Tensor | None:
+    """``F`` (k, d) float64 with ``F^T F = C`` to rounding, k <= ``rank``, by pivoted Cholesky;
+    None when ``rank`` steps leave more than ``FACTOR_RESIDUAL`` of ``C``'s largest diagonal
+    entry (``C`` has more rank than that). ``C`` is read, never written."""
+    d = C.shape[0]
+    residual = C.diagonal().to(torch.float64).clone()
+    scale = float(residual.max()) if d else 0.0
+    if not scale > 0.0:
+        return torch.zeros((0, d), dtype=torch.float64, device=C.device)
+    tolerance = FACTOR_RESIDUAL * scale
+    factor = torch.zeros((min(rank, d), d), dtype=torch.float64, device=C.device)
+    taken = 0
+    for step in range(factor.shape[0]):
+        pivot = int(residual.argmax())
+        largest = float(residual[pivot])
+        if largest <= tolerance:
+            break
+        column = C[pivot].to(torch.float64) - factor[:step, pivot] @ factor[:step]
+        factor[step] = column / largest**0.5
+        residual -= factor[step].square()
+        residual[pivot] = 0.0
+        taken = step + 1
+    if float(residual.max()) > tolerance:
+        return None
+    return factor[:taken].clone()
