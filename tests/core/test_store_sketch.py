@@ -39,6 +39,50 @@ def test_frequent_directions_bound(shrink, monkeypatch):
     assert held >= (0.95 * best if shrink == "truncate" else 0.3 * best)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [8, 32])
+def test_a_large_update_is_compressed_first_and_keeps_both_bounds(dtype, rows, monkeypatch):
+    """Many rows in one update (a class sketch fed 2,048 conv patches) go through a randomized
+    range finder before the buffer: far fewer SVD calls, ``B^T B <= A^T A`` still, the
+    spectral bound, exact trace and count, as much energy as streaming them (within 2 %), and
+    the same sketch from the same rows."""
+    from unsc_fast.statistics import sketch
+
+    A = power_law_rows(3000, 160, decay=0.5, seed=rows).to(dtype)
+    exact = A.double().T @ A.double()
+    scale = exact.trace().item()
+    calls = {"svd": 0}
+    svd = torch.linalg.svd
+
+    def counted(*args, **kwargs):
+        calls["svd"] += 1
+        return svd(*args, **kwargs)
+
+    def sketched(compress: bool) -> FrequentDirections:
+        monkeypatch.setattr(sketch, "COMPRESS_BUFFERS", 4 if compress else 10**9)
+        calls["svd"] = 0
+        monkeypatch.setattr(torch.linalg, "svd", counted)
+        fd = FrequentDirections(160, rows, dtype, capacity=sketch.buffer_rows(rows))
+        for forward in A.split(1500):
+            fd.update(forward)
+            fd.compact()
+        monkeypatch.setattr(torch.linalg, "svd", svd)
+        return fd
+
+    streamed = sketched(False)
+    streamed_calls = calls["svd"]
+    fd = sketched(True)
+    assert calls["svd"] <= 2 and streamed_calls >= 10  # one shrink per update instead of one per buffer
+    B = fd.matrix().double()
+    error = torch.linalg.eigvalsh(exact - B.T @ B)
+    assert error[0] >= -1e-8 * scale
+    assert error[-1] <= fd.shrunk + 1e-8 * scale
+    assert fd.trace == pytest.approx(scale, rel=1e-10) and fd.count == 3000 and B.shape[0] <= rows
+    held, streamed_held = B.square().sum().item(), streamed.matrix().double().square().sum().item()
+    assert held >= 0.98 * streamed_held
+    assert torch.equal(sketched(True).matrix(), fd.matrix())
+
+
 @pytest.mark.parametrize("threshold", [0.9, 0.97])
 def test_sketched_basis_keeps_the_threshold_of_the_exact_energy(threshold):
     torch.manual_seed(0)
