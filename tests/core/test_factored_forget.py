@@ -2,7 +2,7 @@
 two images on a ResNet-18). The factor is recovered to rounding from the committed sum, a sum
 with more rank than rows stays dense, and every reader sees the same statistics as from the
 dense sum: the kept sum, its diagonal, the build, a save and load, a fold."""
-import warnings
+import copy
 
 import pytest
 import torch
@@ -13,6 +13,8 @@ from unsc_fast import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.statistics import factored
 from unsc_fast.statistics.policies import FORGET_KEY
 from unsc_fast.statistics.store import CovarianceStore
+
+from state_helpers import assert_bitwise_equal
 
 ROUNDING = 1e-5  # float32: an exact step's residual is ~1e-7, a missed projection's ~1e-1
 
@@ -127,8 +129,34 @@ def test_save_and_load_keep_the_factored_pass_statistics(monkeypatch, tmp_path):
     model, _, _ = model_and_data()
     loaded = NullSpaceProjector(model, threshold=0.95, statistics="total", dtype=torch.float32).load(path)
     for name in ("0", "3"):
-        assert loaded.store.factored(FORGET_KEY, name), name  # saved dense, factored again on load
-        scale = float(proj.store.matrix(FORGET_KEY, name).abs().max())
-        torch.testing.assert_close(loaded.store.matrix(FORGET_KEY, name), proj.store.matrix(FORGET_KEY, name),
-                                   atol=4e-7 * scale, rtol=0)
+        assert loaded.store.factored(FORGET_KEY, name), name  # saved as its factor, exactly
+        assert torch.equal(loaded.store.matrix(FORGET_KEY, name), proj.store.matrix(FORGET_KEY, name))
+    assert_bitwise_equal(loaded.state_dict(), proj.state_dict(), "projector")
     assert loaded.build().ranks() == proj.build().ranks()
+
+
+def test_a_damaged_factor_in_a_state_is_refused_naming_the_layer(monkeypatch, tmp_path):
+    from unsc_fast.projection.checksum import seal_state
+    from unsc_fast.projector.state_validation import StateError
+
+    proj = observed(True, monkeypatch)
+    state = proj.state_dict()
+    entry = next(e for e in state["groups"] if e["key"] == FORGET_KEY)
+    model, _, _ = model_and_data()
+    fresh = lambda: NullSpaceProjector(model, threshold=0.95, statistics="total", dtype=torch.float32)
+    cases = {
+        "more rows than counted": torch.zeros(9, 144, dtype=torch.float64),
+        "wrong width": torch.zeros(2, 143, dtype=torch.float64),
+        "NaN": torch.full((2, 144), float("nan"), dtype=torch.float64),
+    }
+    for what, factor in cases.items():
+        damaged = copy.deepcopy(state)
+        next(e for e in damaged["groups"] if e["key"] == FORGET_KEY)["factors"]["0"] = factor
+        with pytest.raises(StateError, match="layer '0' factor"):
+            fresh().load_state_dict(seal_state(damaged))
+    both = copy.deepcopy(state)
+    target = next(e for e in both["groups"] if e["key"] == FORGET_KEY)
+    target["covariances"]["0"] = torch.zeros(144, 144)
+    with pytest.raises(StateError, match="exactly one"):
+        fresh().load_state_dict(seal_state(both))
+    assert "factors" in entry and set(entry["factors"]) == {"0", "3"}

@@ -17,7 +17,7 @@ from unsc_fast.projection.bases import NullSpaceBases
 from unsc_fast.projection.checksum import seal_state
 from unsc_fast.projector import sketch_state
 from unsc_fast.projector.state_validation import StateError, parse_projector_state
-from unsc_fast.statistics.policies import TOTAL_KEY, is_forget_key
+from unsc_fast.statistics.policies import TOTAL_KEY
 from unsc_fast.statistics.store import CovarianceStore
 
 STATE_FORMAT = "unsc_fast.NullSpaceProjector/1"
@@ -80,7 +80,6 @@ class PersistenceMixin:
         solution.install(parsed.bases, parsed.complements, built_from=parsed.built_from, threshold=parsed.built_threshold)
         store = CovarianceStore(parsed.dtype)
         store.replace(parsed.matrices, parsed.rows)
-        store.factor_([key for key in store.keys if is_forget_key(key)])  # saved dense, kept as factors again
         store.row_dtypes.update(parsed.row_dtypes)
         store.rounding = statistics.rounding
         self.threshold, self.store = parsed.threshold, store

@@ -19,6 +19,7 @@ from typing import Hashable
 import torch
 
 from unsc_fast.projection.checksum import CHECKSUM_FIELD, ChecksumError, state_checksum
+from unsc_fast.statistics.factored import FactoredSum
 
 ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REQUIRED_FIELDS = ("format", "threshold", "dtype", "layers", "groups", "bases", "built_from", "built_threshold")
@@ -123,10 +124,10 @@ def _parse_groups(entries, shapes: dict[str, tuple], dtype: torch.dtype, devices
     matrices, rows = {}, {}
     for position, entry in enumerate(entries):
         entry = _mapping(entry, f"groups[{position}]")
-        if set(entry) != {"key", "covariances", "counts"}:
+        if not {"key", "covariances", "counts"} <= set(entry) <= {"key", "covariances", "counts", "factors"}:
             raise StateError(
-                f"projector state: groups[{position}] must have the fields key, covariances, counts; "
-                f"got {sorted(map(str, entry))}"
+                f"projector state: groups[{position}] must have the fields key, covariances, counts "
+                f"(and factors); got {sorted(map(str, entry))}"
             )
         key = entry["key"]
         if not isinstance(key, Hashable) or isinstance(key, torch.Tensor):
@@ -135,15 +136,26 @@ def _parse_groups(entries, shapes: dict[str, tuple], dtype: torch.dtype, devices
             raise StateError(f"projector state: group {key!r} appears twice")
         covariances = _mapping(entry["covariances"], f"group {key!r} covariances")
         counts = _mapping(entry["counts"], f"group {key!r} counts")
-        for name in [*covariances, *counts]:
+        factors = _mapping(entry.get("factors", {}), f"group {key!r} factors")
+        for name in [*covariances, *counts, *factors]:
             if name not in shapes:
                 raise StateError(f"projector state: layer {name!r} (group {key!r}): not a tracked layer of this model")
-        if set(covariances) != set(counts):
+        if set(covariances) & set(factors) or set(covariances) | set(factors) != set(counts):
             raise StateError(
-                f"projector state: group {key!r} has covariances for {sorted(covariances)} but counts "
-                f"for {sorted(counts)}"
+                f"projector state: group {key!r} has covariances for {sorted(covariances)}"
+                + (f" and factors for {sorted(factors)}" if factors else "")
+                + f" but counts for {sorted(counts)} (each counted layer needs exactly one of them)"
             )
         matrices[key], rows[key] = {}, {}
+        for name, factor in factors.items():
+            where = f"layer {name!r} factor (group {key!r})"
+            _tensor(factor, where)
+            count = _count(counts[name], f"layer {name!r} count (group {key!r})")
+            if len(shapes[name]) != 2 or factor.dim() != 2 or factor.shape[1] != shapes[name][1] or factor.shape[0] > count:
+                raise StateError(f"projector state: {where} must have shape (r, {shapes[name][-1]}) with r <= its "
+                                 f"row count {count} for a layer of shape {shapes[name]}, got {tuple(factor.shape)}")
+            rows[key][name] = count
+            matrices[key][name] = FactoredSum(factor.to(devices[name], torch.float64, copy=True), dtype)
         for name, matrix in covariances.items():
             where = f"layer {name!r} covariance (group {key!r})"
             _tensor(matrix, where)

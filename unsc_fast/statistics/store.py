@@ -232,15 +232,20 @@ class CovarianceStore:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> list[dict]:
-        """One entry per key: its covariances and row counts, tensors only."""
-        return [
-            {
+        """One entry per key: its covariances and row counts, tensors only; a factored sum is
+        saved as its factor under ``factors`` (exact: a load gives back the same sums)."""
+        entries = []
+        for key, per_layer in self._matrices.items():
+            entry = {
                 "key": key,
-                "covariances": {name: self.matrix(key, name) for name in self._matrices[key]},
+                "covariances": {n: t for n, t in per_layer.items() if not isinstance(t, FactoredSum)},
                 "counts": {n: torch.tensor(c, dtype=torch.int64) for n, c in self._rows[key].items()},
             }
-            for key in self._matrices
-        ]
+            factors = {n: t.factor for n, t in per_layer.items() if isinstance(t, FactoredSum)}
+            if factors:
+                entry["factors"] = factors
+            entries.append(entry)
+        return entries
 
     @staticmethod
     def parse_state(entries: list, dtype: torch.dtype, devices: dict[str, torch.device]) -> tuple[dict, dict]:
