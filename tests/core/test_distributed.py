@@ -217,6 +217,47 @@ def test_pooled_bases_match_single_process(tmp_path):
             torch.testing.assert_close(result["second_projections"][name], expected, atol=1e-5, rtol=0)
 
 
+def _forget_pass_scenario(rank: int, world: int) -> dict:
+    """One total per rank and a small forget pass on rank 0 (kept as a factor where its rows are
+    few): the pooled request equals one process's, and after ``keep_covariances="rank0"`` the
+    pooled forget pass is a factor again and serves the next request alike."""
+    x, y = make_data()
+    forget = torch.tensor([2])  # one sample of label 2: one row of 'hidden' (d = 80), 16 of 'conv' (d = 18)
+
+    def projector():
+        return NullSpaceProjector(make_model(), threshold=0.95, statistics="total", dtype=torch.float32)
+
+    pooled, single = projector(), projector()
+    x_local, y_local = halves(x, y, rank, world)
+    observe_batches(pooled, pooled.model, x_local, y_local, side_every=1)
+    observe_batches(single, single.model, x, y, side_every=1)
+    for proj in (single, pooled) if rank == 0 else (single,):
+        with torch.no_grad(), proj.observe(labels=y[forget], forget=True):
+            proj.model(x[forget])
+    local_factored = {n: pooled.store.factored("forget", n) for n in pooled.layers}
+    pooled.build()
+    single.build(process_group="local")
+    result = {"factored": local_factored, "projections": projection_matrices(pooled),
+              "single_projections": projection_matrices(single)}
+    pooled.build(keep_covariances="rank0")
+    result["pooled_factored"] = {n: pooled.store.factored("forget", n) for n in pooled.layers}
+    pooled.build(threshold=0.9)
+    single.build(threshold=0.9, process_group="local")
+    result["second_projections"] = projection_matrices(pooled)
+    result["second_single_projections"] = projection_matrices(single)
+    return result
+
+
+def test_a_forget_pass_pooled_across_ranks_stays_factored_and_subtracts_alike(tmp_path):
+    first, second = run_ranks(_forget_pass_scenario, tmp_path)
+    assert first["factored"] == {"conv": False, "hidden": True, "head": True, "side": True}
+    assert first["pooled_factored"] == first["factored"] and not any(second["pooled_factored"].values())
+    for result in (first, second):
+        for stage in ("", "second_"):
+            for name, expected in result[f"{stage}single_projections"].items():
+                torch.testing.assert_close(result[f"{stage}projections"][name], expected, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- 2. DDP
 def _ddp_scenario(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
