@@ -50,6 +50,30 @@ def test_stops_when_forgotten():
     assert result.trajectory[-1].event == "forgotten" and built == [] and rates == [0.1]
 
 
+class Erasing(Scripted):
+    """Forgotten from the first check; the forget features' outside share falls 10 % a check."""
+
+    def __init__(self):
+        super().__init__([(0.0, 0.0, False)])
+        self.features = lambda model: 0.9 ** self.calls
+
+
+@pytest.mark.parametrize("cap, checks", [(None, 20), (0, 1), (3, 4)])
+def test_feature_erasure_goes_on_after_forgetting_until_its_cap(cap, checks):
+    """Erasure continues while the share keeps falling (10 % a check > the 5 % progress asked),
+    here until the 20-pass budget; ``max_erasure_checks`` caps the checks spent on it."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+    schedule = ProtectionSchedule(lambda threshold: None, (0.99,), 0.99)
+    objective = lambda step: nn.functional.cross_entropy(step.outputs, step.targets)  # noqa: E731
+    rule = StopRule(max_epochs=20, feature_target=0.01, max_erasure_checks=cap)
+    result = loop.run(model, batches, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.1, objective, rule,
+                      schedule, Erasing())
+    assert len(result.trajectory) == checks
+    assert result.reason == ("budget" if cap is None else "forgotten")
+
+
 def test_significant_damage_backs_off_restores_and_halves_the_rate():
     result, built, rates, schedule, model = setup([(50.0, 0.0, False), (40.0, 2.0, True), (0.0, 0.0, False)])
     assert [c.event for c in result.trajectory] == ["", "backoff", "forgotten"]
@@ -117,7 +141,8 @@ def test_schedule_ladder():
 
 
 @pytest.mark.parametrize("field,value", [("holdout", 1.0), ("guard", -0.1), ("tolerance", -1), ("max_epochs", 0),
-                                         ("patience", 0), ("check_every", 0), ("max_steps", 0)])
+                                         ("patience", 0), ("check_every", 0), ("max_steps", 0),
+                                         ("max_erasure_checks", -1)])
 def test_stop_rule_settings_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         StopRule(**{field: value})

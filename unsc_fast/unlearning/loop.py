@@ -73,12 +73,12 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
     result = LoopResult()
     saved = _snapshot(model)
     best, stalled, backoffs = float("inf"), 0, 0
-    best_erased, erase_stalled = float("inf"), 0
+    best_erased, erase_stalled, erasing = float("inf"), 0, 0
     pass_total = pass_count = 0.0
 
     def check(event_if_continue: str = "") -> str | None:
         """Measure; return why the run stops, or None to go on."""
-        nonlocal saved, best, stalled, backoffs, optimizer, lr, best_erased, erase_stalled
+        nonlocal saved, best, stalled, backoffs, optimizer, lr, best_erased, erase_stalled, erasing
         forget = monitor.forget(model) if monitor is not None else None
         damage, significant = monitor.guard_damage(model, rule.tolerance) if monitor is not None else (None, False)
         erased = monitor.features(model) if monitor is not None and monitor.features is not None else None
@@ -113,7 +113,9 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
                 best_erased, erase_stalled = erased, 0
             else:
                 erase_stalled += 1
-            if erase_stalled >= rule.patience:
+            erasing += 1
+            if erase_stalled >= rule.patience or (rule.max_erasure_checks is not None
+                                                  and erasing > rule.max_erasure_checks):
                 entry.event = "forgotten"
                 return "forgotten"
             return None

@@ -22,7 +22,8 @@ forgotten after 1-3 epochs at 0.97, 13 points of remaining accuracy lost after 1
 Backing off restores the last state that passed the guard, halves the learning rate and raises
 the protection's floor (``schedule``); after ``max_backoffs`` the run stops there. Progress is
 ``min_progress`` points of forget accuracy; ``patience`` checks without it lower the protection
-one level. ``max_epochs`` / ``max_steps`` bound the run whatever happens.
+one level. ``max_epochs`` / ``max_steps`` bound the run whatever happens; with feature erasure,
+``max_erasure_checks`` bounds the checks spent erasing once the forget data is forgotten.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class StopRule:
     check_every: int | None = None  # steps between checks; None: once per pass over the forget data
     feature_target: float = 0.1  # with feature erasure: share of the forget features' outside energy left
     min_feature_progress: float = 0.05  # relative fall of that share that counts as progress
+    max_erasure_checks: int | None = None  # checks spent erasing features once forgotten (None: no cap)
 
     def __post_init__(self) -> None:
         for name in ("holdout", "guard"):
@@ -66,6 +68,8 @@ class StopRule:
             raise ValueError("StopRule: max_epochs and max_steps must be at least 1")
         if self.patience < 1 or self.max_backoffs < 0:
             raise ValueError("StopRule: patience must be >= 1 and max_backoffs >= 0")
+        if self.max_erasure_checks is not None and self.max_erasure_checks < 0:
+            raise ValueError(f"StopRule.max_erasure_checks must be >= 0 or None, got {self.max_erasure_checks}")
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"StopRule.check_every must be >= 1 or None, got {self.check_every}")
 

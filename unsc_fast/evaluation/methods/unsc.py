@@ -36,7 +36,8 @@ from unsc_fast.unlearning.stopping import StopRule
 DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
                 if k in ("threshold", "epochs", "lr", "momentum", "batch_size", "features", "criterion", "adaptive",
                          "distill")},
-            "stop": "rule", "tolerance": 0.5}  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
+            "stop": "rule", "tolerance": 0.5,  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
+            "erasure_checks": None}  # the stop rule's cap on checks spent erasing features once forgotten (None: none)
 STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
 SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the same layer inputs, so the "
@@ -56,8 +57,10 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
                 raise ValueError(f"unsc: stop must be one of {sorted(STOPS)}, got {settings['stop']!r}")
             settings["stop"] = STOPS[settings["stop"]]
         tolerance = settings.pop("tolerance", None)
+        erasure_checks = settings.pop("erasure_checks", None)
         if tolerance is not None and settings.get("stop", "preset") == "preset":
-            settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50))
+            settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50),
+                                        max_erasure_checks=erasure_checks)
         forget_classes = scenario.forget_classes if scenario.kind == "full_class" else None
         remain, projector = scenario.remain, None
         if project and scenario.carry is not None:  # a later request of a sequence: no pass over the data
