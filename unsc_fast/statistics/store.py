@@ -134,7 +134,7 @@ class CovarianceStore:
 
     def factor_(self, keys: Iterable[Key]) -> None:
         """Keep the sums of ``keys`` as factors where their rows are few (forget passes that
-        arrived dense: loaded from a file, or pooled across processes)."""
+        arrived dense: pooled across processes onto rank 0)."""
         for key in keys:
             per_layer = self._matrices.get(key, {})
             for name, stored in per_layer.items():
