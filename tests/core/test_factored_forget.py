@@ -160,3 +160,18 @@ def test_a_damaged_factor_in_a_state_is_refused_naming_the_layer(monkeypatch, tm
     with pytest.raises(StateError, match="exactly one"):
         fresh().load_state_dict(seal_state(both))
     assert "factors" in entry and set(entry["factors"]) == {"0", "3"}
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-2), (torch.float64, 1e-3)])
+def test_a_row_of_little_energy_is_kept_not_dropped_as_noise(dtype, scale):
+    """A forget sample with a ten-thousandth (float32) or a millionth (float64) of the others'
+    energy, far above the sum's rounding (found by the stateful machine: a float64 store's factor
+    had dropped such a row, 2e-5 off the exact sum), is a direction of the sum: the factor keeps
+    it to the dtype's own precision."""
+    X = rows_with_spectrum(3, 12, torch.float64, seed=7)
+    X[2] *= scale
+    C = (X.mT @ X).to(dtype)
+    F_ = factored.psd_factor(C, 3)
+    assert F_ is not None and F_.shape[0] == 3
+    error = (F_.mT @ F_ - C.double()).abs().max() / C.double().abs().max()
+    assert error <= 16 * torch.finfo(dtype).eps

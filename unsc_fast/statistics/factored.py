@@ -10,10 +10,11 @@ temporary), in float64, and kept only when its residual is at rounding level; ot
 dense sum stays.
 
 Accuracy: the stored sum is a float32 (or float64) accumulation of the products, so it is a
-rank-``r`` matrix plus rounding; the factor keeps the rank-``r`` part and drops a residual no
-larger than ``FACTOR_RESIDUAL`` of the largest diagonal entry (float32 accumulations leave
-~1e-7). Dropping part of a forget pass can only make the kept sum larger, never free a
-direction the remaining data uses.
+rank-``r`` matrix plus rounding; the factor keeps the rank-``r`` part and drops only a residual
+at the rounding level of the sum's dtype (``noise_floor``): a small but real direction (a
+sample of little energy) is kept. A sum with more rank than its row count is left dense.
+Dropping part of a forget pass could only make the kept sum larger, never free a direction the
+remaining data uses.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import torch
 # A forget sum of r rows is factored when r * FACTOR_WIDTH_RATIO <= d: the float64 factor is
 # then at most half the size of a float32 d x d matrix, and the O(d r^2) factorisation cheap.
 FACTOR_WIDTH_RATIO = 4
-# The largest diagonal entry left after r steps, relative to the largest diagonal entry of the
-# sum, above which the factor is refused (the sum had more rank than its row count: keep it dense).
-FACTOR_RESIDUAL = 1e-5
+# The rounding level of a sum of r products, in units of (r + 1) * eps(dtype) * each column's own
+# diagonal entry: residuals at or below it are noise (the steps stop), residuals above it after
+# r steps mean the sum had more rank than its row count (the factor is refused: it stays dense).
+NOISE_UNITS = 16
 # Rows of the dense sum rebuilt per block when a factor is added to or subtracted from a matrix.
 BLOCK_ROWS = 512
 
@@ -78,26 +80,30 @@ def worth_factoring(delta: torch.Tensor, rows: int) -> bool:
 
 def psd_factor(C: torch.Tensor, rank: int) -> torch.Tensor | None:
     """``F`` (k, d) float64 with ``F^T F = C`` to rounding, k <= ``rank``, by pivoted Cholesky;
-    None when ``rank`` steps leave more than ``FACTOR_RESIDUAL`` of ``C``'s largest diagonal
-    entry (``C`` has more rank than that). ``C`` is read, never written."""
+    None when ``rank`` steps leave any column's residual above its ``noise_floor`` (``C`` has
+    more rank than that). ``C`` is read, never written."""
     d = C.shape[0]
     residual = C.diagonal().to(torch.float64).clone()
-    scale = float(residual.max()) if d else 0.0
-    if not scale > 0.0:
-        return torch.zeros((0, d), dtype=torch.float64, device=C.device)
-    tolerance = FACTOR_RESIDUAL * scale
+    floor = noise_floor(C, rank)
     factor = torch.zeros((min(rank, d), d), dtype=torch.float64, device=C.device)
     taken = 0
     for step in range(factor.shape[0]):
+        if not bool((residual > floor).any()):
+            break  # what is left is rounding
         pivot = int(residual.argmax())
         largest = float(residual[pivot])
-        if largest <= tolerance:
-            break
         column = C[pivot].to(torch.float64) - factor[:step, pivot] @ factor[:step]
         factor[step] = column / largest**0.5
         residual -= factor[step].square()
         residual[pivot] = 0.0
         taken = step + 1
-    if float(residual.max()) > tolerance:
+    if bool((residual > floor).any()):
         return None
     return factor[:taken].clone()
+
+
+def noise_floor(C: torch.Tensor, rank: int) -> torch.Tensor:
+    """Per column, what rounding leaves of a sum of ``rank`` products in ``C``'s dtype (the
+    accumulation bound ``~rank eps`` of the column's own energy, ``NOISE_UNITS`` times): a
+    residual below it is not a direction of the rows."""
+    return NOISE_UNITS * (rank + 1) * torch.finfo(C.dtype).eps * C.diagonal().to(torch.float64).abs()
