@@ -344,3 +344,27 @@ def test_state_machine_long_profile():
     RUNS.clear()
     run_state_machine_as_test(ProjectorMachine, settings=machine_settings(examples, 40))
     print("\nstate machine: " + ", ".join(f"{count} {what}" for what, count in RUNS.items()))
+
+
+def test_replay_a_float64_forget_pass_with_a_sample_of_little_energy():
+    """A sequence the long profile found: a second forget pass of a float64 store added a sample
+    whose energy the first factor's cut (1e-5 of the largest diagonal entry) dropped, 2e-5 off
+    the exact sum; the cut is now the sum's rounding level (``statistics.factored``)."""
+    state = ProjectorMachine()
+
+    def invariants():
+        state.changes_stay_in_the_null_space()
+        state.statistics_equal_the_oracle()
+
+    state.setup(policy="per_label", wide=True, sketched=False, inner="adam", mode="auto", threshold=0.6,
+                untracked="freeze", seed=108)
+    for step in (lambda: state.reset_a_group(pick=127), lambda: state.reset_a_group(pick=515),
+                 lambda: state.request_group(current=False, foreign=False, picks=[0]),
+                 lambda: state.build(picks=[0], request="everything", threshold=1.0, unobserved=False),
+                 lambda: state.observe_batch(seed=66617, size=5),
+                 lambda: state.forget_pass(current=False, picks=[0, 30094]),
+                 lambda: state.observe_batch(seed=0, size=1), lambda: state.resume(how="file", seed=182771),
+                 lambda: state.forget_pass(current=False, picks=[93])):
+        step()
+        invariants()
+    state.teardown()
