@@ -59,10 +59,7 @@ class FactoredSum:
 
     def dense(self) -> torch.Tensor:
         """``F^T F`` as a new ``dtype`` matrix."""
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        for start in range(0, self.shape[0], BLOCK_ROWS):
-            out[start : start + BLOCK_ROWS] = self.factor[:, start : start + BLOCK_ROWS].mT @ self.factor
-        return out
+        return self.add_to_(torch.zeros(self.shape, dtype=self.dtype, device=self.device))
 
     def add_to_(self, matrix: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``matrix += alpha F^T F`` in place, a block of rows at a time (no ``d x d`` temporary)."""
@@ -76,6 +73,15 @@ class FactoredSum:
 def worth_factoring(delta: torch.Tensor, rows: int) -> bool:
     """Whether a dense ``(d, d)`` sum of ``rows`` rows is kept smaller as a factor."""
     return delta.dim() == 2 and delta.is_floating_point() and 0 < rows and rows * FACTOR_WIDTH_RATIO <= delta.shape[0]
+
+
+def factored_if_worth(summed: torch.Tensor, rows: int) -> torch.Tensor | FactoredSum:
+    """``summed`` (a ``d x d`` sum of ``rows`` rows) as a ``FactoredSum`` where that is smaller
+    and the factor holds it to rounding, else ``summed`` itself."""
+    if not worth_factoring(summed, rows):
+        return summed
+    found = psd_factor(summed, rows)
+    return summed if found is None else FactoredSum(found, summed.dtype)
 
 
 def psd_factor(C: torch.Tensor, rank: int) -> torch.Tensor | None:

@@ -85,10 +85,11 @@ class FrequentDirections:
         energies = [float(chunk.to(torch.float64).square().sum()) for chunk in rows.split(step)]
         if not all(math.isfinite(e) for e in energies):
             raise ValueError("the rows have NaN or Inf entries")
-        self.trace += sum(energies)
+        energy = sum(energies)
+        self.trace += energy
         self.count += rows.shape[0]
         if SHRINK == "truncate" and rows.shape[0] > COMPRESS_BUFFERS * self.capacity and self.dim > self.capacity:
-            rows = self._range_rows(rows, sum(energies))
+            rows = self._range_rows(rows, energy)
         start = 0
         while start < rows.shape[0]:
             if self.rows.shape[0] >= self.capacity:

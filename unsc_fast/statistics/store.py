@@ -19,7 +19,7 @@ from typing import Hashable, Iterable
 
 import torch
 
-from unsc_fast.statistics.factored import FactoredSum, psd_factor, worth_factoring
+from unsc_fast.statistics.factored import FactoredSum, factored_if_worth
 
 Key = Hashable
 
@@ -125,11 +125,7 @@ class CovarianceStore:
             stored = stored.add_(delta)
         else:
             stored = delta
-        if factor and worth_factoring(stored, total_rows):
-            found = psd_factor(stored, total_rows)
-            if found is not None:
-                stored = FactoredSum(found, stored.dtype)
-        per_layer[name] = stored
+        per_layer[name] = factored_if_worth(stored, total_rows) if factor else stored
         counts[name] = total_rows
 
     def factor_(self, keys: Iterable[Key]) -> None:
@@ -138,11 +134,8 @@ class CovarianceStore:
         for key in keys:
             per_layer = self._matrices.get(key, {})
             for name, stored in per_layer.items():
-                rows = self.rows(key, name)
-                if isinstance(stored, torch.Tensor) and worth_factoring(stored, rows):
-                    found = psd_factor(stored, rows)
-                    if found is not None:
-                        per_layer[name] = FactoredSum(found, stored.dtype)
+                if isinstance(stored, torch.Tensor):
+                    per_layer[name] = factored_if_worth(stored, self.rows(key, name))
 
     def note_row_dtype(self, name: str, dtype: torch.dtype) -> None:
         """Layer ``name`` received rows in ``dtype``: keep the coarsest seen."""
