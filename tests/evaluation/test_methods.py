@@ -133,8 +133,9 @@ def test_unsc_forgets_the_class_and_keeps_the_rest(tiny):
     before_remain = accuracy(model, *scenario.remain_test)
     result = get_method("unsc")(model, scenario, {}, seed=0)  # the library's defaults
     assert accuracy(result.model, *scenario.forget) <= 10
-    # 15 test samples of the class on a model trained for seconds: 2 stay (13 %), at 0.97 too
-    assert accuracy(result.model, *scenario.forget_test) <= 20
+    # 15 test samples of the class on a model trained for seconds: 3 stay (20 %; 2 with an
+    # unbounded erasure phase, 2 at 0.97 too)
+    assert accuracy(result.model, *scenario.forget_test) <= 100 * 3 / 15 + 1e-4
     assert accuracy(result.model, *scenario.remain_test) >= before_remain - 5
     labels = result.info["forget_labels"]
     assert (labels != FORGET).all() and len(labels) == len(scenario.forget[1])

@@ -55,7 +55,7 @@ class StopRule:
     check_every: int | None = None  # steps between checks; None: once per pass over the forget data
     feature_target: float = 0.1  # with feature erasure: share of the forget features' outside energy left
     min_feature_progress: float = 0.05  # relative fall of that share that counts as progress
-    max_erasure_checks: int | None = None  # checks spent erasing features once forgotten (None: no cap)
+    max_erasure_checks: int | None = 5  # checks spent erasing features once forgotten (None: no cap; docs/fidelity.md)
 
     def __post_init__(self) -> None:
         for name in ("holdout", "guard"):

@@ -37,7 +37,7 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
                 if k in ("threshold", "epochs", "lr", "momentum", "batch_size", "features", "criterion", "adaptive",
                          "distill")},
             "stop": "rule", "tolerance": 0.5,  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
-            "erasure_checks": None}  # the stop rule's cap on checks spent erasing features once forgotten (None: none)
+            "erasure_checks": StopRule.max_erasure_checks}  # the stop rule's cap on erasure checks once forgotten (None: none)
 STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
 SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the same layer inputs, so the "
