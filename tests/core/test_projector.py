@@ -1,5 +1,6 @@
 """NullSpaceProjector: covariance collection, geometry, the null-space property, lifecycle, errors."""
 import copy
+import re
 import functools
 import gc
 import weakref
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast import NullSpaceProjector
+from state_helpers import assert_bitwise_equal
 
 
 class Tokens(nn.Module):
@@ -590,6 +592,24 @@ def test_refit_accumulates_and_reset_forgets():
     assert projector.groups == [1]
     projector.reset()
     assert projector.groups == []
+
+
+@pytest.mark.parametrize("sketch", [None, {"2": 2}])
+def test_resetting_a_label_inside_one_total_is_refused_and_loses_nothing(sketch):
+    """Under one total a label's rows cannot be taken out of the sum: ``reset([label])`` used to
+    drop only its sketches (or nothing), leaving the total's layers protecting it."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    projector = NullSpaceProjector(model, statistics="total", sketch=sketch)
+    with projector.observe(labels=torch.tensor([0, 1, 1])):
+        model(torch.randn(3, 4))
+    before = copy.deepcopy(projector.state_dict())
+    dense = "['0']" if sketch else "['0', '2']"  # the sketched layer keeps its rows per label
+    with pytest.raises(ValueError, match=r"reset\(\[0\]\): under statistics='total'.*layers " + re.escape(dense)):
+        projector.reset([0])
+    assert_bitwise_equal(projector.state_dict(), before, "projector")
+    projector.reset(["total"])  # the total itself can go, and then what is left of the labels
+    projector.reset([0])
+    assert projector.groups == ([1] if sketch else [])
 
 
 @pytest.mark.parametrize(

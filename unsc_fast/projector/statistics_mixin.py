@@ -19,7 +19,7 @@ from unsc_fast.statistics import class_statistics as per_class
 from unsc_fast.statistics import plan as planning
 from unsc_fast.statistics.sketch import buffer_rows
 from unsc_fast.statistics.sketch_observation import SketchFeed, SketchObservation, nbytes
-from unsc_fast.statistics.store import CovarianceStore, key_set
+from unsc_fast.statistics.store import CovarianceStore, key_set, listed
 from unsc_fast.training import batch_parts, eval_mode, model_device, progress_bar, to_device
 
 
@@ -134,14 +134,31 @@ class StatisticsMixin:
         return self.store.kept_sum(name, keys)
 
     def reset(self, keys: Iterable[Hashable] | None = None) -> None:
-        """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt."""
+        """Forget the stored covariances of ``keys`` (default: all). Bases stay until rebuilt.
+        Under one total a label's rows are summed into it and cannot be taken out: resetting a
+        label while the total holds rows is refused (it would drop only the label's sketches)."""
         keys = None if keys is None else key_set(keys, "keys")
+        if keys is not None:
+            self._refuse_reset_inside_total(keys)
         self.store.reset(keys)
         for table in (self._sketches, self._class_sketches):
             for key in list(table) if keys is None else keys:
                 table.pop(key, None)
         if keys is None:
             self._forget_labels.clear()
+
+    def _refuse_reset_inside_total(self, keys: set) -> None:
+        if self.statistics != "total" or policies.TOTAL_KEY not in self.store.keys:
+            return
+        inside = [k for k in keys if k != policies.TOTAL_KEY and not policies.is_forget_key(k)]
+        if inside:
+            layers = [n for n in self.protection.slots if self.store.rows(policies.TOTAL_KEY, n)]
+            raise ValueError(
+                f"reset({listed(inside)}): under statistics='total' the rows of every label are summed into "
+                f"one total (layers {layers}) and cannot be taken out of it; nothing was reset. To leave "
+                "labels out, observe their data as a forget pass (observe(..., forget=True)) and "
+                "build(exclude=...); to start again, reset() everything (or reset(['total'])) and observe "
+                "the remaining data")
 
     def reset_forget(self) -> None:
         """Drop the forget passes observed so far (a new request starts from none)."""
