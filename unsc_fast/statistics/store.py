@@ -239,13 +239,3 @@ class CovarianceStore:
                 entry["factors"] = factors
             entries.append(entry)
         return entries
-
-    @staticmethod
-    def parse_state(entries: list, dtype: torch.dtype, devices: dict[str, torch.device]) -> tuple[dict, dict]:
-        """``(matrices, rows)`` from ``state_dict()`` entries, moved to each layer's device."""
-        matrices, rows = {}, {}
-        for entry in entries:
-            key = entry["key"]
-            matrices[key] = {n: t.to(devices[n], dtype) for n, t in entry["covariances"].items()}
-            rows[key] = {n: int(c) for n, c in entry["counts"].items()}
-        return matrices, rows
