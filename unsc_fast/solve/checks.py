@@ -19,7 +19,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from unsc_fast.statistics.store import CovarianceStore, listed
+from unsc_fast.statistics.store import CovarianceStore, coordinate_energies, listed
 
 # The rounding ``kept - subtracted`` may show when the subtracted samples *are* inside the
 # kept ones (``rounding_allowance``): two forwards of one sample (another batch, another GEMM
@@ -82,12 +82,6 @@ def check_rows(store: CovarianceStore, names: Iterable[str], kept: list, subtrac
         )
 
 
-def _diagonal(matrix: torch.Tensor) -> torch.Tensor:
-    """The per-coordinate energies of a slot's statistics: the diagonal of a (d, d) or
-    (groups, d, d) covariance, or a diagonal slot's (d,) counts themselves."""
-    return matrix if matrix.dim() == 1 else matrix.diagonal(dim1=-2, dim2=-1)
-
-
 def row_eps(store: CovarianceStore, name: str) -> float:
     """The epsilon of the coarsest dtype layer ``name``'s rows arrived in (float32 if unknown)."""
     return torch.finfo(store.row_dtypes.get(name, DEFAULT_ROW_DTYPE)).eps
@@ -126,7 +120,7 @@ def check_definite(name: str, covariance: torch.Tensor, removed: Removal, subtra
     ``MAX_DEFINITENESS_CHECK_DIM`` the smallest eigenvalue, per group). ``rounding``: the unit
     roundoff the sums were accumulated with where coarser than their dtype's (a float64 total
     folded from float32 per-label sums carries float32's; ``CovarianceStore.rounding``)."""
-    after = _diagonal(covariance).to(torch.float64)
+    after = coordinate_energies(covariance).to(torch.float64)
     before = after + removed.diagonal.to(after.device)
     trace_before = float(before.sum())
     d = covariance.shape[-1]

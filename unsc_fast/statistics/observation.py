@@ -37,7 +37,7 @@ from unsc_fast.adapters import LayerAdapter
 from unsc_fast.adapters.tokens import TokenMask, padding_mask
 from unsc_fast.tracking.layers import Protection
 from unsc_fast.statistics.batches import is_token_ids
-from unsc_fast.statistics.store import CovarianceStore
+from unsc_fast.statistics.store import CovarianceStore, coordinate_energies
 
 
 def label_groups(labels) -> tuple[int, list[tuple[Hashable, torch.Tensor]]]:
@@ -220,7 +220,8 @@ class Observation:
             raise ValueError(_mismatch(broadcast[0], self.batch_size, 1) + "; nothing from this batch was kept")
         if not pending:
             return
-        finite = _finite_flags([_diagonal(delta) for delta, _ in pending.values()])
+        # a NaN/Inf anywhere in the inputs shows up on the diagonal of x^T x
+        finite = _finite_flags([coordinate_energies(delta) for delta, _ in pending.values()])
         for (key, name), ok in zip(pending, finite):
             if not ok:
                 raise ValueError(_non_finite_message(key, name, pending[(key, name)][0], inputs_finite.get(name, [])))
@@ -309,12 +310,6 @@ class _FreshDeltas(dict):
         slot = self.observation.protection.slot(own_name)
         self[own_name] = slot.zeros(self.observation.store.dtype, self.device)
         return self[own_name]
-
-
-def _diagonal(delta: torch.Tensor) -> torch.Tensor:
-    """Where a NaN/Inf anywhere in the inputs shows up: the diagonal of x^T x (per group),
-    or the counts themselves for a diagonal slot."""
-    return delta if delta.dim() == 1 else delta.diagonal(dim1=-2, dim2=-1)
 
 
 def _finite_flags(deltas: list[torch.Tensor]) -> list[bool]:

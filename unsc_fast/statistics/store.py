@@ -40,6 +40,12 @@ def listed(keys) -> str:
     return "[" + ", ".join(sorted(map(repr, keys))) + "]"
 
 
+def coordinate_energies(matrix: torch.Tensor) -> torch.Tensor:
+    """The per-coordinate energies of a slot's statistics: the diagonal of a (d, d) or
+    (groups, d, d) covariance, or a diagonal slot's (d,) counts themselves."""
+    return matrix if matrix.dim() == 1 else matrix.diagonal(dim1=-2, dim2=-1)
+
+
 def key_set(keys, argument: str) -> set:
     """``keys`` as a set of normalised keys: one label/name or an iterable of them."""
     if isinstance(keys, (str, int)) or isinstance(keys, torch.Tensor) and keys.dim() == 0:
@@ -98,7 +104,7 @@ class CovarianceStore:
         stored = self._matrices.get(key, {}).get(name)
         if stored is None or isinstance(stored, FactoredSum):
             return None if stored is None else stored.diagonal()
-        return stored if stored.dim() == 1 else stored.diagonal(dim1=-2, dim2=-1)
+        return coordinate_energies(stored)
 
     def factored(self, key: Key, name: str) -> bool:
         """Whether ``key``'s sum for layer ``name`` is kept as a factor."""
