@@ -6,6 +6,11 @@ and prints the worst-case and mean tables per dataset (how docs/fidelity.md's ta
 
     python -m benchmarks.fidelity_report fidelity_out --kinds full pair
     python -m benchmarks.fidelity_report fidelity_out --kinds sub seq --code a97cd8426e2eebf4
+    python -m benchmarks.fidelity_report fidelity_out --kinds full pair --costs
+
+``--costs`` adds, per model, each method's time as a multiple of the retraining of the same
+request (timed one after the other in one process, so the ratio holds where the seconds drift
+with the machine's load): the mean over the requests (benchmarks/RESULTS.md, issue 25 item 3).
 """
 from __future__ import annotations
 
@@ -30,6 +35,22 @@ def stored_cases(out: Path, kinds: list[str], split: str, code: str | None) -> d
     return by_dataset
 
 
+def cost_table(by_dataset: dict[str, list[dict]]) -> str:
+    """Mean over the requests of each method's seconds / the retraining's, per model."""
+    methods = [m for m in next(iter(by_dataset.values()))[0]["models"] if m not in ("original", "retrain")]
+    lines = ["| model | requests | " + " | ".join(f"{m} / retraining" for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for records in by_dataset.values():
+        for model in dict.fromkeys(r["model"] for r in records):
+            own = [r["models"] for r in records if r["model"] == model and "retrain" in r["models"]]
+            cells = []
+            for method in methods:
+                ratios = [m[method]["seconds"] / m["retrain"]["seconds"] for m in own if method in m]
+                cells.append(f"{sum(ratios) / len(ratios):.2f}" if ratios else "n/a")
+            lines.append(f"| {model} | {len(own)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(by_dataset: dict[str, list[dict]]) -> str:
     parts = []
     for dataset, records in by_dataset.items():
@@ -45,8 +66,13 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", nargs="+", default=["full", "pair", "sub", "seq"])
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--code", default=None, help="code version of the cases (default: the most common)")
+    parser.add_argument("--costs", action="store_true", help="add each method's time / the retraining's, per model")
     args = parser.parse_args(argv)
-    print(report(stored_cases(args.out, args.kinds, args.split, args.code)))
+    by_dataset = stored_cases(args.out, args.kinds, args.split, args.code)
+    print(report(by_dataset))
+    if args.costs and by_dataset:
+        print("Time as a multiple of the same request's retraining (mean over the requests):\n")
+        print(cost_table(by_dataset))
     return 0
 
 

@@ -141,3 +141,15 @@ def test_the_report_reads_stored_cases_of_one_code_version_and_the_named_kinds(t
     assert [len(records) for records in by_dataset.values()] == [2]  # "new" is the most common; no sub
     assert "#### mnist1d: 2 requests (full, pair), seeds 0" in report(by_dataset)
     assert [len(r) for r in stored_cases(tmp_path, ["full"], "test", "old").values()] == [1]
+
+
+def test_the_cost_table_is_each_methods_time_over_the_same_requests_retraining():
+    from benchmarks.fidelity_report import cost_table
+    records = []
+    for unsc_seconds, retrain_seconds in ((1.0, 4.0), (3.0, 4.0)):  # ratios 0.25 and 0.75: mean 0.50
+        case = record(unsc=dict(figures(89.0, 0.0, 70.0, 30.0), seconds=unsc_seconds))
+        case["models"]["retrain"] = dict(case["models"]["retrain"], seconds=retrain_seconds)
+        records.append(dict(case, model="mnist1d_cnn"))
+    table = cost_table({"mnist1d": records})
+    assert "| model | requests | logit_suppression / retraining | unsc / retraining |" in table
+    assert "| mnist1d_cnn | 2 | 0.25 | 0.50 |" in table  # suppression: 1 s over 4 s on both requests
