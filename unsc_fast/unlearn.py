@@ -56,8 +56,9 @@ OPTIMIZERS = ("sgd", "adamw")
 PRESETS = {
     # the library's own (docs/fidelity.md): per-label protection from 0.99, adapted to the request
     # (lowered while forgetting stalls, raised when the guard shows damage), SGD with momentum,
-    # stopped by the stop rule within 50 passes over the forget data; feature erasure and retain
-    # distillation at weight 1 (chosen on the validation split: docs/fidelity.md)
+    # stopped by the stop rule within 50 passes over the forget data (at most 5 checks of feature
+    # erasure once forgotten); feature erasure and retain distillation at weight 1 (chosen on the
+    # validation split: docs/fidelity.md)
     "default": dict(threshold=0.99, epochs=50, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
                     class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=1.0,
                     distill=1.0),
