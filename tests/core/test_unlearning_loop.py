@@ -169,3 +169,15 @@ def test_guard_damage_counts_net_losses_against_the_original():
     now[:1] = True
     damage, significant = monitor.guard_damage(lambda x: now)
     assert damage == pytest.approx(2.0) and not significant  # 2 < 2 sqrt(4)
+
+
+def test_progress_lines_give_points_to_two_decimals():
+    torch.manual_seed(0)
+    model, lines = nn.Linear(3, 2), []
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+    loop.run(model, batches, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.1,
+             lambda step: nn.functional.cross_entropy(step.outputs, step.targets), StopRule(max_epochs=20),
+             ProtectionSchedule(lambda threshold: None, (0.99,), 0.99),
+             Scripted([(100 / 13, 0.25, False), (0.0, 0.0, False)]), progress=lines.append)
+    assert lines[0] == "unlearn: step 2, threshold 0.99, forget 7.69, guard damage 0.25"
+    assert lines[-1].endswith("forget 0.00, guard damage 0.00, forgotten")

@@ -176,8 +176,8 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
                     result.reason, done = "budget", True
                 if progress is not None and result.trajectory:
                     last = result.trajectory[-1]
-                    progress(f"unlearn: step {result.steps}, threshold {last.threshold}, forget {last.forget}, "
-                             f"guard damage {last.guard_damage}{', ' + last.event if last.event else ''}")
+                    progress(f"unlearn: step {result.steps}, threshold {last.threshold}, forget {_points(last.forget)}, "
+                             f"guard damage {_points(last.guard_damage)}{', ' + last.event if last.event else ''}")
             bar.close()
     finally:
         if recorder is not None:
@@ -218,3 +218,8 @@ def _retain(model: nn.Module, batches, device):
             targets = token_labels(args, kwargs, None)
         return model(*args, **kwargs), targets
     return next_batch
+
+
+def _points(value: float | None) -> str:
+    """A share in points for the progress line: 7.69, not 7.6923076923076925 (None: not measured)."""
+    return "not measured" if value is None else f"{value:.2f}"
