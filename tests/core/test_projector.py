@@ -1,8 +1,8 @@
 """NullSpaceProjector: covariance collection, geometry, the null-space property, lifecycle, errors."""
 import copy
-import re
 import functools
 import gc
+import re
 import weakref
 
 import pytest

@@ -57,7 +57,7 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
                 raise ValueError(f"unsc: stop must be one of {sorted(STOPS)}, got {settings['stop']!r}")
             settings["stop"] = STOPS[settings["stop"]]
         tolerance = settings.pop("tolerance", None)
-        erasure_checks = settings.pop("erasure_checks", None)
+        erasure_checks = settings.pop("erasure_checks", StopRule.max_erasure_checks)
         if tolerance is not None and settings.get("stop", "preset") == "preset":
             settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50),
                                         max_erasure_checks=erasure_checks)
