@@ -107,16 +107,3 @@ class RetainDistillation:
                       log_target=True, reduction="batchmean")
         return loss + self.weight * kl
 
-
-class Complement:
-    """``-log(1 - p(forgotten classes))``: the probability of the forgotten classes pushed down, the
-    mass going to the remaining classes as the model already ranks them (a soft calibration)."""
-
-    needs_step = True
-
-    def __init__(self, classes) -> None:
-        self.classes = sorted({int(c) for c in classes})
-
-    def __call__(self, step) -> torch.Tensor:
-        p = torch.softmax(step.outputs.float(), -1)[:, self.classes].sum(1)
-        return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
