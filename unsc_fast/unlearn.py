@@ -228,7 +228,7 @@ def unlearn(
         if language_data else None
     needs_reference = bool(getattr(base, "needs_reference", False))
     original = copy.deepcopy(model).requires_grad_(False) if stop_rule is not None or needs_reference else None
-    schedule = ProtectionSchedule(None, levels, threshold)
+    schedule = ProtectionSchedule(None, levels, threshold) if project else ProtectionSchedule.off()
     erasure, head = None, None
     if project:
         projector, criterion = ready_projector(

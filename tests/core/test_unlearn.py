@@ -87,7 +87,7 @@ def test_unsc_forgets_the_class_and_keeps_the_rest(digits_model, forget_class):
 
     # the ablation without projection damages the remaining classes far more
     unprojected = copy.deepcopy(original)
-    unlearn(
+    plain = unlearn(
         unprojected,
         forget=(split.x_train[forget_train], split.y_train[forget_train]),
         forget_classes=[forget_class],
@@ -95,6 +95,7 @@ def test_unsc_forgets_the_class_and_keeps_the_rest(digits_model, forget_class):
         calibrate=False,
     )
     assert class_accuracies(unprojected, split, forget_class)[0] < remain_after - 10
+    assert plain.projector is None and all(check["threshold"] is None for check in plain.trajectory)  # no protection
 
 
 def test_a_second_request_reuses_the_observed_projector(digits_model):

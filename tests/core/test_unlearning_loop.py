@@ -181,3 +181,20 @@ def test_progress_lines_give_points_to_two_decimals():
              Scripted([(100 / 13, 0.25, False), (0.0, 0.0, False)]), progress=lines.append)
     assert lines[0] == "unlearn: step 2, threshold 0.99, forget 7.69, guard damage 0.25"
     assert lines[-1].endswith("forget 0.00, guard damage 0.00, forgotten")
+
+
+def test_progress_of_an_unmeasured_unprojected_run_gives_its_loss_not_a_threshold():
+    """No stop rule and no projection (a naive baseline): no threshold, and the pass's mean loss
+    instead of "forget not measured, guard damage not measured"."""
+    torch.manual_seed(0)
+    model, lines = nn.Linear(3, 2), []
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+    result = loop.run(model, batches, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.1,
+                      lambda step: nn.functional.cross_entropy(step.outputs, step.targets),
+                      StopRule(max_epochs=3), ProtectionSchedule.off(), None, progress=lines.append)
+    assert len(lines) == 3 and all(c.threshold is None for c in result.trajectory)
+    assert lines == [f"unlearn: step {2 * (i + 1)}, loss {loss:.4f}" for i, loss in enumerate(result.losses)]
+    schedule = ProtectionSchedule.off()
+    assert schedule.threshold is None and not schedule.lower()
+    schedule.back_off()  # nothing to move
+    assert schedule.threshold is None

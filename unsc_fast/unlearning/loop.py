@@ -175,9 +175,7 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
                 if not done and budget is None and result.epochs >= rule.max_epochs:
                     result.reason, done = "budget", True
                 if progress is not None and result.trajectory:
-                    last = result.trajectory[-1]
-                    progress(f"unlearn: step {result.steps}, threshold {last.threshold}, forget {_points(last.forget)}, "
-                             f"guard damage {_points(last.guard_damage)}{', ' + last.event if last.event else ''}")
+                    progress(_progress_line(result))
             bar.close()
     finally:
         if recorder is not None:
@@ -218,6 +216,22 @@ def _retain(model: nn.Module, batches, device):
             targets = token_labels(args, kwargs, None)
         return model(*args, **kwargs), targets
     return next_batch
+
+
+def _progress_line(result: LoopResult) -> str:
+    """The last check, saying only what the run has: no threshold for an unprojected run, and the
+    pass's mean loss instead of the forget data and guard where neither is measured (no stop rule)."""
+    last = result.trajectory[-1]
+    parts = [f"unlearn: step {result.steps}"]
+    if last.threshold is not None:
+        parts.append(f"threshold {last.threshold}")
+    if last.forget is None and last.guard_damage is None:
+        parts.append(f"loss {result.losses[-1]:.4f}")
+    else:
+        parts.append(f"forget {_points(last.forget)}, guard damage {_points(last.guard_damage)}")
+    if last.event:
+        parts.append(last.event)
+    return ", ".join(parts)
 
 
 def _points(value: float | None) -> str:

@@ -28,9 +28,16 @@ class ProtectionSchedule:
         self.start = self.index = self.levels.index(float(start))
         self.floor = len(self.levels) - 1  # the lowest level (largest index) still allowed
 
+    @classmethod
+    def off(cls) -> "ProtectionSchedule":
+        """An unprojected run's: no threshold (``None`` in the trajectory and progress), nothing to move."""
+        schedule = cls(None, (1.0,), 1.0)
+        schedule.levels = ()
+        return schedule
+
     @property
-    def threshold(self) -> float:
-        return self.levels[self.index]
+    def threshold(self) -> float | None:
+        return self.levels[self.index] if self.levels else None
 
     @property
     def adaptive(self) -> bool:
