@@ -153,3 +153,58 @@ def test_the_cost_table_is_each_methods_time_over_the_same_requests_retraining()
     table = cost_table({"mnist1d": records})
     assert "| model | requests | logit_suppression / retraining | unsc / retraining |" in table
     assert "| mnist1d_cnn | 2 | 0.25 | 0.50 |" in table  # suppression: 1 s over 4 s on both requests
+
+
+def test_ablation_runner_scores_a_variant_and_can_guard_with_held_out_data(tmp_path, monkeypatch):
+    from benchmarks import fidelity_ablation
+
+    seen = []
+    real_unlearn = fidelity_ablation.unlearn
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real_unlearn(*args, **kwargs)
+
+    monkeypatch.setattr(fidelity_ablation, "unlearn", spy)
+    common = ["--dataset", "digits", "--models", "digits_mlp", "--classes", "3", "--train-epochs", "2",
+              "--stored", str(tmp_path), "--set", "epochs=2", "--set", "threshold=0.98"]
+    assert fidelity_ablation.main(common + ["--name", "train"]) == 0
+    assert fidelity_ablation.main(common + ["--name", "heldout", "--guard", "heldout"]) == 0
+    assert "guard" not in seen[0] and seen[0]["epochs"] == 2 and seen[0]["threshold"] == 0.98
+    guard_x, guard_y = seen[1]["guard"]
+    split = holdout_split(load_digits_split(), fidelity_suite.VALIDATION_FRACTION, 0)
+    even = torch.arange(len(split.y_test)) % 2 == 0
+    assert torch.equal(guard_y, split.y_test[even & (split.y_test != 3)])  # the even half, remaining classes only
+    assert torch.equal(guard_x, split.x_test[even & (split.y_test != 3)])
+    train, heldout = ([json.loads(line) for line in (tmp_path / f"ablation-{name}.jsonl").read_text().splitlines()]
+                      for name in ("train", "heldout"))
+    assert len(train) == len(heldout) == 1 and train[0]["classes"] == [3] and heldout[0]["guard"] == "heldout"
+    # the same original, scored on the same odd half by both variants
+    assert train[0]["original_remain"] == heldout[0]["original_remain"]
+    assert 0.0 <= train[0]["acc_forget"] <= 100.0 and train[0]["stop"] in ("forgotten", "guard", "budget")
+    assert "| digits_mlp | 1 |" in fidelity_ablation.summary(train, "digits")
+    with pytest.raises(SystemExit):
+        fidelity_ablation.parse_arguments(["--dataset", "digits", "--name", "x", "--set", "lr"])
+
+
+def test_ablation_default_guard_is_the_slice_unlearn_holds_out(monkeypatch):
+    """``--guard train-observed`` must hand unlearn() the very slice its default guard is."""
+    import unsc_fast.unlearn as unlearn_module
+    from benchmarks import fidelity_ablation
+    from unsc_fast.evaluation.scenario import full_class
+
+    guards = []
+    real_monitor = unlearn_module.Monitor
+
+    def spy(predictions, parts, guard, *rest, **kwargs):
+        guards.append(guard)
+        return real_monitor(predictions, parts, guard, *rest, **kwargs)
+
+    monkeypatch.setattr(unlearn_module, "Monitor", spy)
+    scenario = full_class(load_digits_split(), [3])
+    torch.manual_seed(0)
+    model = create_model("digits_mlp", scenario.num_classes, scenario.split.image_shape)
+    unlearn_module.unlearn(model, scenario.forget, scenario.remain, forget_classes=[3], num_classes=10, seed=5,
+                           epochs=1)
+    x, y = fidelity_ablation.default_guard(scenario, 5)
+    assert len(y) > 0 and torch.equal(guards[0][1], y) and torch.equal(guards[0][0], x)
