@@ -81,8 +81,10 @@ def run_case(suite: Suite, case, settings: dict, guard: str, seed: int = 0) -> d
                      num_classes=scenario.num_classes, seed=seed, **keywords)
     seconds = time.perf_counter() - start
     protection = result.protection if isinstance(result.protection, dict) else {}
+    damages = [check["guard_damage"] for check in result.trajectory if check.get("guard_damage") is not None]
     return {"model": case.model, "classes": list(case.classes), "stop": result.stop_reason, "steps": result.steps,
             "threshold": protection.get("threshold"), "seconds": seconds,
+            "guard_damage": damages[-1] if damages else None,  # the guard's last reading, in points
             "original_remain": accuracy(original, *remain_score), "original_forget": accuracy(original, *forget_score),
             "acc_remain": accuracy(result.model, *remain_score), "acc_forget": accuracy(result.model, *forget_score)}
 

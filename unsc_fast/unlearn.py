@@ -145,7 +145,8 @@ def unlearn(
     Stopping: ``stop`` (a ``StopRule``; ``None``: exactly ``epochs`` passes, as the official
     pipeline) measures the forget data and a guard of remaining data at every check; ``epochs``
     is then the budget. ``guard=(x, y)`` gives the guard explicitly (else a slice of tensor
-    ``remain``). ``evaluate(model, check)`` runs at every check and may return True to stop.
+    ``remain``, which the original trained on: held-out data it never saw reads real damage, not
+    lost memorisation, and forgets more where the original over-fits; docs/fidelity.md). ``evaluate(model, check)`` runs at every check and may return True to stop.
 
     ``features``: weight of the feature-erasure term (``unsc_fast.objectives.FeatureErasure``),
     which pulls the forget samples' classifier inputs out of the directions only they use.

@@ -182,6 +182,7 @@ def test_ablation_runner_scores_a_variant_and_can_guard_with_held_out_data(tmp_p
     # the same original, scored on the same odd half by both variants
     assert train[0]["original_remain"] == heldout[0]["original_remain"]
     assert 0.0 <= train[0]["acc_forget"] <= 100.0 and train[0]["stop"] in ("forgotten", "guard", "budget")
+    assert train[0]["guard_damage"] is not None  # the default guard read at every check
     assert "| digits_mlp | 1 |" in fidelity_ablation.summary(train, "digits")
     with pytest.raises(SystemExit):
         fidelity_ablation.parse_arguments(["--dataset", "digits", "--name", "x", "--set", "lr"])
