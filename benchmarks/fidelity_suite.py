@@ -14,7 +14,9 @@ under ``--out``/originals; the retrained reference is trained per request (share
 that forget the same classes); finished cases are kept under ``--out``/cases and reused when
 the suite is run again with the same settings and library code (``--fresh``: never).
 ``--split val`` holds out 20 % of every class of the training data (seeded) and reports on it
-instead of the test split, for choosing defaults.
+instead of the test split, for choosing defaults. ``--guard-split F`` holds a further share of
+every class out of every model's training and gives it to ``unsc``'s stop rule as the guard
+(``unsc.guard=train`` keeps the default, a slice of the remaining training data).
 
     python benchmarks/fidelity_suite.py --quick                       # one seed, classes 3 and 8
     python benchmarks/fidelity_suite.py --out fidelity_out            # the full suite
@@ -39,7 +41,7 @@ import unsc_fast  # noqa: E402
 
 from benchmarks.fidelity_targets import finite_json, format_case, write_report  # noqa: E402
 from unsc_fast.evaluation.compare import parse_settings  # noqa: E402
-from unsc_fast.evaluation.data import DatasetSplit, holdout_split  # noqa: E402
+from unsc_fast.evaluation.data import DatasetSplit, holdout_split, validation_part  # noqa: E402
 from unsc_fast.evaluation.datasets import load_dataset  # noqa: E402
 from unsc_fast.evaluation.methods import UnsupportedScenario, get_method  # noqa: E402
 from unsc_fast.evaluation.metrics import accuracy  # noqa: E402
@@ -55,6 +57,7 @@ KINDS = ("full", "pair", "sub", "seq")
 METHODS = ("unsc", "unsc_official", "natmu", "retrain", "logit_suppression")
 QUICK_CLASSES = (3, 8)
 VALIDATION_FRACTION = 0.2
+GUARD_SEED = 1000  # --guard-split draws with GUARD_SEED + seed, apart from the validation split's draw
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,10 @@ def cases(datasets, models, seeds, classes, kinds) -> list[Case]:
 class Suite:
     """Runs cases, keeping data, originals and retrained models for the cases that share them."""
 
-    def __init__(self, out: Path, split: str, methods, settings: dict, train_epochs: int, fresh: bool = False) -> None:
+    def __init__(self, out: Path, split: str, methods, settings: dict, train_epochs: int, fresh: bool = False,
+                 guard_split: float = 0.0) -> None:
         self.out, self.split, self.methods, self.settings = out, split, tuple(methods), settings
-        self.train_epochs, self.fresh = train_epochs, fresh
+        self.train_epochs, self.fresh, self.guard_split = train_epochs, fresh, guard_split
         self._data: dict = {}
         self._originals: dict = {}
         self._retrained: dict = {}
@@ -110,19 +114,26 @@ class Suite:
     def signature(self) -> dict:
         """What a case's figures depend on besides the case, the library's code included: a stored
         case is reused only if equal (a changed ``unsc`` default is measured afresh)."""
-        return {"split": self.split, "methods": list(self.methods), "settings": self.settings,
-                "train_epochs": self.train_epochs, "code": code_version()}
+        signature = {"split": self.split, "methods": list(self.methods), "settings": self.settings,
+                     "train_epochs": self.train_epochs, "code": code_version()}
+        if self.guard_split:
+            signature["guard_split"] = self.guard_split
+        return signature
 
     def data(self, dataset: str, seed: int, labels: str) -> DatasetSplit:
         """The split a case is trained and scored on (``--split val``: a held-out part of the training
-        data, per seed), with the coarse digit pairs as labels for sub-class requests."""
-        key = (dataset, seed if self.split == "val" else None, labels)
+        data, per seed; ``--guard-split``: a validation part, per seed, for the guard), with the
+        coarse digit pairs as labels for sub-class requests."""
+        key = (dataset, seed if self.split == "val" or self.guard_split else None, labels)
         if key not in self._data:
             if labels == "coarse":
                 self._data[key] = coarse_split(self.data(dataset, seed, "fine"))
             else:
                 split = load_dataset(dataset, seed=0)
-                self._data[key] = holdout_split(split, VALIDATION_FRACTION, seed) if self.split == "val" else split
+                split = holdout_split(split, VALIDATION_FRACTION, seed) if self.split == "val" else split
+                if self.guard_split:  # held out of every model's training: the stop rule's guard
+                    split = validation_part(split, self.guard_split, GUARD_SEED + seed)
+                self._data[key] = split
         return self._data[key]
 
     def original(self, case: Case):
@@ -133,8 +144,9 @@ class Suite:
             split = self.data(case.dataset, case.seed, case.labels)
             torch.manual_seed(case.seed)
             model = create_model(case.model, split.num_classes, split.image_shape)
+            guarded = f"-g{self.guard_split:g}" if self.guard_split else ""
             path = (self.out / "originals" /
-                    f"{case.dataset}-{case.model}-{case.labels}-s{case.seed}-{self.split}-e{self.train_epochs}.pt")
+                    f"{case.dataset}-{case.model}-{case.labels}-s{case.seed}-{self.split}{guarded}-e{self.train_epochs}.pt")
             timing = path.with_suffix(".json")
             if path.exists() and timing.exists():
                 model.load_state_dict(torch.load(path, weights_only=True))
@@ -231,12 +243,18 @@ def parse_arguments(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"seed 0 and classes {QUICK_CLASSES} only")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="val: report on 20 %% of each class held out of the training data (seeded per seed)")
+    parser.add_argument("--guard-split", type=float, default=0.0, metavar="FRACTION",
+                        help="hold this share of every class out of the training data (no model trains on it) "
+                             "and give its remaining classes to unsc's stop rule as the guard (default 0: the "
+                             "guard is a slice of the remaining training data)")
     parser.add_argument("--train-epochs", type=int, default=30, help="originals and retrained models (default 30)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="fidelity_out", metavar="DIR")
     parser.add_argument("--fresh", action="store_true",
                         help="run every case again, even one stored under --out with the same settings and code")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.guard_split < 1.0:
+        parser.error(f"--guard-split: a share in [0, 1), got {args.guard_split}")
     if args.quick:
         args.seeds, args.classes = [0], list(QUICK_CLASSES)
     unknown = [m for m in args.models or () if not any(m in models for models in MODELS.values())]
@@ -252,7 +270,8 @@ def main(argv=None) -> int:
     args = parse_arguments(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    suite = Suite(out, args.split, args.methods, parse_settings(args.set), args.train_epochs, args.fresh)
+    suite = Suite(out, args.split, args.methods, parse_settings(args.set), args.train_epochs, args.fresh,
+                  args.guard_split)
     chosen = cases(args.datasets, args.models, args.seeds, args.classes, args.kinds)
     print(f"{len(chosen)} cases; methods {', '.join(args.methods)}; split {args.split}; output {out}", flush=True)
     records, start = [], time.perf_counter()

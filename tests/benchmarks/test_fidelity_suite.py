@@ -209,3 +209,18 @@ def test_ablation_default_guard_is_the_slice_unlearn_holds_out(monkeypatch):
                            epochs=1)
     x, y = fidelity_ablation.default_guard(scenario, 5)
     assert len(y) > 0 and torch.equal(guards[0][1], y) and torch.equal(guards[0][0], x)
+
+
+def test_guard_split_holds_data_out_of_every_models_training_per_seed(tmp_path):
+    plain = fidelity_suite.Suite(tmp_path, "test", ("unsc",), {}, 1)
+    guarded = fidelity_suite.Suite(tmp_path, "test", ("unsc",), {}, 1, guard_split=0.1)
+    full, zero, one = plain.data("digits", 0, "fine"), guarded.data("digits", 0, "fine"), guarded.data("digits", 1, "fine")
+    assert full.y_val is None and "guard_split" not in plain.signature()
+    assert len(zero.y_train) + len(zero.y_val) == len(full.y_train) and torch.equal(zero.x_test, full.x_test)
+    assert not torch.equal(zero.y_val, one.y_val) or not torch.equal(zero.x_val, one.x_val)  # drawn per seed
+    assert guarded.signature()["guard_split"] == 0.1
+    case = fidelity_suite.Case("digits", "digits_mlp", 0, "pair", (3, 8))
+    x, y = guarded.scenario(case).guard
+    assert len(y) > 0 and not set(y.tolist()) & {3, 8}
+    with pytest.raises(SystemExit):
+        fidelity_suite.parse_arguments(["--guard-split", "1.5"])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from unsc_fast.evaluation import cli
-from unsc_fast.evaluation.compare import CompareConfig, ConfigError, run_comparison
+from unsc_fast.evaluation.compare import CompareConfig, ConfigError, load_data, run_comparison
 from unsc_fast.evaluation.data import DatasetSplit
 from unsc_fast.evaluation.memorisation import MemorisationSettings, memorisation_scores
 from unsc_fast.evaluation.methods import UnlearningMethod, get_method
@@ -294,6 +294,8 @@ def test_compare_sequential_end_to_end(tmp_path):
     (["--forget-classes", "12"], "forget_classes: classes [12] are outside 0..9"),
     (["--forget-classes", *map(str, range(10))], "cannot forget every class"),
     (["--scenario", "random-sample", "--forget-fraction", "0.9999"], "leaves no remaining sample"),
+    (["--validation-split", "1.0"], "validation_split: a share of the training data in [0, 1)"),
+    (["--validation-split", "0.1", "--checkpoint", "missing.pt"], "it needs an original trained here"),
 ])
 def test_the_command_line_refuses_bad_values_before_training(tmp_path, arguments, message, capsys):
     threads = torch.get_num_threads()
@@ -310,3 +312,82 @@ def test_the_command_line_refuses_bad_values_before_training(tmp_path, arguments
 def test_config_check_names_then_forget(tmp_path):
     with pytest.raises(ConfigError, match="--then-forget"):
         run_comparison(CompareConfig(scenario="sequential", then_forget=(), methods=("unsc",), output=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------- validation part, the guard
+def test_validation_part_moves_a_share_of_every_class_out_of_training(tiny):
+    from unsc_fast.evaluation.data import validation_part
+
+    split, _ = tiny
+    parted = validation_part(split, 0.1, seed=4)
+    assert len(parted.y_train) + len(parted.y_val) == len(split.y_train)
+    for label in range(10):
+        assert int((parted.y_val == label).sum()) == round(0.1 * int((split.y_train == label).sum()))
+    train_rows = {tuple(row.flatten().tolist()) for row in parted.x_train}
+    assert not any(tuple(row.flatten().tolist()) in train_rows for row in parted.x_val)
+    assert torch.equal(parted.x_test, split.x_test)  # the test split is untouched
+    assert torch.equal(validation_part(split, 0.1, seed=4).y_val, parted.y_val)
+    with pytest.raises(ValueError, match="validation fraction"):
+        validation_part(split, 1.0)
+
+
+def test_a_scenario_guards_with_the_validation_part_of_the_classes_that_stay(tiny):
+    from unsc_fast.evaluation.data import validation_part
+    from unsc_fast.evaluation.scenario import full_class
+
+    split, _ = tiny
+    assert full_class(split, [3]).guard is None  # no validation part: no held-out guard
+    parted = validation_part(split, 0.2, seed=0)
+    x, y = full_class(parted, [3, 8]).guard
+    keep = (parted.y_val != 3) & (parted.y_val != 8)
+    assert torch.equal(y, parted.y_val[keep]) and torch.equal(x, parted.x_val[keep])
+    stages = sequential(parted, [3], [8]).stages
+    assert set(stages[1].guard[1].tolist()) == set(range(10)) - {3, 8}  # later stages exclude every class so far
+    assert sub_class(parted, 3).guard is None  # coarse labels: no class-wise guard
+    assert set(sub_class(parted, 3).split.y_val.tolist()) <= set(range(len(COARSE_GROUPS)))
+
+
+@pytest.mark.parametrize("guard, expected", [("validation", True), ("train", False)])
+def test_unsc_gives_unlearn_the_scenarios_held_out_guard(tiny, monkeypatch, guard, expected):
+    from unsc_fast.evaluation.data import validation_part
+    from unsc_fast.evaluation.methods import unsc as unsc_module
+    from unsc_fast.evaluation.scenario import full_class
+
+    split, model = tiny
+    scenario = full_class(validation_part(split, 0.2, seed=0), [3])
+    seen, real_unlearn = [], unsc_module.unlearn
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("guard"))
+        return real_unlearn(*args, **kwargs)
+
+    monkeypatch.setattr(unsc_module, "unlearn", spy)
+    get_method("unsc")(model, scenario, {"guard": guard, "epochs": 1}, seed=0)
+    if expected:
+        assert seen[0] is not None and torch.equal(seen[0][1], scenario.guard[1])
+    else:
+        assert seen[0] is None
+    with pytest.raises(ValueError, match="guard must be one of"):
+        get_method("unsc")(model, scenario, {"guard": "test"}, seed=0)
+
+
+def test_compare_with_a_validation_split_trains_without_it_and_guards_with_it(tmp_path, monkeypatch):
+    from unsc_fast.evaluation.methods import unsc as unsc_module
+
+    guards, real_unlearn = [], unsc_module.unlearn
+
+    def spy(*args, **kwargs):
+        guards.append(kwargs.get("guard"))
+        return real_unlearn(*args, **kwargs)
+
+    monkeypatch.setattr(unsc_module, "unlearn", spy)
+    config = CompareConfig(methods=("unsc",), seeds=(0,), train_epochs=1, validation_split=0.1, output=str(tmp_path),
+                           settings={"unsc": {"epochs": 1}})
+    results = run_comparison(config)
+    full = load_data(CompareConfig(output=str(tmp_path)))
+    parted = load_data(config)
+    assert len(parted.y_train) + len(parted.y_val) == len(full.y_train)
+    assert results["scenario"]["forget_train"] == int((parted.y_train == 3).sum())  # the part is out of training
+    x, y = guards[0]
+    assert torch.equal(y, parted.y_val[parted.y_val != 3]) and torch.equal(x, parted.x_val[parted.y_val != 3])
+    assert results["config"]["validation_split"] == 0.1

@@ -88,6 +88,10 @@ def add_compare_parser(commands) -> None:
     compare.add_argument("--one-original", action="store_true",
                          help="train one original model (--base-seed) for every seed; by default each seed trains its "
                               "own original on the embedded datasets (digits, mnist1d), so the spread covers training")
+    compare.add_argument("--validation-split", type=float, default=0.0, metavar="FRACTION",
+                         help="hold this share of every class out of the training data (no model trains on it) and "
+                              "let unsc's stop rule guard the remaining classes with it, rather than with a slice of "
+                              "the training data the original fit (default 0; needs an original trained here)")
     compare.add_argument("--train-epochs", type=int, default=30,
                          help="epochs for the original model and (unless retrain.epochs is set) the retrained one")
     compare.add_argument("--set", action="append", default=[], metavar="METHOD.SETTING=VALUE",

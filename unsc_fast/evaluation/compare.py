@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unsc_fast.evaluation.data import DatasetSplit
+from unsc_fast.evaluation.data import DatasetSplit, validation_part
 from unsc_fast.evaluation.datasets import get_dataset, load_dataset
 from unsc_fast.evaluation.methods import METHODS, UnsupportedScenario, get_method
 from unsc_fast.evaluation.memorisation import scorer
@@ -65,6 +65,9 @@ class CompareConfig:
     # train in seconds, and never with a checkpoint); the official notebooks report mean +- std
     # over three originals, so a spread over the methods' seeds alone understates the variance
     original_per_seed: bool | None = None
+    # share of every class held out of the training data (no model trains on it); unsc's stop rule
+    # then guards with it instead of a slice of the remaining training data (docs/fidelity.md)
+    validation_split: float = 0.0
 
     def __post_init__(self) -> None:
         """``data`` alone means the image folder (the old ``--data DIR``); ``model=None`` becomes
@@ -81,6 +84,11 @@ class CompareConfig:
             self.forget_fraction = 0.05 if self.scenario.replace("-", "_") == "memorised" else 0.1
         if self.original_per_seed and self.checkpoint is not None:
             raise ValueError("original_per_seed trains an original per seed: it cannot be used with a checkpoint")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ValueError(f"validation_split: a share of the training data in [0, 1), got {self.validation_split}")
+        if self.validation_split and self.checkpoint is not None:
+            raise ValueError("validation_split holds data out of the original's training, which a checkpoint "
+                             "has already done (or not): it needs an original trained here")
 
 
 def parse_settings(assignments) -> dict[str, dict]:
@@ -115,7 +123,8 @@ def method_settings(config: CompareConfig, name: str) -> dict:
 
 def load_data(config: CompareConfig) -> DatasetSplit:
     """The dataset of ``config`` (see ``datasets.DATASETS``), split and standardised."""
-    return load_dataset(config.dataset, config.data_root, image_size=config.image_size, seed=config.base_seed)
+    split = load_dataset(config.dataset, config.data_root, image_size=config.image_size, seed=config.base_seed)
+    return validation_part(split, config.validation_split, config.base_seed) if config.validation_split else split
 
 
 def build_model(name: str, split: DatasetSplit) -> nn.Module:
@@ -325,7 +334,25 @@ def main(args) -> int:
     if args.threads is None and dataset in ("digits", "mnist1d"):  # tiny layers: fastest on one thread
         torch.set_num_threads(1)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else tuple(METHODS)
-    config = CompareConfig(
+    try:
+        config = _config_from_arguments(args, dataset, data_root, methods)
+    except ValueError as error:
+        return _refuse(error)
+    from unsc_fast.evaluation.membership import settings_from_arguments
+
+    try:
+        results = run_comparison(config, None if args.quiet else timestamped_progress, settings_from_arguments(args))
+    except (ConfigError, UntrustedCheckpointError) as error:
+        return _refuse(error)
+    print("\n" + format_report(results))
+    paths = write_outputs(results, config.output)
+    print("\nwritten: " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
+def _config_from_arguments(args, dataset: str, data_root, methods) -> CompareConfig:
+    """``compare``'s command line as a ``CompareConfig`` (its checks raise ``ValueError``)."""
+    return CompareConfig(
         scenario=args.scenario.replace("-", "_"),
         forget_classes=tuple(args.forget_classes),
         forget_fraction=args.forget_fraction,
@@ -344,17 +371,8 @@ def main(args) -> int:
         output=args.output,
         save_original=None if args.checkpoint else str(Path(args.output) / "original.pt"),
         original_per_seed=False if getattr(args, "one_original", False) else None,
+        validation_split=args.validation_split,
     )
-    from unsc_fast.evaluation.membership import settings_from_arguments
-
-    try:
-        results = run_comparison(config, None if args.quiet else timestamped_progress, settings_from_arguments(args))
-    except (ConfigError, UntrustedCheckpointError) as error:
-        return _refuse(error)
-    print("\n" + format_report(results))
-    paths = write_outputs(results, config.output)
-    print("\nwritten: " + ", ".join(str(path) for path in paths.values()))
-    return 0
 
 
 def _refuse(error: Exception) -> int:

@@ -5,7 +5,7 @@ into train and test, and standardised with the training set's statistics.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -13,7 +13,8 @@ import torch
 
 @dataclass
 class DatasetSplit:
-    """Images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64 for train and test."""
+    """Images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64 for train and test; optionally a
+    validation part held out of the training data (``validation_part``), which no model trains on."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -22,6 +23,8 @@ class DatasetSplit:
     num_classes: int
     name: str = "digits"
     class_names: tuple[str, ...] | None = None  # for tables and plots; None means "0, 1, 2, ..."
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -54,17 +57,32 @@ def class_mask(labels: torch.Tensor, classes) -> torch.Tensor:
 
 
 
+def _held_out_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Bool mask of ``fraction`` of every class of ``labels`` (rounded per class), drawn with ``seed``."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        held_out[members[: int(round(fraction * len(members)))]] = True
+    return held_out
+
+
 def holdout_split(split: DatasetSplit, fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
     """``split`` with its test set replaced by ``fraction`` of every class of its training set
     (drawn with ``seed``), which leaves the training set: settings are chosen on this validation
     split so that the test split is never read."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    held_out = torch.zeros(len(split.y_train), dtype=torch.bool)
-    for label in split.y_train.unique():
-        members = torch.nonzero(split.y_train == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        held_out[members[: int(round(fraction * len(members)))]] = True
+    held_out = _held_out_mask(split.y_train, fraction, seed)
     return DatasetSplit(split.x_train[~held_out], split.y_train[~held_out], split.x_train[held_out],
                         split.y_train[held_out], split.num_classes, split.name, split.class_names)
+
+
+def validation_part(split: DatasetSplit, fraction: float = 0.1, seed: int = 0) -> DatasetSplit:
+    """``split`` with ``fraction`` of every class of its training set (drawn with ``seed``) moved to
+    ``x_val`` / ``y_val``: data no model trains on, which ``unlearn()``'s guard can then use (a slice
+    of the training data that the original fit reads lost memorisation as damage: docs/fidelity.md)."""
+    held_out = _held_out_mask(split.y_train, fraction, seed)
+    return replace(split, x_train=split.x_train[~held_out], y_train=split.y_train[~held_out],
+                   x_val=split.x_train[held_out], y_val=split.y_train[held_out])

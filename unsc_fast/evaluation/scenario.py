@@ -88,6 +88,16 @@ class Scenario:
         return self.split.x_test[self.forget_test_mask], self.split.y_test[self.forget_test_mask]
 
     @property
+    def guard(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The split's validation samples of the classes that stay (data no model trained on), for
+        ``unlearn(guard=...)``; None without a validation part, or for a request that is not
+        class-wise (a sub-class request's validation labels would be the coarse ones)."""
+        if self.split.y_val is None or self.kind != "full_class":
+            return None
+        keep = ~class_mask(self.split.y_val, self.forget_classes)
+        return self.split.x_val[keep], self.split.y_val[keep]
+
+    @property
     def test(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split.x_test, self.split.y_test
 
@@ -161,6 +171,7 @@ def coarse_split(split: DatasetSplit) -> DatasetSplit:
                          f"digit dataset ({', '.join(DIGIT_DATASETS)}), got {split.name!r} with {split.num_classes} classes")
     table = torch.tensor([coarse_class(label) for label in range(10)])
     return replace(split, y_train=table[split.y_train], y_test=table[split.y_test], num_classes=len(COARSE_GROUPS),
+                   y_val=None if split.y_val is None else table[split.y_val],
                    class_names=tuple("/".join(map(str, group)) for group in COARSE_GROUPS))
 
 

@@ -37,7 +37,11 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
                 if k in ("threshold", "epochs", "lr", "momentum", "batch_size", "features", "criterion", "adaptive",
                          "distill")},
             "stop": "rule", "tolerance": 0.5,  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
-            "erasure_checks": StopRule.max_erasure_checks}  # the stop rule's cap on erasure checks once forgotten (None: none)
+            "erasure_checks": StopRule.max_erasure_checks,  # the stop rule's cap on erasure checks once forgotten (None: none)
+            # the stop rule's guard: "validation" takes the split's validation part where it has one
+            # (data the original never trained on), "train" a slice of the remaining training data
+            "guard": "validation"}
+GUARDS = ("validation", "train")
 STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
 SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the same layer inputs, so the "
@@ -58,6 +62,11 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
             settings["stop"] = STOPS[settings["stop"]]
         tolerance = settings.pop("tolerance", None)
         erasure_checks = settings.pop("erasure_checks", StopRule.max_erasure_checks)
+        guard = settings.pop("guard", "train")
+        if guard not in GUARDS:
+            raise ValueError(f"unsc: guard must be one of {GUARDS}, got {guard!r}")
+        if guard == "validation" and scenario.guard is not None:
+            settings["guard"] = scenario.guard
         if tolerance is not None and settings.get("stop", "preset") == "preset":
             settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50),
                                         max_erasure_checks=erasure_checks)
