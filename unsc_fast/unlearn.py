@@ -87,6 +87,9 @@ class UnlearnResult:
     protection: dict = field(default_factory=dict)  # criterion, thresholds used, final ranks
     holdout: torch.Tensor | None = None  # bool per forget sample: held out of training, measured only
     objective: str = ""  # what was minimised (repr of the objective), e.g. "GradDiff(forget=NPO(beta=0.1), ...)"
+    # what the stop rule's guard measured: "given" (``guard=``), "remain slice" (held out of
+    # ``remain``: data the original trained on) or "none"; with its number of samples
+    guard: str = "none"
 
 
 def unlearn(
@@ -293,7 +296,18 @@ def unlearn(
                       "ranks": projector.ranks()}
     return UnlearnResult(model, projector if project else None, new_labels, time.perf_counter() - start,
                          outcome.losses, outcome.steps, outcome.epochs, outcome.reason,
-                         [c.as_dict() for c in outcome.trajectory], protection, holdout_mask, repr(chosen))
+                         [c.as_dict() for c in outcome.trajectory], protection, holdout_mask, repr(chosen),
+                         _guard_source(guard, guard_data if monitor is not None else None))
+
+
+def _guard_source(given, guard_data) -> str:
+    """``UnlearnResult.guard``: where the guard came from and, for in-memory data, its size."""
+    if guard_data is None:
+        return "none"
+    source = "given" if given is not None else "remain slice"
+    size = len(guard_data[0]) if isinstance(guard_data, (tuple, list)) and torch.is_tensor(guard_data[0]) else \
+        len(guard_data) if torch.is_tensor(guard_data) else None
+    return source if size is None else f"{source}, {size} samples"
 
 
 def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:

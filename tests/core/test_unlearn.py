@@ -198,6 +198,8 @@ def test_default_run_reports_what_it_used_and_why_it_stopped(digits_model):
     assert result.steps > 0 and result.trajectory and result.trajectory[-1]["event"] == "forgotten"
     assert result.trajectory[-1]["forget"] == 0.0 and result.trajectory[-1]["features"] is not None
     assert result.holdout is not None and 0 < int(result.holdout.sum()) < int(forget.sum()) // 3
+    kept = split.y_train[~forget]
+    assert result.guard == f"remain slice, {sum(round(0.1 * int((kept == c).sum())) for c in kept.unique())} samples"
     assert len(result.labels) == int(forget.sum()) and not (result.labels == 8).any()
     remain_after, forget_after = class_accuracies(model, split, 8)
     assert forget_after < 8.0 and remain_after >= class_accuracies(original, split, 8)[0] - 1.5
@@ -208,6 +210,19 @@ def test_default_run_reports_what_it_used_and_why_it_stopped(digits_model):
             change = (param.detach() - tracked_before[name]).double()
             if float(change.norm()) > 0:
                 assert projector.residual(param, change) < 1e-5, name
+
+
+def test_the_result_names_the_guard_it_was_given_or_none(digits_model):
+    split, original = digits_model
+    forget = class_mask(split.y_train, [8])
+    data = (split.x_train[forget], split.y_train[forget])
+    held = (split.x_test[split.y_test != 8], split.y_test[split.y_test != 8])
+    given = unlearn(copy.deepcopy(original), data, (split.x_train[~forget], split.y_train[~forget]), forget_classes=[8],
+                    guard=held, epochs=1)
+    assert given.guard == f"given, {len(held[1])} samples"
+    fixed = unlearn(copy.deepcopy(original), data, (split.x_train[~forget], split.y_train[~forget]), forget_classes=[8],
+                    stop=None, epochs=1)
+    assert fixed.guard == "none"  # exactly the epochs asked for: nothing measured
 
 
 def test_the_same_call_gives_the_same_model_whatever_the_global_random_state(digits_model):
