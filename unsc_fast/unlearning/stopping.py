@@ -17,7 +17,9 @@ forgotten after 1-3 epochs at 0.97, 13 points of remaining accuracy lost after 1
   root of the samples that changed (a one-sided McNemar-style test at ~2 sigma). On a guard of a
   few hundred samples a handful of borderline samples flip either way from noise alone (measured:
   4-5 net losses of 290 on MNIST-1D with no change on 720 validation samples), and backing off on
-  those stopped every hard request far from forgotten.
+  those stopped every hard request far from forgotten. The slice is data the original trained
+  on: where it over-fits, any change loses memorised samples and reads as damage, so held-out
+  data passed as ``unlearn(guard=...)`` measures what matters (docs/fidelity.md, "The guard").
 
 Backing off restores the last state that passed the guard, halves the learning rate and raises
 the protection's floor (``schedule``); after ``max_backoffs`` the run stops there. Progress is
