@@ -30,6 +30,7 @@ import copy
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -80,10 +81,9 @@ def run_case(suite: Suite, case, settings: dict, guard: str, seed: int = 0) -> d
     result = unlearn(copy.deepcopy(original), scenario.forget, scenario.remain, forget_classes=scenario.forget_classes,
                      num_classes=scenario.num_classes, seed=seed, **keywords)
     seconds = time.perf_counter() - start
-    protection = result.protection if isinstance(result.protection, dict) else {}
     damages = [check["guard_damage"] for check in result.trajectory if check.get("guard_damage") is not None]
     return {"model": case.model, "classes": list(case.classes), "stop": result.stop_reason, "steps": result.steps,
-            "threshold": protection.get("threshold"), "seconds": seconds,
+            "threshold": result.protection.get("threshold"), "seconds": seconds,
             "guard_damage": damages[-1] if damages else None,  # the guard's last reading, in points
             "original_remain": accuracy(original, *remain_score), "original_forget": accuracy(original, *forget_score),
             "acc_remain": accuracy(result.model, *remain_score), "acc_forget": accuracy(result.model, *forget_score)}
@@ -98,9 +98,7 @@ def summary(records: list[dict], dataset: str) -> str:
     for model in sorted({r["model"] for r in records}):
         rows = [r for r in records if r["model"] == model]
         drops = [r["acc_remain"] - r["original_remain"] for r in rows]
-        stops: dict[str, int] = {}
-        for r in rows:
-            stops[r["stop"]] = stops.get(r["stop"], 0) + 1
+        stops = Counter(r["stop"] for r in rows)
         lines.append(f"| {model} | {len(rows)} | {sum(r['acc_forget'] for r in rows) / len(rows):.2f} | "
                      f"{sum(r['acc_forget'] > FORGET_MAX for r in rows)} | "
                      f"{sum(drops) / len(drops):+.2f} / {min(drops):+.2f} | {sum(d < -tolerance for d in drops)} | "

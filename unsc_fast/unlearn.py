@@ -149,7 +149,8 @@ def unlearn(
     pipeline) measures the forget data and a guard of remaining data at every check; ``epochs``
     is then the budget. ``guard=(x, y)`` gives the guard explicitly (else a slice of tensor
     ``remain``, which the original trained on: held-out data it never saw reads real damage, not
-    lost memorisation, and forgets more where the original over-fits; docs/fidelity.md). ``evaluate(model, check)`` runs at every check and may return True to stop.
+    lost memorisation, and forgets more where the original over-fits; docs/fidelity.md).
+    ``evaluate(model, check)`` runs at every check and may return True to stop.
 
     ``features``: weight of the feature-erasure term (``unsc_fast.objectives.FeatureErasure``),
     which pulls the forget samples' classifier inputs out of the directions only they use.
@@ -305,9 +306,8 @@ def _guard_source(given, guard_data) -> str:
     if guard_data is None:
         return "none"
     source = "given" if given is not None else "remain slice"
-    size = len(guard_data[0]) if isinstance(guard_data, (tuple, list)) and torch.is_tensor(guard_data[0]) else \
-        len(guard_data) if torch.is_tensor(guard_data) else None
-    return source if size is None else f"{source}, {size} samples"
+    samples = guard_data[0] if isinstance(guard_data, (tuple, list)) else guard_data  # (x, y) or token tensor
+    return f"{source}, {len(samples)} samples" if torch.is_tensor(samples) else source
 
 
 def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:
