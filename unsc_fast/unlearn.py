@@ -45,7 +45,7 @@ from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
 from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
 from unsc_fast.unlearning import language as lm
 from unsc_fast.unlearning import language_request, loop
-from unsc_fast.unlearning.data import correct_predictions, find_classifier, held_out, is_tensor_pair
+from unsc_fast.unlearning.data import correct_predictions, find_classifier, held_out, is_tensor_pair, split_guard
 from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
@@ -149,7 +149,9 @@ def unlearn(
     pipeline) measures the forget data and a guard of remaining data at every check; ``epochs``
     is then the budget. ``guard=(x, y)`` gives the guard explicitly (else a slice of tensor
     ``remain``, which the original trained on: held-out data it never saw reads real damage, not
-    lost memorisation, and forgets more where the original over-fits; docs/fidelity.md).
+    lost memorisation, and forgets more where the original over-fits; docs/fidelity.md). A whole
+    validation set may be given: its samples of the forgotten classes are left out of the guard
+    and reported at every check (the trajectory's ``unseen``: points of them still right).
     ``evaluate(model, check)`` runs at every check and may return True to stop.
 
     ``features``: weight of the feature-erasure term (``unsc_fast.objectives.FeatureErasure``),
@@ -208,7 +210,8 @@ def unlearn(
     generator = torch.Generator().manual_seed(seed) if generator is None else generator
     split = torch.Generator().manual_seed(seed)
 
-    holdout_mask, guard_data, observed_remain = None, guard, remain
+    holdout_mask, observed_remain = None, remain
+    guard_data, unseen_forget = split_guard(guard, forget_classes) if not language_data else (guard, None)
     if language_data:  # token sequences (unsc_fast.unlearning.language): targets kept, a guard of sequences
         new_labels, batches = None, lm.batches(forget, batch_size, shuffle=True, seed=seed)
         forget_measured, guard_data, observed_remain = language_request.split_data(forget, remain, guard, stop_rule, seed)
@@ -224,7 +227,7 @@ def unlearn(
         new_labels = None
         batches = Relabelled(forget, relabel_rule(model, rule_labels, forget_classes, num_classes,
                                                     torch.Generator().manual_seed(seed)))
-    if guard_data is None and stop_rule is not None and classifier and is_tensor_pair(remain) and stop_rule.guard > 0:
+    if guard is None and stop_rule is not None and classifier and is_tensor_pair(remain) and stop_rule.guard > 0:
         guard_mask = held_out(remain[1], stop_rule.guard, split)
         guard_data = (remain[0][guard_mask], remain[1][guard_mask])
         observed_remain = (remain[0][~guard_mask], remain[1][~guard_mask])
@@ -277,7 +280,7 @@ def unlearn(
         if holdout_mask is not None and bool(holdout_mask.any()):
             parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
         measure = (lambda m: outside_share(erasure, head, m, parts[0][0])) if erasure is not None else None
-        monitor = Monitor(correct_predictions, parts, guard_data, original, measure)
+        monitor = Monitor(correct_predictions, parts, guard_data, original, measure, unseen=unseen_forget)
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
         retain_batches = make_loader(*retain, batch_size, shuffle=True, seed=seed) if is_tensor_pair(retain) else retain
@@ -298,16 +301,19 @@ def unlearn(
     return UnlearnResult(model, projector if project else None, new_labels, time.perf_counter() - start,
                          outcome.losses, outcome.steps, outcome.epochs, outcome.reason,
                          [c.as_dict() for c in outcome.trajectory], protection, holdout_mask, repr(chosen),
-                         _guard_source(guard, guard_data if monitor is not None else None))
+                         _guard_source(guard, guard_data if monitor is not None else None,
+                                       unseen_forget if monitor is not None else None))
 
 
-def _guard_source(given, guard_data) -> str:
-    """``UnlearnResult.guard``: where the guard came from and, for in-memory data, its size."""
+def _guard_source(given, guard_data, unseen_forget=None) -> str:
+    """``UnlearnResult.guard``: where the guard came from and, for in-memory data, its size (and
+    how many of a given guard's samples were of the forgotten classes: the trajectory's ``unseen``)."""
+    checked = f"; {len(unseen_forget[0])} of the forgotten classes reported" if unseen_forget is not None else ""
     if guard_data is None:
-        return "none"
+        return f"none{checked}"
     source = "given" if given is not None else "remain slice"
     samples = guard_data[0] if isinstance(guard_data, (tuple, list)) else guard_data  # (x, y) or token tensor
-    return f"{source}, {len(samples)} samples" if torch.is_tensor(samples) else source
+    return (f"{source}, {len(samples)} samples" if torch.is_tensor(samples) else source) + checked
 
 
 def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:

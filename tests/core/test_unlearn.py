@@ -225,6 +225,22 @@ def test_the_result_names_the_guard_it_was_given_or_none(digits_model):
     assert fixed.guard == "none"  # exactly the epochs asked for: nothing measured
 
 
+def test_a_whole_validation_set_as_guard_reports_its_forgotten_class_and_is_not_damaged_by_it(digits_model):
+    """Samples of the forgotten class in ``guard=`` are not damage when they are forgotten: they
+    are left out of the guard and reported at every check (``unseen``), not a stop condition."""
+    split, original = digits_model
+    forget = class_mask(split.y_train, [8])
+    model = copy.deepcopy(original)
+    result = unlearn(model, (split.x_train[forget], split.y_train[forget]), (split.x_train[~forget], split.y_train[~forget]),
+                     forget_classes=[8], guard=(split.x_test, split.y_test))
+    held_forget = split.y_test == 8
+    assert result.guard == f"given, {int((~held_forget).sum())} samples; {int(held_forget.sum())} of the forgotten classes reported"
+    assert result.stop_reason == "forgotten"
+    assert all(abs(check["guard_damage"]) < 3.0 for check in result.trajectory)  # a class of ten would read ~10
+    assert result.trajectory[-1]["unseen"] == accuracy(model, split.x_test[held_forget], split.y_test[held_forget])
+    assert result.trajectory[0]["unseen"] > 50.0  # measured from the first check on
+
+
 def test_the_same_call_gives_the_same_model_whatever_the_global_random_state(digits_model):
     split, original = digits_model
     forget = class_mask(split.y_train, [5])

@@ -15,7 +15,7 @@ class Scripted(Monitor):
     """A monitor that replays ``(forget, damage, significant)`` per check."""
 
     def __init__(self, script):
-        self.script, self.features, self.calls = list(script), None, 0
+        self.script, self.features, self.calls, self.unseen_set = list(script), None, 0, None
 
     def forget(self, model):
         return self.script[min(self.calls, len(self.script) - 1)][0]

@@ -38,6 +38,22 @@ def held_out(y: torch.Tensor, share: float, generator: torch.Generator) -> torch
     return mask
 
 
+def split_guard(guard, forget_classes) -> tuple:
+    """A given guard ``(x, y)`` split by label: ``(remaining-class part, forgotten-class part)``.
+
+    A validation set passed whole holds samples of the forgotten classes too. Read as guard
+    samples they would count every forgotten one as damage; apart, they say how much of the
+    class shows on data the original never trained on (reported, not a stop condition:
+    docs/fidelity.md). Either part is None when empty; guards that are not tensor pairs, and
+    sample-wise requests, come back whole."""
+    if not forget_classes or not is_tensor_pair(guard):
+        return guard, None
+    x, y = guard
+    forgotten = torch.isin(y, torch.tensor(sorted(forget_classes), dtype=y.dtype, device=y.device))
+    parts = [(x[mask], y[mask]) if bool(mask.any()) else None for mask in (~forgotten, forgotten)]
+    return parts[0], parts[1]
+
+
 @torch.no_grad()
 def correct_predictions(model: nn.Module, data, batch_size: int = 512) -> torch.Tensor:
     """Per sample: does the model's most likely class equal its label? ``data``: ``(x, y)`` or an

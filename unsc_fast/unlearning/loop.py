@@ -83,7 +83,8 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
         damage, significant = monitor.guard_damage(model, rule.tolerance) if monitor is not None else (None, False)
         erased = monitor.features(model) if monitor is not None and monitor.features is not None else None
         entry = Check(result.steps, result.steps / per_pass if per_pass else float(result.epochs), schedule.threshold,
-                      lr, forget, damage, erased, event_if_continue)
+                      lr, forget, damage, erased, event_if_continue,
+                      monitor.unseen(model) if monitor is not None else None)
         result.trajectory.append(entry)
         if damage is not None and damage > rule.tolerance and significant:
             _restore(model, saved)

@@ -88,6 +88,7 @@ class Check:
     guard_damage: float | None  # points of the guard lost against the original (None: no guard)
     features: float | None = None  # forget features' energy outside the protected subspace, share of the start
     event: str = ""  # "", "backoff", "lower protection", or why the run stopped
+    unseen: float | None = None  # points still right of a given guard's forgotten-class samples (reported only)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,19 +115,26 @@ class Monitor:
     """Measures a model against the forget data and the guard (module docstring)."""
 
     def __init__(self, correct: Correct, forget_sets: list, guard, original: torch.nn.Module | None,
-                 features: Callable[[torch.nn.Module], float] | None = None) -> None:
+                 features: Callable[[torch.nn.Module], float] | None = None, unseen=None) -> None:
         self.correct, self.forget_sets, self.guard = correct, [s for s in forget_sets if s is not None], guard
         self.guard_before = correct(original, guard) if guard is not None else None
         self.features = features  # model -> share of the forget features' outside energy left (erasure)
+        # samples of the forgotten classes the original never trained on (a given guard's): reported,
+        # not a stop condition (requiring 0 % there cost remaining accuracy: docs/fidelity.md)
+        self.unseen_set = unseen
+
+    def _points(self, model, data) -> float | None:
+        right, total = _reduced(_counts(self.correct(model, data))).tolist()
+        return 100.0 * right / total if total > 0 else None
 
     def forget(self, model) -> float | None:
         """Points of the forget data still right: the largest over the trained and held-out parts."""
-        scores = []
-        for data in self.forget_sets:
-            right, total = _reduced(_counts(self.correct(model, data))).tolist()
-            if total > 0:
-                scores.append(100.0 * right / total)
+        scores = [score for score in (self._points(model, data) for data in self.forget_sets) if score is not None]
         return max(scores) if scores else None
+
+    def unseen(self, model) -> float | None:
+        """Points still right of the forgotten classes' unseen samples (None: none given)."""
+        return self._points(model, self.unseen_set) if self.unseen_set is not None else None
 
     def guard_damage(self, model, tolerance: float = 0.0) -> tuple[float | None, bool]:
         """``(points lost, significantly more than tolerance)`` on the guard against the original model."""
