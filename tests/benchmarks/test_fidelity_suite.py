@@ -224,3 +224,46 @@ def test_guard_split_holds_data_out_of_every_models_training_per_seed(tmp_path):
     assert len(y) > 0 and not set(y.tolist()) & {3, 8}
     with pytest.raises(SystemExit):
         fidelity_suite.parse_arguments(["--guard-split", "1.5"])
+
+
+def test_room_runner_measures_the_classifier_layers_selectivity_against_a_hand_computation(tmp_path):
+    """``fidelity_room``: per request and threshold, the classifier layer's ratio of the forget
+    samples' input energy outside the per-label protected subspace to the remaining samples'."""
+    from benchmarks import fidelity_room
+    from unsc_fast import NullSpaceProjector
+
+    out = tmp_path / "room.jsonl"
+    assert fidelity_room.main(["--dataset", "digits", "--models", "digits_mlp", "--classes", "3", "--train-epochs", "2",
+                               "--thresholds", "0.99", "0.8", "--stored", str(tmp_path), "--out", str(out)]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["classes"] == [3] and set(record["ratios"]) == {"0.99", "0.8"}
+    suite = fidelity_suite.Suite(tmp_path, "val", ("unsc",), {}, 2)
+    (case,) = fidelity_suite.cases(["digits"], ["digits_mlp"], [0], [3], ["full"])
+    model, _ = suite.original(case)
+    scenario = suite.scenario(case)
+    name = record["classifier"]
+    module = dict(model.named_modules())[name]
+    projector = NullSpaceProjector(model, statistics="per_label")
+    projector.collect([scenario.remain], labels=True)
+    projector.build(threshold=0.99, criterion="per_label")
+    basis = projector.basis(name).double()
+
+    def inputs(x):
+        seen = []
+        handle = module.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach().double()))
+        with torch.no_grad():
+            model.eval()(x)
+        handle.remove()
+        features = seen[0]
+        if basis.shape[0] == features.shape[1] + 1:  # the bias as a constant input
+            features = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], 1)
+        return features
+
+    def outside(features):
+        return 1.0 - float((features @ basis).pow(2).sum() / features.pow(2).sum())
+
+    remain_inputs = inputs(scenario.remain[0])  # the per-label sums add up to the remaining data's own
+    expected = outside(inputs(scenario.forget[0])) / outside(remain_inputs)
+    # fp32 statistics against fp64 here; 1 - (share inside, ~0.99) amplifies their rounding ~100x
+    assert record["ratios"]["0.99"][name] == pytest.approx(expected, rel=1e-4)
+    assert "| digits_mlp | 0.99 | 1 |" in fidelity_room.summary([record], [0.99, 0.8])
