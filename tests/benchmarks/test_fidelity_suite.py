@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import fidelity_suite
-from benchmarks.fidelity_targets import averages, averages_table, checks, gap_verdict, worst_cases
+from benchmarks.fidelity_targets import averages, averages_table, checks, gap_verdict, reference_remain, worst_cases
 from unsc_fast.evaluation.data import load_digits_split, holdout_split
 from unsc_fast.evaluation.models import create_model
 
@@ -66,6 +66,14 @@ def test_worst_cases_and_the_gap_verdict():
     assert worst["unsc"]["relearn"]["worst"] == 24.0 and worst["natmu"]["probe"]["failed"] == 1
     assert "original" not in worst and "retrain" not in worst
     assert "smaller" in gap_verdict(worst) and "NOT" not in gap_verdict(worst)
+
+
+def test_the_retrained_models_own_acc_r_misses_are_counted_against_each_datasets_tolerance():
+    records = [record(), record(dataset="digits"), record(), record()]
+    records[1]["models"]["retrain"]["acc_remain"] = 89.4   # digits: -0.6 from 90 is past 0.5
+    records[2]["models"]["retrain"]["acc_remain"] = 89.2   # MNIST-1D: -0.8 is within 1.0
+    records[3]["models"]["retrain"]["acc_remain"] = 88.5   # -1.5 is past it
+    assert reference_remain(records) == "The retrained model itself is past the Acc_r tolerance on 2 of 4 cases (worst -1.5)."
 
 
 def test_averages_are_means_over_the_cases():
