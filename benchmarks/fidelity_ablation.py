@@ -42,7 +42,7 @@ from benchmarks.fidelity_suite import MODELS, Suite, cases  # noqa: E402
 from benchmarks.fidelity_targets import FORGET_MAX, REMAIN_TOLERANCE  # noqa: E402
 from unsc_fast.evaluation.metrics import accuracy  # noqa: E402
 from unsc_fast.unlearn import unlearn  # noqa: E402
-from unsc_fast.unlearning.data import held_out  # noqa: E402
+from unsc_fast.unlearning.data import request_slices  # noqa: E402
 from unsc_fast.unlearning.stopping import StopRule  # noqa: E402
 
 GUARDS = ("train", "heldout", "train-observed")
@@ -55,12 +55,9 @@ def halves(scenario):
 
 
 def default_guard(scenario, seed: int):
-    """The slice of the remaining training data that ``unlearn()`` holds out as its guard by default
-    (the same seeded draws, in the same order: the forget hold-out first, then the guard)."""
-    rule, draws = StopRule(), torch.Generator().manual_seed(seed)
-    held_out(scenario.forget[1], rule.holdout, draws)
+    """The slice of the remaining training data that ``unlearn()`` holds out as its guard by default."""
     x, y = scenario.remain
-    mask = held_out(y, rule.guard, draws)
+    _, mask = request_slices(scenario.forget[1], y, StopRule(), seed)
     return x[mask], y[mask]
 
 

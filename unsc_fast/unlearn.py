@@ -45,7 +45,7 @@ from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
 from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
 from unsc_fast.unlearning import language as lm
 from unsc_fast.unlearning import language_request, loop
-from unsc_fast.unlearning.data import correct_predictions, find_classifier, held_out, is_tensor_pair, split_guard
+from unsc_fast.unlearning.data import correct_predictions, find_classifier, is_tensor_pair, request_slices, split_guard
 from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
@@ -208,27 +208,27 @@ def unlearn(
     stop_rule = _stop_rule(stop, hp, epochs, classifier or (language_data and labels is None))
     forget_classes = sorted({int(c) for c in (forget_classes or ())})
     generator = torch.Generator().manual_seed(seed) if generator is None else generator
-    split = torch.Generator().manual_seed(seed)
 
-    holdout_mask, observed_remain = None, remain
+    observed_remain = remain
     guard_data, unseen_forget = split_guard(guard, forget_classes) if not language_data else (guard, None)
+    measured = stop_rule is not None and classifier
+    holdout_mask, guard_mask = request_slices(
+        forget[1] if measured and forget_classes and is_tensor_pair(forget) else None,
+        remain[1] if measured and guard is None and is_tensor_pair(remain) and stop_rule.guard > 0 else None,
+        stop_rule, seed)
     if language_data:  # token sequences (unsc_fast.unlearning.language): targets kept, a guard of sequences
         new_labels, batches = None, lm.batches(forget, batch_size, shuffle=True, seed=seed)
         forget_measured, guard_data, observed_remain = language_request.split_data(forget, remain, guard, stop_rule, seed)
     elif is_tensor_pair(forget):
         new_labels = tensor_targets(model, forget, rule_labels, forget_classes, num_classes,
                                      torch.Generator().manual_seed(seed))
-        trained = torch.ones(len(forget[0]), dtype=torch.bool)
-        if stop_rule is not None and classifier and forget_classes:
-            holdout_mask = held_out(forget[1], stop_rule.holdout, split)
-            trained = ~holdout_mask
+        trained = ~holdout_mask if holdout_mask is not None else torch.ones(len(forget[0]), dtype=torch.bool)
         batches = make_loader(forget[0][trained], new_labels[trained], batch_size, shuffle=True, seed=seed)
     else:
         new_labels = None
         batches = Relabelled(forget, relabel_rule(model, rule_labels, forget_classes, num_classes,
                                                     torch.Generator().manual_seed(seed)))
-    if guard is None and stop_rule is not None and classifier and is_tensor_pair(remain) and stop_rule.guard > 0:
-        guard_mask = held_out(remain[1], stop_rule.guard, split)
+    if guard_mask is not None:
         guard_data = (remain[0][guard_mask], remain[1][guard_mask])
         observed_remain = (remain[0][~guard_mask], remain[1][~guard_mask])
 

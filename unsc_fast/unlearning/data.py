@@ -38,6 +38,18 @@ def held_out(y: torch.Tensor, share: float, generator: torch.Generator) -> torch
     return mask
 
 
+def request_slices(forget_labels: torch.Tensor | None, remain_labels: torch.Tensor | None, rule,
+                   seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The forget hold-out and the guard slice of a request (bool masks), as ``unlearn()`` draws
+    them: per class (``held_out``), from one generator seeded with ``seed``, the hold-out first.
+    ``None`` labels draw nothing (and give None). The one owner of the draw order, so a benchmark
+    that reproduces the default guard gets the very slice."""
+    draws = torch.Generator().manual_seed(seed)
+    holdout = held_out(forget_labels, rule.holdout, draws) if forget_labels is not None else None
+    guard = held_out(remain_labels, rule.guard, draws) if remain_labels is not None else None
+    return holdout, guard
+
+
 def split_guard(guard, forget_classes) -> tuple:
     """A given guard ``(x, y)`` split by label: ``(remaining-class part, forgotten-class part)``.
 
