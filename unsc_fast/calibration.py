@@ -41,6 +41,16 @@ def calibrated_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, exclud
     return logits.masked_fill(mask, float("-inf")).argmax(1)
 
 
+def calibrated_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
+    """The soft form of calibration: ``model``'s predicted distribution over the allowed classes
+    (its own label and the excluded ones removed, the rest renormalised), one row per sample.
+    Its argmax is ``calibrated_labels``'s; training toward it keeps the forget samples as unsure
+    between the remaining classes as the original was, instead of certain of one."""
+    logits = predict_logits(model, x).float().cpu()
+    mask = disallowed_labels(logits.shape[1], y, excluded_classes)
+    return torch.softmax(logits.masked_fill(mask, float("-inf")), dim=1)
+
+
 def random_labels(y: torch.Tensor, num_classes: int, excluded_classes=(), generator=None) -> torch.Tensor:
     """A uniformly random allowed class per sample (never its own label or an excluded class)."""
     weights = (~disallowed_labels(num_classes, y, excluded_classes)).float()

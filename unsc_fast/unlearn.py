@@ -160,7 +160,8 @@ def unlearn(
     original model's logits on tensor ``remain`` are kept on a batch of remaining samples per step
     (skipped when ``remain`` is a loader or ``retain`` is given).
 
-    ``labels``: ``"calibrate"`` (default; ``calibrate=False`` means ``"random"``),
+    ``labels``: ``"calibrate"`` (default; ``calibrate=False`` means ``"random"``), ``"soft"``
+    (the original's distribution over the allowed classes: ``calibration.calibrated_distribution``),
     ``"random"``, ``"keep"`` or ``relabel(inputs, targets) -> targets``. ``loss(outputs,
     targets)`` (default cross-entropy; ``training.causal_lm_loss`` for a causal LM);
     ``objective``: ``None`` (minimise the loss), ``"ascent"`` (maximise it),
@@ -204,7 +205,7 @@ def unlearn(
     rule_labels = labels if labels is not None else ("keep" if language_data else "calibrate" if calibrate else "random")
     if not callable(rule_labels) and rule_labels not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule_labels!r}")
-    classifier = rule_labels in ("calibrate", "random")
+    classifier = rule_labels in ("calibrate", "soft", "random")
     stop_rule = _stop_rule(stop, hp, epochs, classifier or (language_data and labels is None))
     forget_classes = sorted({int(c) for c in (forget_classes or ())})
     generator = torch.Generator().manual_seed(seed) if generator is None else generator

@@ -10,7 +10,7 @@ from unsc_fast.evaluation.data import class_mask, load_digits_split
 from unsc_fast.evaluation.models import DigitsCNN
 from unsc_fast.evaluation.metrics import accuracy
 from unsc_fast.evaluation.recipes import train
-from unsc_fast.calibration import calibrated_labels, random_labels
+from unsc_fast.calibration import calibrated_distribution, calibrated_labels, random_labels
 from unsc_fast.unlearn import unlearn
 
 
@@ -32,6 +32,18 @@ def test_calibrated_labels_pick_the_best_remaining_class():
     assert calibrated_labels(model, torch.zeros(3, 1), y, excluded_classes=[1]).tolist() == [2, 2, 2]
     # sample-wise: only the own label is ruled out (the "second best" rule)
     assert calibrated_labels(model, torch.zeros(3, 1), y).tolist() == [1, 2, 2]
+
+
+def test_the_soft_calibration_is_the_original_distribution_over_the_allowed_classes():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 0.0], [1.0, 9.0, 8.0, 7.0], [0.0, 0.0, 1.0, 2.0]])
+    model = FixedLogits(logits)
+    y = torch.tensor([0, 1, 3])
+    soft = calibrated_distribution(model, torch.zeros(3, 1), y, excluded_classes=[1])
+    allowed = torch.tensor([[0, 0, 1, 1], [1, 0, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    assert torch.equal(soft == 0, ~allowed)  # own label and forgotten classes get nothing
+    expected = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1)
+    assert torch.allclose(soft, expected, atol=0, rtol=1e-6) and torch.allclose(soft.sum(1), torch.ones(3))
+    assert torch.equal(soft.argmax(1), calibrated_labels(model, torch.zeros(3, 1), y, excluded_classes=[1]))
 
 
 def test_random_labels_avoid_own_and_forgotten_classes():

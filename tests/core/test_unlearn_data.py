@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import unsc_fast.unlearning.targets as unlearn_targets
+
 from unsc_fast import NullSpaceProjector
 from unsc_fast.training import causal_lm_loss
 from unsc_fast.unlearn import unlearn
@@ -95,3 +97,20 @@ def test_classifier_loaders_calibrate_per_batch_like_tensors():
     assert result.labels is None and result.projector.built_from == (0, 2, 3)
     with pytest.raises(ValueError, match="labels must be one of"):
         unlearn(twin, loader, (x, y), labels="shuffle")
+
+
+def test_soft_labels_train_toward_the_distribution_under_the_stop_rule_for_tensors_and_loaders(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(80, 6), torch.arange(80) % 4
+    forget = y == 1
+    result = unlearn(copy.deepcopy(model), (x[forget], y[forget]), (x[~forget], y[~forget]), forget_classes=[1],
+                     labels="soft", epochs=2)
+    assert result.labels.shape == (int(forget.sum()), 4) and torch.allclose(result.labels.sum(1), torch.ones(20))
+    assert (result.labels[:, 1] == 0).all() and result.trajectory  # measured: the stop rule ran
+    seen = []
+    real = unlearn_targets.calibrated_distribution
+    monkeypatch.setattr(unlearn_targets, "calibrated_distribution", lambda *args: seen.append(real(*args)) or seen[-1])
+    loader = DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8)
+    unlearn(copy.deepcopy(model), loader, (x[~forget], y[~forget]), forget_classes=[1], labels="soft", epochs=1)
+    assert seen and all(batch.shape[1] == 4 and (batch[:, 1] == 0).all() for batch in seen)

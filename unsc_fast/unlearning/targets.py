@@ -8,10 +8,10 @@ from typing import Callable
 
 import torch
 
-from unsc_fast.calibration import calibrated_labels, random_labels
+from unsc_fast.calibration import calibrated_distribution, calibrated_labels, random_labels
 from unsc_fast.training import batch_parts, predict_logits
 
-LABEL_RULES = ("calibrate", "random", "keep")
+LABEL_RULES = ("calibrate", "soft", "random", "keep")
 Relabel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -28,6 +28,8 @@ def tensor_targets(model, forget, rule, forget_classes, num_classes, generator) 
         return rule(x_forget, y_forget)
     if rule == "calibrate":
         return calibrated_labels(model, x_forget, y_forget, forget_classes)
+    if rule == "soft":
+        return calibrated_distribution(model, x_forget, y_forget, forget_classes)
     if num_classes is None:
         num_classes = int(predict_logits(model, x_forget[:1]).shape[1])
     return random_labels(y_forget, num_classes, forget_classes, generator)
@@ -41,9 +43,10 @@ def relabel_rule(model, rule, forget_classes, num_classes, generator) -> Relabel
         return None
     if callable(rule):
         return rule
-    if rule == "calibrate":
+    if rule in ("calibrate", "soft"):
         original = copy.deepcopy(model).requires_grad_(False)
-        return lambda x, y: calibrated_labels(original, x, y, forget_classes).to(y.device)
+        targets = calibrated_labels if rule == "calibrate" else calibrated_distribution
+        return lambda x, y: targets(original, x, y, forget_classes).to(y.device)
 
     def draw(x, y):
         classes = num_classes if num_classes is not None else int(predict_logits(model, x[:1]).shape[1])
