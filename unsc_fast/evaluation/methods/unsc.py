@@ -40,7 +40,10 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
             "erasure_checks": StopRule.max_erasure_checks,  # the stop rule's cap on erasure checks once forgotten (None: none)
             # the stop rule's guard: "validation" takes the split's validation part where it has one
             # (data the original never trained on), "train" a slice of the remaining training data
-            "guard": "validation"}
+            "guard": "validation",
+            # the forget samples' targets: None = the method's own (calibrated labels; random for
+            # unsc_random_labels), or an unlearn() rule such as "soft" (docs/fidelity.md)
+            "labels": None}
 GUARDS = ("validation", "train")
 STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
