@@ -185,6 +185,7 @@ def test_official_preset_sets_plain_sgd_and_the_class_by_class_basis(digits_mode
     result = unlearn(model, (split.x_train[forget], split.y_train[forget]), (split.x_train[~forget], split.y_train[~forget]),
                      forget_classes=[3], preset="official", epochs=1)
     assert seen == {"lr": 0.04, "momentum": 0.0, "weight_decay": 0.0}
+    assert result.labels.dim() == 1 and not (result.labels == 3).any()  # the official rule: hard calibrated labels
     assert result.stop_reason == "budget" and result.epochs == 1  # no stop rule: exactly the epochs asked for
     kept = tuple(c for c in range(10) if c != 3)
     assert result.projector.built_from == kept
