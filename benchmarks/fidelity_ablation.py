@@ -103,22 +103,28 @@ def summary(records: list[dict], dataset: str) -> str:
     return "\n".join(lines)
 
 
-def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a runner over the suite's validation requests: which requests, where their
+    originals are stored, how they train, how many threads."""
     parser.add_argument("--dataset", choices=list(MODELS), required=True)
     parser.add_argument("--models", nargs="+", default=None, help="default: the dataset's CNN and MLP")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--stored", default="fidelity_val", metavar="DIR",
+                        help="where the suite's validation originals are (trained and cached there if missing)")
+    parser.add_argument("--train-epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_request_arguments(parser)
     parser.add_argument("--name", required=True, help="the variant's name in the output")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="an unlearn() keyword and its value as JSON, e.g. lr=0.03 or levels=[0.99,0.9]")
     parser.add_argument("--guard", choices=GUARDS, default="train",
                         help="train: unlearn()'s default guard; heldout: the even half of the held-out data; "
                              "train-observed: the default's slice, passed explicitly (all remaining data observed)")
-    parser.add_argument("--stored", default="fidelity_val", metavar="DIR",
-                        help="where the suite's validation originals are (trained and cached there if missing)")
-    parser.add_argument("--train-epochs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, metavar="FILE", help="JSON lines (default: DIR/ablation-NAME.jsonl)")
     args = parser.parse_args(argv)
     settings = {}

@@ -25,7 +25,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.fidelity_suite import MODELS, Suite, cases  # noqa: E402
+from benchmarks.fidelity_ablation import add_request_arguments  # noqa: E402
+from benchmarks.fidelity_suite import Suite, cases  # noqa: E402
 from unsc_fast import NullSpaceProjector  # noqa: E402
 from unsc_fast.room import selectivity  # noqa: E402
 from unsc_fast.unlearning.data import find_classifier  # noqa: E402
@@ -63,15 +64,8 @@ def summary(records: list[dict], thresholds) -> str:
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=list(MODELS), required=True)
-    parser.add_argument("--models", nargs="+", default=None, help="default: the dataset's CNN and MLP")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
+    add_request_arguments(parser)
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
-    parser.add_argument("--stored", default="fidelity_val", metavar="DIR",
-                        help="where the suite's validation originals are (trained and cached there if missing)")
-    parser.add_argument("--train-epochs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, metavar="FILE", help="JSON lines, one per request")
     return parser.parse_args(argv)
 
