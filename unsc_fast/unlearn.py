@@ -3,7 +3,9 @@
 1. Targets (``labels=``): for a classifier, calibrate (UNSC's rule: relabel each forget
    sample with the original model's most likely class among the classes that remain; its
    own label and every forgotten class are ruled out; the "second best" rule of the UNSC
-   code, generalised to several forgotten classes), draw random allowed labels (ablation),
+   code, generalised to several forgotten classes), by default in its soft form (the
+   original's distribution over those classes, which leaves the samples as unsure as a
+   retrained model is: docs/fidelity.md), draw random allowed labels (ablation),
    or any ``relabel(inputs, targets) -> targets`` callable. Relabelling is a classifier
    idea: a language model's data (token tensors, ``(tokens, labels)``, Hugging Face dicts;
    told from the data) keeps its targets, and ``objective=`` says what is minimised
@@ -57,14 +59,14 @@ PRESETS = {
     # the library's own (docs/fidelity.md): per-label protection from 0.99, adapted to the request
     # (lowered while forgetting stalls, raised when the guard shows damage), SGD with momentum,
     # stopped by the stop rule within 50 passes over the forget data (at most 5 checks of feature
-    # erasure once forgotten); feature erasure and retain distillation at weight 1 (chosen on the
-    # validation split: docs/fidelity.md)
-    "default": dict(threshold=0.99, epochs=50, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
+    # erasure once forgotten); feature erasure and retain distillation at weight 1; soft calibrated
+    # targets (all chosen on the validation split: docs/fidelity.md)
+    "default": dict(labels="soft", threshold=0.99, epochs=50, lr=0.01, momentum=0.9, batch_size=32, basis="energy",
                     class_thresholds=None, criterion="per_label", adaptive=True, stop=StopRule(), features=1.0,
                     distill=1.0),
     # the official code's CIFAR-10 / All-CNN run (cifar10-allcnn_comparison_with_baselines.ipynb):
     # a fixed number of epochs, no stop rule, no adaptation
-    "official": dict(threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
+    "official": dict(labels="calibrate", threshold=0.997, epochs=25, lr=0.04, momentum=0.0, batch_size=512, basis="incremental",
                      class_thresholds=None, criterion="total", adaptive=False, stop=None, features=0.0, distill=0.0),
 }
 
@@ -160,9 +162,10 @@ def unlearn(
     original model's logits on tensor ``remain`` are kept on a batch of remaining samples per step
     (skipped when ``remain`` is a loader or ``retain`` is given).
 
-    ``labels``: ``"calibrate"`` (default; ``calibrate=False`` means ``"random"``), ``"soft"``
-    (the original's distribution over the allowed classes: ``calibration.calibrated_distribution``),
-    ``"random"``, ``"keep"`` or ``relabel(inputs, targets) -> targets``. ``loss(outputs,
+    ``labels``: ``"soft"`` (the default preset's: the original's distribution over the allowed
+    classes, ``calibration.calibrated_distribution``), ``"calibrate"`` (its argmax, UNSC's rule and
+    the official preset's), ``"random"`` (also ``calibrate=False``), ``"keep"`` or
+    ``relabel(inputs, targets) -> targets``. ``loss(outputs,
     targets)`` (default cross-entropy; ``training.causal_lm_loss`` for a causal LM);
     ``objective``: ``None`` (minimise the loss), ``"ascent"`` (maximise it),
     ``objective(loss, fraction_done)``, or a ``Step`` objective (``unsc_fast.objectives``).
@@ -202,7 +205,7 @@ def unlearn(
         for name, value in (("threshold", threshold), ("epochs", epochs), ("lr", lr), ("momentum", momentum),
                             ("batch_size", batch_size), ("criterion", criterion), ("adaptive", adaptive),
                             ("features", features), ("distill", distill)))
-    rule_labels = labels if labels is not None else ("keep" if language_data else "calibrate" if calibrate else "random")
+    rule_labels = labels if labels is not None else ("keep" if language_data else hp["labels"] if calibrate else "random")
     if not callable(rule_labels) and rule_labels not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule_labels!r}")
     classifier = rule_labels in ("calibrate", "soft", "random")

@@ -91,7 +91,7 @@ def test_unsc_forgets_the_class_and_keeps_the_rest(digits_model, forget_class):
     assert forget_after < 8.0
     assert accuracy(model, split.x_train[forget_train], split.y_train[forget_train]) < 2.0
     assert remain_after >= remain_before - 1.5
-    assert not (result.labels == forget_class).any()
+    assert (result.labels[:, forget_class] == 0).all()  # soft targets: no mass on the forgotten class
     # BatchNorm statistics were not touched
     for (name, a), b in zip(model.named_buffers(), original.buffers()):
         if "running" in name:
@@ -145,7 +145,7 @@ def test_sample_wise_request_is_refused_not_a_silent_no_op(digits_model):
     # min_selectivity=0 runs it anyway (the caller asked for it)
     result = unlearn(model, forget=(split.x_train[forget], split.y_train[forget]),
                      remain=(split.x_train[~forget], split.y_train[~forget]), min_selectivity=0, epochs=1)
-    assert not (result.labels == split.y_train[forget]).any()
+    assert (result.labels.gather(1, split.y_train[forget][:, None]) == 0).all()  # nor on a sample's own label
 
     projector = NullSpaceProjector(original, threshold=0.99)
     from unsc_fast.training import make_loader
@@ -213,7 +213,7 @@ def test_default_run_reports_what_it_used_and_why_it_stopped(digits_model):
     assert result.holdout is not None and 0 < int(result.holdout.sum()) < int(forget.sum()) // 3
     kept = split.y_train[~forget]
     assert result.guard == f"remain slice, {sum(round(0.1 * int((kept == c).sum())) for c in kept.unique())} samples"
-    assert len(result.labels) == int(forget.sum()) and not (result.labels == 8).any()
+    assert result.labels.shape == (int(forget.sum()), 10) and (result.labels[:, 8] == 0).all()
     remain_after, forget_after = class_accuracies(model, split, 8)
     assert forget_after < 8.0 and remain_after >= class_accuracies(original, split, 8)[0] - 1.5
     projector = result.projector
