@@ -151,11 +151,15 @@ def test_unsc_ablations_differ_in_labels_only_where_they_should(tiny):
     no_projection = get_method("unsc_no_projection")(model, scenario, {"epochs": 1}).info["forget_labels"]
     randomised = get_method("unsc_random_labels")(model, scenario, {"epochs": 1}).info["forget_labels"]
     assert torch.equal(calibrated, no_projection)
-    assert not torch.equal(calibrated, randomised)
-    # calibration: the original's most likely class other than the forgotten one
+    assert not torch.equal(calibrated.argmax(1), randomised)
+    # calibration, in its soft form (the default preset's targets): the original's distribution
+    # over the classes other than the forgotten one, whose argmax is the calibrated label
     logits = predict_logits(model, scenario.forget[0])
     logits[:, FORGET] = float("-inf")
-    assert torch.equal(calibrated, logits.argmax(1))
+    assert torch.allclose(calibrated, torch.softmax(logits, dim=1), atol=0, rtol=1e-6)
+    assert torch.equal(calibrated.argmax(1), logits.argmax(1))
+    hard = get_method("unsc")(model, scenario, {"epochs": 1, "labels": "calibrate"}).info["forget_labels"]
+    assert torch.equal(hard, logits.argmax(1))  # labels="calibrate": the paper's hard labels
 
 
 @pytest.mark.parametrize("name", ["unsc", "unsc_official", "unsc_random_labels"])
@@ -166,7 +170,7 @@ def test_projected_unsc_refuses_random_sample_forgetting_with_the_reason(tiny, n
         get_method(name)(model, random_sample, {"epochs": 1})
     # calibration alone still does it
     result = get_method("unsc_no_projection")(model, random_sample, {"epochs": 1})
-    assert (result.info["forget_labels"] != random_sample.forget[1]).all()
+    assert (result.info["forget_labels"].argmax(1) != random_sample.forget[1]).all()
 
 
 def test_unsc_official_runs_the_official_pipeline_and_forgets(tiny):
