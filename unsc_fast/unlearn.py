@@ -51,7 +51,7 @@ from unsc_fast.unlearning.data import correct_predictions, find_classifier, is_t
 from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
-from unsc_fast.unlearning.targets import LABEL_RULES, Relabel, Relabelled, relabel_rule, tensor_targets
+from unsc_fast.unlearning.targets import CLASSIFIER_RULES, LABEL_RULES, Relabel, Relabelled, relabel_rule, tensor_targets
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -208,7 +208,7 @@ def unlearn(
     rule_labels = labels if labels is not None else ("keep" if language_data else hp["labels"] if calibrate else "random")
     if not callable(rule_labels) and rule_labels not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} or a callable, got {rule_labels!r}")
-    classifier = rule_labels in ("calibrate", "soft", "random")
+    classifier = rule_labels in CLASSIFIER_RULES
     stop_rule = _stop_rule(stop, hp, epochs, classifier or (language_data and labels is None))
     forget_classes = sorted({int(c) for c in (forget_classes or ())})
     generator = torch.Generator().manual_seed(seed) if generator is None else generator

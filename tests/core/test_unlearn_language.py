@@ -194,7 +194,7 @@ def test_graddiff_without_retain_data_is_a_clear_error():
 
 def test_classifier_label_rules_on_lm_data_are_refused():
     forget, remain = split()
-    for rule in ("calibrate", "random"):
+    for rule in ("calibrate", "soft", "random"):
         with pytest.raises(ValueError, match=f"labels='{rule}' relabels a classifier"):
             unlearn(trained_model(), forget, remain, labels=rule)
 

@@ -21,6 +21,7 @@ from unsc_fast.objectives.causal_lm import NAMES, NPO, GradDiff, language_object
 from unsc_fast.training import model_device
 from unsc_fast.unlearning import language
 from unsc_fast.unlearning.stopping import Monitor, StopRule
+from unsc_fast.unlearning.targets import CLASSIFIER_RULES
 
 DEFAULT_OBJECTIVE = "npo"  # without retain data; with it, GradDiff(NPO(), DEFAULT_RETAIN_WEIGHT)
 # The projection removes the retain NLL's gradient inside the protected subspace (its rows are
@@ -43,7 +44,7 @@ def is_language_request(forget, objective, labels) -> bool:
         raise ValueError(f"objective={objective!r} is a language-model objective, but the forget data is a "
                          "classifier's (one target per sample): it needs token sequences ((B, T) token ids with "
                          "per-token labels, a Hugging Face dict batch, or a loader of them)")
-    if data and labels in ("calibrate", "random"):
+    if data and labels in CLASSIFIER_RULES:
         raise ValueError(f"labels={labels!r} relabels a classifier's samples, but the forget data is a language "
                          "model's (one target per token): leave labels unset (the targets are kept) and choose "
                          "what is minimised with objective='npo' (default), 'graddiff' or 'ascent'")

@@ -11,7 +11,8 @@ import torch
 from unsc_fast.calibration import calibrated_distribution, calibrated_labels, random_labels
 from unsc_fast.training import batch_parts, predict_logits
 
-LABEL_RULES = ("calibrate", "soft", "random", "keep")
+CLASSIFIER_RULES = ("calibrate", "soft", "random")  # the rules that relabel a classifier's samples
+LABEL_RULES = (*CLASSIFIER_RULES, "keep")
 Relabel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
