@@ -11,7 +11,8 @@ split, under the per-label protection ``unlearn()`` builds, at the thresholds of
     python -m benchmarks.fidelity_room --dataset digits --seeds 0 1 --thresholds 0.99 0.8
 
 Prints, per model and threshold, the classifier layer's ratio (mean and range over the
-classes); ``--out`` keeps every layer's figures as JSON lines. Originals come from ``--stored``, as ``fidelity_ablation`` takes them.
+classes); ``--out`` keeps every layer's figures as JSON lines. Originals come from
+``--stored``, as ``fidelity_ablation`` takes them.
 """
 from __future__ import annotations
 

@@ -34,11 +34,15 @@ def disallowed_labels(num_classes: int, y: torch.Tensor, excluded_classes: Itera
     return mask
 
 
+def allowed_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
+    """``model``'s logits with each sample's own label and the excluded classes at -inf."""
+    logits = predict_logits(model, x).float().cpu()
+    return logits.masked_fill(disallowed_labels(logits.shape[1], y, excluded_classes), float("-inf"))
+
+
 def calibrated_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
     """Each sample's most likely class under ``model`` among those not excluded (nor its own)."""
-    logits = predict_logits(model, x).float().cpu()
-    mask = disallowed_labels(logits.shape[1], y, excluded_classes)
-    return logits.masked_fill(mask, float("-inf")).argmax(1)
+    return allowed_logits(model, x, y, excluded_classes).argmax(1)
 
 
 def calibrated_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
@@ -46,9 +50,7 @@ def calibrated_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     (its own label and the excluded ones removed, the rest renormalised), one row per sample.
     Its argmax is ``calibrated_labels``'s; training toward it keeps the forget samples as unsure
     between the remaining classes as the original was, instead of certain of one."""
-    logits = predict_logits(model, x).float().cpu()
-    mask = disallowed_labels(logits.shape[1], y, excluded_classes)
-    return torch.softmax(logits.masked_fill(mask, float("-inf")), dim=1)
+    return torch.softmax(allowed_logits(model, x, y, excluded_classes), dim=1)
 
 
 def random_labels(y: torch.Tensor, num_classes: int, excluded_classes=(), generator=None) -> torch.Tensor:

@@ -41,8 +41,8 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
             # the stop rule's guard: "validation" takes the split's validation part where it has one
             # (data the original never trained on), "train" a slice of the remaining training data
             "guard": "validation",
-            # the forget samples' targets: None = the method's own (calibrated labels; random for
-            # unsc_random_labels), or an unlearn() rule such as "soft" (docs/fidelity.md)
+            # the forget samples' targets: None = the method's own (the preset's calibration, soft by
+            # default; random for unsc_random_labels), or an unlearn() rule such as "calibrate"
             "labels": None}
 GUARDS = ("validation", "train")
 STOPS = {"rule": "preset", "epochs": None}
