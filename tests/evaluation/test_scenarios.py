@@ -331,6 +331,19 @@ def test_validation_part_moves_a_share_of_every_class_out_of_training(tiny):
         validation_part(split, 1.0)
 
 
+def test_validation_draws_are_the_library_s_per_class_draw_and_keep_small_classes_on_both_sides():
+    from unsc_fast.evaluation.data import DatasetSplit, holdout_split
+    from unsc_fast.unlearning.data import held_out
+
+    y = torch.tensor([0] * 40 + [1] * 3 + [2] * 2)  # 10 % of three or two rounds to none
+    split = DatasetSplit(torch.arange(len(y)).float()[:, None], y, torch.zeros(1, 1), torch.zeros(1).long(), 3, "toy")
+    parted = holdout_split(split, 0.1, seed=5)
+    assert torch.equal(parted.y_test.sort().values, y[held_out(y, 0.1, torch.Generator().manual_seed(5))].sort().values)
+    for label, count in ((0, 4), (1, 1), (2, 1)):  # every class in both parts
+        assert int((parted.y_test == label).sum()) == count
+        assert int((parted.y_train == label).sum()) > 0
+
+
 def test_a_scenario_guards_with_the_validation_part_of_the_classes_that_stay(tiny):
     from unsc_fast.evaluation.data import validation_part
     from unsc_fast.evaluation.scenario import full_class

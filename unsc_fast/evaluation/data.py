@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from unsc_fast.unlearning import data as unlearning_data
+
 
 @dataclass
 class DatasetSplit:
@@ -58,16 +60,11 @@ def class_mask(labels: torch.Tensor, classes) -> torch.Tensor:
 
 
 def _held_out_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Bool mask of ``fraction`` of every class of ``labels`` (rounded per class), drawn with ``seed``."""
+    """Bool mask of ``fraction`` of every class of ``labels`` (rounded per class), drawn with ``seed``:
+    ``unlearning.data.held_out``, the library's one per-class draw, after a check of the fraction."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    held_out = torch.zeros(len(labels), dtype=torch.bool)
-    for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        held_out[members[: int(round(fraction * len(members)))]] = True
-    return held_out
+    return unlearning_data.held_out(labels, fraction, torch.Generator().manual_seed(seed))
 
 
 def holdout_split(split: DatasetSplit, fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
