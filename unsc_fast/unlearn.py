@@ -275,7 +275,7 @@ def unlearn(
         erasure.base = base
     monitor = None
     if language_data:
-        monitor = language_request.monitor(forget_measured, guard_data, original) if stop_rule is not None else None
+        monitor = language_request.monitor(forget_measured, guard_data, original, model) if stop_rule is not None else None
         retain = language_request.retain_data(base, retain, observed_remain, batch_size, seed)
         if needs_reference:
             original.eval()

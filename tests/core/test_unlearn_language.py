@@ -309,3 +309,42 @@ def test_loaders_of_lm_batches_run_with_their_retain_term_and_an_explicit_guard(
     assert all(check["guard_damage"] is not None for check in result.trajectory)
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), trained_model().parameters()))
     assert token_accuracy(model, remain) >= 95.0
+
+
+# ---------------------------------------------------------------------------- special tokens in the forget score
+class _AlwaysPredicts(torch.nn.Module):
+    """A stand-in LM with a Hugging Face style config that predicts ``token`` at every position."""
+
+    def __init__(self, token: int, vocab: int = 8, **config) -> None:
+        super().__init__()
+        self.token, self.vocab = token, vocab
+        self.config = transformers.PretrainedConfig(**config)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.vocab) + self.anchor
+        logits[..., self.token] = 1.0
+        return logits
+
+
+def test_special_token_ids_come_from_the_config():
+    assert language.special_token_ids(_AlwaysPredicts(0, eos_token_id=7, pad_token_id=[5, 6], bos_token_id=None)) \
+        == (5, 6, 7)
+    assert language.special_token_ids(torch.nn.Linear(2, 2)) == ()
+
+
+def test_the_forget_score_leaves_out_the_end_of_sequence_and_the_guard_keeps_it():
+    from unsc_fast.unlearning import language_request
+
+    EOS = 7
+    tokens = torch.tensor([[1, 2, 3, EOS], [1, 2, 4, EOS]])
+    labels = tokens.clone()
+    labels[:, :2] = -100  # scored: the value and the end-of-sequence token
+    model = _AlwaysPredicts(EOS, eos_token_id=EOS)  # every value wrong, every end right
+    assert language.correct_tokens(model, (tokens, labels)).tolist() == [False, True, False, True]
+    assert language.correct_tokens(model, (tokens, labels), skip=(EOS,)).tolist() == [False, False]
+    monitor = language_request.monitor((tokens, labels), (tokens, labels), model, model)
+    assert monitor.forget(model) == 0.0  # the values are forgotten: nothing of the facts is left
+    assert monitor._points(model, (tokens, labels)) == 50.0  # the guard still reads every scored token
+    plain = _AlwaysPredicts(EOS)  # no config ids: every scored token counts
+    assert language_request.monitor((tokens, labels), None, plain, plain).forget(plain) == 50.0

@@ -15,7 +15,11 @@ It is recognised from the data (``is_language_data``: the same rule as ``collect
 its sampler (so a shuffling loader's order is not disturbed), or from an LM objective.
 
 The stop rule's unit is a scored token: ``correct_tokens`` says, per token whose label is not
-``-100``, whether the model's most likely next token is the label.
+``-100``, whether the model's most likely next token is the label. On the forget data it leaves
+out the model's special tokens (``special_token_ids``: a Hugging Face config's end-of-sequence,
+padding and start tokens): predicting the end of an answer after its (teacher-forced) value is
+not knowledge of the value, and a forget score that counted it could only reach the target by
+breaking how the model ends every answer (docs/language_models.md).
 """
 from __future__ import annotations
 
@@ -151,11 +155,24 @@ def batches(data, batch_size: int, shuffle: bool = False, seed: int = 0):
     return TokenBatches(normalised(data), batch_size, shuffle, seed) if in_memory(data) else data
 
 
+def special_token_ids(model: nn.Module) -> tuple[int, ...]:
+    """The end-of-sequence, padding and start token ids of a model's Hugging Face ``config``
+    (each may be unset, one id or a list); none for a model without one."""
+    config = getattr(model, "config", None)
+    ids = set()
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(token, int) and not isinstance(token, bool):
+                ids.add(token)
+    return tuple(sorted(ids))
+
+
 @torch.no_grad()
-def correct_tokens(model: nn.Module, data, batch_size: int = 256) -> torch.Tensor:
-    """Per scored token (label not ``-100``), in order: is the model's most likely next token the
-    label? ``data``: any language-model data (a loader must give its batches in the same order
-    every pass for the guard's comparison). Eval mode, restored afterwards."""
+def correct_tokens(model: nn.Module, data, batch_size: int = 256, skip: tuple[int, ...] = ()) -> torch.Tensor:
+    """Per scored token (label not ``-100`` nor in ``skip``), in order: is the model's most likely
+    next token the label? ``data``: any language-model data (a loader must give its batches in the
+    same order every pass for the guard's comparison). Eval mode, restored afterwards."""
     device = model_device(model)
     flags = []
     with eval_mode(model):
@@ -168,5 +185,7 @@ def correct_tokens(model: nn.Module, data, batch_size: int = 256) -> torch.Tenso
             outputs = model(*args, **kwargs)
             logits = getattr(outputs, "logits", outputs)
             scored = labels[:, 1:] != IGNORE_INDEX
+            if skip:
+                scored &= ~torch.isin(labels[:, 1:], torch.tensor(skip, device=labels.device))
             flags.append((logits[:, :-1].argmax(-1) == labels[:, 1:])[scored].cpu())
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)

@@ -5,12 +5,13 @@ Defaults (``LANGUAGE_DEFAULTS``, measured on the facts benchmark's validation pe
 docs/language_models.md) replace the classifier preset's where the caller leaves a value
 unset: the targets are kept (relabelling is a classifier idea), the objective is NPO against
 the frozen original (plus the retain NLL, heavily weighted, when there is retain data), the protection starts at a higher threshold, and the stop rule measures
-scored tokens (``language.correct_tokens``) on the forget data, with a guard of held-out
+scored tokens (``language.correct_tokens``, special tokens left out) on the forget data, with a guard of held-out
 remaining sequences. The loop runs on its own seeded random stream (``seeded``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -85,8 +86,12 @@ def split_data(forget, remain, guard, stop_rule: StopRule | None, seed: int):
     return forget_measured, held, rest
 
 
-def monitor(forget_measured, guard, original) -> Monitor:
-    return Monitor(language.correct_tokens, [forget_measured], guard, original)
+def monitor(forget_measured, guard, original, model) -> Monitor:
+    """Scored tokens on the guard; on the forget data, all but the model's special tokens
+    (``language.special_token_ids``: an end-of-sequence token is not the fact being forgotten)."""
+    skip = language.special_token_ids(model)
+    forget_correct = functools.partial(language.correct_tokens, skip=skip) if skip else None
+    return Monitor(language.correct_tokens, [forget_measured], guard, original, forget_correct=forget_correct)
 
 
 def retain_data(objective, retain, observed_remain, batch_size: int, seed: int):

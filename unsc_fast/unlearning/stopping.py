@@ -115,21 +115,26 @@ class Monitor:
     """Measures a model against the forget data and the guard (module docstring)."""
 
     def __init__(self, correct: Correct, forget_sets: list, guard, original: torch.nn.Module | None,
-                 features: Callable[[torch.nn.Module], float] | None = None, unseen=None) -> None:
+                 features: Callable[[torch.nn.Module], float] | None = None, unseen=None,
+                 forget_correct: Correct | None = None) -> None:
         self.correct, self.forget_sets, self.guard = correct, [s for s in forget_sets if s is not None], guard
+        # what counts as still known on the forget data, where it is narrower than the guard's measure
+        # (a language model's forget score leaves out its special tokens: language.fact_tokens)
+        self.forget_correct = forget_correct or correct
         self.guard_before = correct(original, guard) if guard is not None else None
         self.features = features  # model -> share of the forget features' outside energy left (erasure)
         # samples of the forgotten classes the original never trained on (a given guard's): reported,
         # not a stop condition (requiring 0 % there cost remaining accuracy: docs/fidelity.md)
         self.unseen_set = unseen
 
-    def _points(self, model, data) -> float | None:
-        right, total = _reduced(_counts(self.correct(model, data))).tolist()
+    def _points(self, model, data, correct: Correct | None = None) -> float | None:
+        right, total = _reduced(_counts((correct or self.correct)(model, data))).tolist()
         return 100.0 * right / total if total > 0 else None
 
     def forget(self, model) -> float | None:
         """Points of the forget data still right: the largest over the trained and held-out parts."""
-        scores = [score for score in (self._points(model, data) for data in self.forget_sets) if score is not None]
+        scores = [score for score in (self._points(model, data, self.forget_correct) for data in self.forget_sets)
+                  if score is not None]
         return max(scores) if scores else None
 
     def unseen(self, model) -> float | None:
