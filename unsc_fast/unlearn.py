@@ -47,7 +47,8 @@ from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
 from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
 from unsc_fast.unlearning import language as lm
 from unsc_fast.unlearning import language_request, loop
-from unsc_fast.unlearning.data import correct_predictions, find_classifier, is_tensor_pair, request_slices, split_guard
+from unsc_fast.unlearning.data import (batches_guard, correct_predictions, find_classifier, guard_size, is_tensor_pair,
+                                      request_slices, rereadable, split_guard)
 from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
@@ -151,7 +152,9 @@ def unlearn(
     pipeline) measures the forget data and a guard of remaining data at every check; ``epochs``
     is then the budget. ``guard=(x, y)`` gives the guard explicitly (else a slice of tensor
     ``remain``, which the original trained on: held-out data it never saw reads real damage, not
-    lost memorisation, and forgets more where the original over-fits; docs/fidelity.md). A whole
+    lost memorisation, and forgets more where the original over-fits; docs/fidelity.md; or the
+    first batches of a ``remain`` loader, which are observed too: ``unlearning.data.batches_guard``;
+    a ``forget`` loader is measured whole, with no held-out part). A whole
     validation set may be given: its samples of the forgotten classes are left out of the guard
     and reported at every check (the trajectory's ``unseen``: points of them still right).
     ``evaluate(model, check)`` runs at every check and may return True to stop.
@@ -222,7 +225,8 @@ def unlearn(
         stop_rule, seed)
     if language_data:  # token sequences (unsc_fast.unlearning.language): targets kept, a guard of sequences
         new_labels, batches = None, lm.batches(forget, batch_size, shuffle=True, seed=seed)
-        forget_measured, guard_data, observed_remain = language_request.split_data(forget, remain, guard, stop_rule, seed)
+        forget_measured, guard_data, observed_remain = language_request.split_data(forget, remain, guard, stop_rule, seed,
+                                                                                    retain)
     elif is_tensor_pair(forget):
         new_labels = tensor_targets(model, forget, rule_labels, forget_classes, num_classes,
                                      torch.Generator().manual_seed(seed))
@@ -235,6 +239,8 @@ def unlearn(
     if guard_mask is not None:
         guard_data = (remain[0][guard_mask], remain[1][guard_mask])
         observed_remain = (remain[0][~guard_mask], remain[1][~guard_mask])
+    elif measured and guard is None and not is_tensor_pair(remain):
+        guard_data = batches_guard(remain, stop_rule.guard)  # the first batches of a loader (observed too)
 
     base = language_request.resolve_objective(objective, loss, retain is not None or observed_remain is not None) \
         if language_data else None
@@ -285,6 +291,8 @@ def unlearn(
             parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
         measure = (lambda m: outside_share(erasure, head, m, parts[0][0])) if erasure is not None else None
         monitor = Monitor(correct_predictions, parts, guard_data, original, measure, unseen=unseen_forget)
+    elif stop_rule is not None and classifier and rereadable(forget):  # a loader: measured whole, with its labels
+        monitor = Monitor(correct_predictions, [forget], guard_data, original, unseen=unseen_forget)
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
         retain_batches = make_loader(*retain, batch_size, shuffle=True, seed=seed) if is_tensor_pair(retain) else retain
@@ -315,9 +323,16 @@ def _guard_source(given, guard_data, unseen_forget=None) -> str:
     checked = f"; {len(unseen_forget[0])} of the forgotten classes reported" if unseen_forget is not None else ""
     if guard_data is None:
         return f"none{checked}"
-    source = "given" if given is not None else "remain slice"
-    samples = guard_data[0] if isinstance(guard_data, (tuple, list)) else guard_data  # (x, y) or token tensor
-    return (f"{source}, {len(samples)} samples" if torch.is_tensor(samples) else source) + checked
+    if given is not None:
+        source = "given"
+    elif isinstance(guard_data, list):
+        source = f"remain batches (the first {len(guard_data)}, observed too)"
+    else:
+        source = "remain slice"
+    try:
+        return f"{source}, {guard_size(guard_data)} samples{checked}"
+    except (AttributeError, KeyError, TypeError, IndexError):  # a given loader: its size is not known
+        return source + checked
 
 
 def _stop_rule(stop, preset: dict, epochs: int, classifier: bool) -> StopRule | None:

@@ -114,3 +114,60 @@ def test_soft_labels_train_toward_the_distribution_under_the_stop_rule_for_tenso
     loader = DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8)
     unlearn(copy.deepcopy(model), loader, (x[~forget], y[~forget]), forget_classes=[1], labels="soft", epochs=1)
     assert seen and all(batch.shape[1] == 4 and (batch[:, 1] == 0).all() for batch in seen)
+
+
+# ---------------------------------------------------------------------------- the stop rule on loaders
+def _separable(seed: int = 0):
+    """A small MLP trained on four well separated classes (the forget class has room to leave)."""
+    torch.manual_seed(seed)
+    y = torch.arange(160) % 4
+    x = torch.randn(160, 6) + 4.0 * nn.functional.one_hot(y, 6).float()
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, x, y
+
+
+def test_a_forget_loader_is_measured_and_the_run_stops_when_forgotten():
+    model, x, y = _separable()
+    forget = y == 1
+    result = unlearn(model, DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8, shuffle=True),
+                     DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16), forget_classes=[1])
+    assert all(check["forget"] is not None for check in result.trajectory)  # measured at every check
+    assert result.stop_reason == "forgotten" and result.steps < 50 * 5  # before the 50-pass budget
+    assert result.guard == "remain batches (the first 1, observed too), 16 samples"
+    assert all(check["guard_damage"] is not None for check in result.trajectory)
+    with torch.no_grad():
+        assert not model(x[forget]).argmax(1).eq(1).any()
+
+
+def test_the_guard_of_batches_is_their_first_ones_read_without_touching_the_global_rng():
+    from unsc_fast.unlearning.data import batches_guard, guard_size
+
+    x, y = torch.randn(80, 3), torch.arange(80)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)  # draws its seed from the global RNG
+    state = torch.random.get_rng_state()
+    guard = batches_guard(loader, 0.25)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(guard) == 2 and guard_size(guard) == 16  # a quarter of 10 batches, rounded
+    assert len(batches_guard(loader, 1.0, limit=20)) == 3  # stops once about `limit` samples are in
+    listed = [(x[:8], y[:8]), (x[8:16], y[8:16])]
+    assert batches_guard(listed, 0.5) == listed[:1]
+    assert batches_guard(iter(listed), 0.5) is None  # a generator would be used up
+    assert batches_guard(loader, 0.0) is None
+    assert guard_size([{"input_ids": torch.zeros(5, 7, dtype=torch.long)}]) == 5
+
+
+def test_a_language_model_s_loader_guard_comes_from_remain_else_retain():
+    from unsc_fast.unlearning import language_request
+    from unsc_fast.unlearning.stopping import StopRule
+
+    tokens = torch.randint(0, 48, (40, 8))
+    remain, retain = token_loader(tokens[:20]), token_loader(tokens[20:])
+    _, guard, observed = language_request.split_data(tokens[:4], remain, None, StopRule(guard=0.1), 0)
+    assert observed is remain and len(guard) == 1 and torch.equal(guard[0][0], tokens[:4])
+    _, guard, _ = language_request.split_data(tokens[:4], None, None, StopRule(guard=0.1), 0, retain)
+    assert torch.equal(guard[0][0], tokens[20:24])

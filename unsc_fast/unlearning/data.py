@@ -6,18 +6,73 @@ samples of the class the run did not see; the remaining samples lose a guard sli
 (``StopRule.guard``) that is never observed and never trained on, the honest check of the
 remaining classes. Both slices are drawn per class with the run's seed, at least one sample
 per class where a class has two or more. Loaders are used whole (no slice is cut from a
-stream); a guard can then be passed explicitly.
+stream): the stop rule measures the whole forget loader, and the guard is the first batches of
+the remaining loader (``batches_guard``), which are observed too; held-out data passed as
+``guard=`` is the honest check there.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from unsc_fast.training import batch_parts, eval_mode, model_device
 
 
 def is_tensor_pair(data) -> bool:
     return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
+# A guard taken from batches: at most about this many samples (every check runs them all).
+GUARD_SAMPLES = 2048
+
+
+def rereadable(data) -> bool:
+    """Batches that can be read again without being used up: a DataLoader or a list of batches
+    (a generator is read once)."""
+    return isinstance(data, DataLoader) or (isinstance(data, list) and len(data) > 0)
+
+
+def _samples_in(batch) -> int:
+    """Samples in one batch: the length of its first tensor (its ``input_ids`` for a dict)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    parts = ([batch["input_ids"]] if "input_ids" in batch else list(batch.values())) if isinstance(batch, Mapping) \
+        else list(batch) if isinstance(batch, (tuple, list)) else []
+    return next((int(t.shape[0]) for t in parts if isinstance(t, torch.Tensor) and t.dim()), 1)
+
+
+def batches_guard(data, share: float, limit: int = GUARD_SAMPLES) -> list | None:
+    """The guard of remaining data given as batches: its first batches as read, a ``share`` of
+    them (at least one) and at most about ``limit`` samples. Without a slice to cut, they are
+    observed too (and trained on by a retain term): they catch damage beyond what the protection
+    holds (a step that wrecks the model, a class lost in the directions left free), not the
+    finer losses held-out data shows (pass ``guard=`` for that). A loader is read on a forked
+    random stream, leaving the global one as it was. None for data that is not ``rereadable``."""
+    if share <= 0 or not rereadable(data):
+        return None
+    try:
+        wanted = max(1, round(share * len(data)))
+    except TypeError:  # a loader over an iterable-style dataset has no length
+        wanted = None
+    kept, samples = [], 0
+    with torch.random.fork_rng(devices=[]):
+        for batch in data:
+            kept.append(batch)
+            samples += _samples_in(batch)
+            if (wanted is not None and len(kept) >= wanted) or samples >= limit:
+                break
+    return kept or None
+
+
+def guard_size(guard) -> int:
+    """Samples in a guard: ``(x, y)``, a token tensor, or a list of batches."""
+    if isinstance(guard, list):
+        return sum(_samples_in(batch) for batch in guard)
+    samples = guard[0] if isinstance(guard, tuple) else guard["input_ids"] if isinstance(guard, Mapping) else guard
+    return int(samples.shape[0])
 
 
 def held_out(y: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:

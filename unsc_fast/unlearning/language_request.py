@@ -21,6 +21,7 @@ from unsc_fast.objectives.base import as_objective
 from unsc_fast.objectives.causal_lm import NAMES, NPO, GradDiff, language_objective
 from unsc_fast.training import model_device
 from unsc_fast.unlearning import language
+from unsc_fast.unlearning.data import batches_guard
 from unsc_fast.unlearning.stopping import Monitor, StopRule
 from unsc_fast.unlearning.targets import CLASSIFIER_RULES
 
@@ -73,15 +74,20 @@ def resolve_objective(objective, loss, has_retain: bool = False):
     return as_objective(loss, objective)
 
 
-def split_data(forget, remain, guard, stop_rule: StopRule | None, seed: int):
+def split_data(forget, remain, guard, stop_rule: StopRule | None, seed: int, retain=None):
     """``(forget_measured, guard, observed_remain)``: in-memory remaining data loses a seeded
     ``stop_rule.guard`` share of its sequences, never observed nor trained on (the guard),
-    unless a ``guard`` is given; a loader is used whole."""
+    unless a ``guard`` is given; a loader is used whole, and its first batches (of ``remain``,
+    else of ``retain``) guard the run though they are observed or trained on too
+    (``data.batches_guard``)."""
     forget_measured = language.normalised(forget) if language.in_memory(forget) else forget
     if guard is not None:
         return forget_measured, (language.normalised(guard) if language.in_memory(guard) else guard), remain
-    if stop_rule is None or stop_rule.guard <= 0 or not language.in_memory(remain):
+    if stop_rule is None or stop_rule.guard <= 0:
         return forget_measured, None, remain
+    if not language.in_memory(remain):
+        source = remain if remain is not None else retain
+        return forget_measured, batches_guard(source, stop_rule.guard), remain
     held, rest = language.split_off(language.normalised(remain), stop_rule.guard, torch.Generator().manual_seed(seed))
     return forget_measured, held, rest
 
