@@ -36,13 +36,25 @@ def disallowed_labels(num_classes: int, y: torch.Tensor, excluded_classes: Itera
 
 def allowed_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
     """``model``'s logits with each sample's own label and the excluded classes at -inf."""
-    logits = predict_logits(model, x).float().cpu()
+    return allowed(predict_logits(model, x), y, excluded_classes)
+
+
+def allowed(logits: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
+    """``logits`` (float, on the CPU) with each sample's own label and the excluded classes at -inf."""
+    logits = logits.float().cpu()
     return logits.masked_fill(disallowed_labels(logits.shape[1], y, excluded_classes), float("-inf"))
+
+
+def calibrated(logits: torch.Tensor, y: torch.Tensor, excluded_classes=(), soft: bool = False) -> torch.Tensor:
+    """Calibration from the original model's ``logits``: the most likely allowed class, or with
+    ``soft`` the distribution over the allowed classes (``calibrated_distribution``)."""
+    masked = allowed(logits, y, excluded_classes)
+    return torch.softmax(masked, dim=1) if soft else masked.argmax(1)
 
 
 def calibrated_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
     """Each sample's most likely class under ``model`` among those not excluded (nor its own)."""
-    return allowed_logits(model, x, y, excluded_classes).argmax(1)
+    return calibrated(predict_logits(model, x), y, excluded_classes)
 
 
 def calibrated_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
@@ -50,7 +62,7 @@ def calibrated_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     (its own label and the excluded ones removed, the rest renormalised), one row per sample.
     Its argmax is ``calibrated_labels``'s; training toward it keeps the forget samples as unsure
     between the remaining classes as the original was, instead of certain of one."""
-    return torch.softmax(allowed_logits(model, x, y, excluded_classes), dim=1)
+    return calibrated(predict_logits(model, x), y, excluded_classes, soft=True)
 
 
 def random_labels(y: torch.Tensor, num_classes: int, excluded_classes=(), generator=None) -> torch.Tensor:

@@ -80,7 +80,21 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> 
         return torch.empty(0)
     device = model_device(model)
     with eval_mode(model):
-        return torch.cat([model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+        return torch.cat([logits_of(model(x[i : i + batch_size].to(device))) for i in range(0, len(x), batch_size)])
+
+
+def logits_of(outputs) -> torch.Tensor:
+    """A model's logits: its output, or the output's ``.logits`` (Hugging Face models)."""
+    return getattr(outputs, "logits", outputs)
+
+
+@torch.no_grad()
+def batch_logits(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Logits of one batch's inputs (``batch_parts``: positional and keyword, e.g. a Hugging Face
+    dict's ``input_ids`` and ``attention_mask``), on the model's device, in eval mode."""
+    device = model_device(model)
+    with eval_mode(model):
+        return logits_of(model(*to_device(tuple(args), device), **to_device(dict(kwargs), device)))
 
 
 @contextlib.contextmanager

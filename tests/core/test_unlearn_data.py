@@ -109,8 +109,8 @@ def test_soft_labels_train_toward_the_distribution_under_the_stop_rule_for_tenso
     assert result.labels.shape == (int(forget.sum()), 4) and torch.allclose(result.labels.sum(1), torch.ones(20))
     assert (result.labels[:, 1] == 0).all() and result.trajectory  # measured: the stop rule ran
     seen = []
-    real = unlearn_targets.calibrated_distribution
-    monkeypatch.setattr(unlearn_targets, "calibrated_distribution", lambda *args: seen.append(real(*args)) or seen[-1])
+    real = unlearn_targets.calibrated
+    monkeypatch.setattr(unlearn_targets, "calibrated", lambda *args: seen.append(real(*args)) or seen[-1])
     loader = DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8)
     unlearn(copy.deepcopy(model), loader, (x[~forget], y[~forget]), forget_classes=[1], labels="soft", epochs=1)
     assert seen and all(batch.shape[1] == 4 and (batch[:, 1] == 0).all() for batch in seen)
@@ -171,3 +171,70 @@ def test_a_language_model_s_loader_guard_comes_from_remain_else_retain():
     assert observed is remain and len(guard) == 1 and torch.equal(guard[0][0], tokens[:4])
     _, guard, _ = language_request.split_data(tokens[:4], None, None, StopRule(guard=0.1), 0, retain)
     assert torch.equal(guard[0][0], tokens[20:24])
+
+
+# ---------------------------------------------------------------------------- Hugging Face classifiers
+def _tiny_bert(classes: int = 3):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=classes, max_position_embeddings=16)
+    return transformers.BertForSequenceClassification(config)
+
+
+class _Sentences(torch.utils.data.Dataset):
+    """Token sequences whose class is their first token, right-padded to different lengths."""
+
+    def __init__(self, count: int = 120, classes: int = 3, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(count) % classes
+        self.ids = torch.randint(3 + classes, 40, (count, 10), generator=generator)
+        self.ids[:, 0] = 3 + self.labels
+        lengths = torch.randint(4, 11, (count,), generator=generator)
+        self.mask = (torch.arange(10)[None, :] < lengths[:, None]).long()
+        self.ids = self.ids * self.mask  # padding id 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def test_calibration_of_dict_batches_asks_the_model_with_every_key_of_the_batch():
+    """A Hugging Face batch's attention mask reaches the calibrating model (it was called with
+    input_ids alone, and its output object was taken for logits)."""
+    model = _tiny_bert()
+    data = _Sentences()
+    batch = next(iter(DataLoader(data, batch_size=16)))
+    for rule, soft in (("calibrate", False), ("soft", True)):
+        relabel = unlearn_targets.relabel_rule(model, rule, [2], None, torch.Generator())
+        (new,) = [b["labels"] for b in unlearn_targets.Relabelled([batch], relabel)]
+        with torch.no_grad():
+            logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.equal(new, unlearn_targets.calibrated(logits, batch["labels"], [2], soft))
+        without_mask = unlearn_targets.calibrated(model(input_ids=batch["input_ids"]).logits, batch["labels"], [2], True)
+        assert not torch.allclose(unlearn_targets.calibrated(logits, batch["labels"], [2], True), without_mask)
+
+
+def test_a_hugging_face_classifier_unlearns_from_tensors_and_from_dict_loaders():
+    from unsc_fast.unlearning.data import correct_predictions
+
+    data = _Sentences()
+    trained = _tiny_bert()
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+    for _ in range(10):
+        for batch in DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)):
+            optimizer.zero_grad()
+            trained(**batch).loss.backward()
+            optimizer.step()
+    forget, remain = (data.labels == 2).nonzero().flatten(), (data.labels != 2).nonzero().flatten()
+    loaders = (DataLoader(torch.utils.data.Subset(data, forget), batch_size=8, shuffle=True),
+               DataLoader(torch.utils.data.Subset(data, remain), batch_size=16))
+    assert correct_predictions(trained, loaders[0]).float().mean() == 1.0
+    model = copy.deepcopy(trained)
+    result = unlearn(model, *loaders, forget_classes=[2], progress_bar=False)
+    assert result.stop_reason == "forgotten" and not correct_predictions(model, loaders[0]).any()
+    assert correct_predictions(model, loaders[1]).float().mean() >= 0.95
+    tensors = unlearn(copy.deepcopy(trained), (data.ids[forget], data.labels[forget]),
+                      (data.ids[remain], data.labels[remain]), forget_classes=[2], progress_bar=False)
+    assert tensors.labels.shape == (len(forget), 3) and (tensors.labels[:, 2] == 0).all()  # soft calibration

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from unsc_fast.training import logits_of
+
 
 class CrossEntropy:
     """Cross-entropy of the outputs against the step's targets (the calibrated labels)."""
@@ -23,7 +25,7 @@ class CrossEntropy:
     needs_step = True
 
     def __call__(self, step) -> torch.Tensor:
-        return F.cross_entropy(step.outputs, step.targets)
+        return F.cross_entropy(logits_of(step.outputs), step.targets)
 
     def __repr__(self) -> str:
         return "CrossEntropy()"
@@ -103,7 +105,7 @@ class RetainDistillation:
         if self.weight == 0.0:
             return loss
         outputs, original = step.retain()
-        kl = F.kl_div(torch.log_softmax(outputs.float(), -1), torch.log_softmax(original.float(), -1),
+        kl = F.kl_div(torch.log_softmax(logits_of(outputs).float(), -1), torch.log_softmax(original.float(), -1),
                       log_target=True, reduction="batchmean")
         return loss + self.weight * kl
 

@@ -8,12 +8,19 @@ from typing import Callable
 
 import torch
 
-from unsc_fast.calibration import calibrated_distribution, calibrated_labels, random_labels
-from unsc_fast.training import batch_parts, predict_logits
+from unsc_fast.calibration import calibrated, calibrated_distribution, calibrated_labels, random_labels
+from unsc_fast.training import batch_logits, batch_parts, predict_logits
 
 CLASSIFIER_RULES = ("calibrate", "soft", "random")  # the rules that relabel a classifier's samples
 LABEL_RULES = (*CLASSIFIER_RULES, "keep")
 Relabel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BatchRelabel = Callable[[tuple, dict, torch.Tensor], torch.Tensor]  # (args, kwargs, targets) of a batch
+
+
+def first_input(args: tuple, kwargs: dict):
+    """The input a user's ``relabel(inputs, targets)`` gets: the first positional one, else the
+    first keyword one (a Hugging Face dict's ``input_ids`` or ``pixel_values``)."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def tensor_targets(model, forget, rule, forget_classes, num_classes, generator) -> torch.Tensor:
@@ -36,21 +43,23 @@ def tensor_targets(model, forget, rule, forget_classes, num_classes, generator) 
     return random_labels(y_forget, num_classes, forget_classes, generator)
 
 
-def relabel_rule(model, rule, forget_classes, num_classes, generator) -> Relabel | None:
-    """Per-batch relabelling for a loader. Calibration asks a frozen copy of the original model
-    (the model itself changes while training; a loader's order may change per epoch, so the
-    targets cannot be computed once up front without holding the whole forget set)."""
+def relabel_rule(model, rule, forget_classes, num_classes, generator) -> BatchRelabel | None:
+    """Per-batch relabelling for a loader, from the batch's inputs as the model takes them (a
+    Hugging Face dict's every key). Calibration asks a frozen copy of the original model (the
+    model itself changes while training; a loader's order may change per epoch, so the targets
+    cannot be computed once up front without holding the whole forget set)."""
     if rule == "keep":
         return None
     if callable(rule):
-        return rule
+        return lambda args, kwargs, y: rule(first_input(args, kwargs), y)
     if rule in ("calibrate", "soft"):
         original = copy.deepcopy(model).requires_grad_(False)
-        targets = calibrated_labels if rule == "calibrate" else calibrated_distribution
-        return lambda x, y: targets(original, x, y, forget_classes).to(y.device)
+        soft = rule == "soft"
+        return lambda args, kwargs, y: calibrated(batch_logits(original, args, kwargs), y, forget_classes,
+                                                  soft).to(y.device)
 
-    def draw(x, y):
-        classes = num_classes if num_classes is not None else int(predict_logits(model, x[:1]).shape[1])
+    def draw(args, kwargs, y):
+        classes = num_classes if num_classes is not None else int(batch_logits(model, args, kwargs).shape[1])
         return random_labels(y, classes, forget_classes, generator).to(y.device)
 
     return draw
@@ -60,7 +69,7 @@ class Relabelled:
     """Re-iterable view of a loader whose tuple batches get new targets (dict batches: new
     ``"labels"``)."""
 
-    def __init__(self, loader, relabel: Relabel | None) -> None:
+    def __init__(self, loader, relabel: BatchRelabel | None) -> None:
         self.loader, self.relabel = loader, relabel
 
     def __len__(self) -> int:
@@ -74,9 +83,8 @@ class Relabelled:
                 yield batch
                 continue
             args, kwargs, targets = batch_parts(batch)
-            inputs = args[0] if args else next(iter(kwargs.values()))
-            new = self.relabel(inputs, targets)
-            yield {**batch, "labels": new} if isinstance(batch, dict) else (inputs, new, *batch[2:])
+            new = self.relabel(args, kwargs, targets)
+            yield {**batch, "labels": new} if isinstance(batch, dict) else (batch[0], new, *batch[2:])
         if not seen:
             raise ValueError("the forget set is empty")
 
