@@ -117,3 +117,24 @@ def test_per_label_requests_it_cannot_serve_are_refused():
         projector.build(criterion="per_class")
     with pytest.raises(ValueError, match="cannot subtract"):
         projector.build(exclude=[3], subtract=[2], criterion="per_label")
+
+
+def test_a_grouped_conv_keeps_every_label_s_threshold_in_every_group():
+    """Depthwise convs (ConvNeXt, MobileNet) keep one covariance per group: the per-label rule is
+    solved group by group (it failed on the (groups, d, d) stack before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    projector = NullSpaceProjector(model, statistics="per_label")
+    for label, scale in ((0, 1.0), (1, 3.0), (2, 0.3)):
+        with projector.observe(labels=torch.full((6,), label)):
+            model(torch.randn(6, 4, 5, 5) * scale + label)
+    threshold = 0.9
+    projector.build(exclude=[2], threshold=threshold, criterion="per_label")
+    bases = projector.basis("0").double()  # (groups, d, k) zero-padded
+    ranks = projector.ranks()["0"]
+    for group in range(4):
+        basis = bases[group, :, : ranks[group]]
+        for label in (0, 1):
+            covariance = projector.store.matrix(label, "0")[group].double()
+            kept = float(torch.trace(basis.T @ covariance @ basis)) / float(torch.trace(covariance))
+            assert kept >= threshold - 1e-6, (group, label, kept)

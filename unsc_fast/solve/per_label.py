@@ -108,11 +108,14 @@ def _captured(vectors: torch.Tensor, gram: torch.Tensor | None, rows: list | Non
 
 
 def exact_labels(store, name: str, keys: Iterable) -> Iterable[tuple[object, float, torch.Tensor]]:
-    """``(label, trace, covariance)`` of every key observed at slot ``name`` (dense per-label statistics)."""
+    """``(label, trace, covariance)`` of every key observed at slot ``name`` (dense per-label
+    statistics; a grouped slot's ``(groups, d, d)`` covariances have the sum of their groups' traces)."""
     for key in keys:
         matrix = store.matrix(key, name)
         if matrix is not None:
-            yield key, float(torch.trace(matrix.to(torch.float64))), matrix
+            wide = matrix.to(torch.float64)
+            trace = torch.trace(wide) if wide.dim() == 2 else wide.diagonal(dim1=-2, dim2=-1).sum()
+            yield key, float(trace), matrix
 
 
 
