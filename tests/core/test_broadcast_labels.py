@@ -137,3 +137,30 @@ def test_labels_under_one_total_count_the_broadcast_input_once_per_sample():
     expected = torch.zeros(12, dtype=projector.store.matrix(key, "transformer.wpe").dtype)
     expected[:5] = len(LABELS)
     assert torch.equal(projector.store.matrix(key, "transformer.wpe"), expected)
+
+
+def test_swin_window_attention_files_each_sample_s_windows_under_its_label():
+    """Swin's attention layers see ``B x windows`` entries: read sample-major (Hugging Face's
+    window partition), each label gets exactly its samples' statistics, as observed one by one
+    (where a lone sample's windows are all its own, whatever the layout)."""
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1], num_heads=[2],
+                                     window_size=4, num_labels=3)
+    model = transformers.SwinForImageClassification(config).double().eval()
+    images = torch.randn(len(LABELS), 3, 16, 16, dtype=torch.float64)
+    reference = NullSpaceProjector(model, dtype=torch.float64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="consecutive entries per sample"):
+        for image, label in zip(images, LABELS):
+            with reference.observe(labels=label.view(1)):
+                model(image[None])
+    batched = NullSpaceProjector(model, dtype=torch.float64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="4 x the 6 labels"), batched.observe(labels=LABELS):
+        model(images)
+    assert_same_statistics(batched, reference)
+    with pytest.raises(ValueError, match="labels has 4 entries but the layer's input has batch size 6"):
+        with torch.no_grad(), batched.observe(labels=LABELS[:4]):
+            model(images)
+    with pytest.raises(ValueError, match="labels has 3 entries .* batch size 6; .*nothing from this batch was kept"):
+        with torch.no_grad(), batched.observe(labels=LABELS[:3]):  # half the labels: no layer saw 3 samples
+            model(images)
+    assert_same_statistics(batched, reference)  # the refused batches left nothing behind

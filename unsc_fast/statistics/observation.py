@@ -23,11 +23,19 @@ what the model does with it. A forward in which no layer saw the n samples is re
 labels do not match the batch). Without labels, a forward of token ids ``(B, T)`` (an integer
 tensor as the model's first input or ``input_ids=``) counts such an input ``B`` times too, as
 ``attention_mask`` does: a total's counts then match what its forget pass subtracts.
+
+Windowed inputs: in a forward where some layer saw the ``n`` labelled samples, a layer whose
+batch dimension is a whole multiple ``k n`` of them (Swin's window attention runs on ``B x
+windows`` windows) is read sample-major, ``k`` consecutive entries per sample, as Hugging Face's
+and timm's window partitions lay them out, with a warning naming the layer. A forward where no
+layer saw ``n`` is refused (too few labels, not windows). A model that interleaves samples the other way would file rows
+under the wrong labels there: leave such layers out (``modules=``) or observe without labels.
 """
 from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from typing import Hashable, Iterable
 
 import torch
@@ -80,9 +88,10 @@ class Observation:
         self.thread = threading.get_ident()  # the thread whose forwards are recorded
         self.inputs_finite: dict[str, list] = {}  # per slot, this forward's input checks
         self.broadcast_layers: list[str] = []  # this forward's layers whose batch of 1 served every sample
+        self.windowed_layers: list[tuple[str, int]] = []  # this forward's layers with k entries per sample: (name, batch)
         self.saw_labelled_batch = False  # whether a layer of this forward saw one sample per label
         self.row_dtypes: dict[str, set] = {}  # per slot, this forward's floating input dtypes
-        self._indices_on: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._indices_on: dict[tuple[int, torch.device, int], torch.Tensor] = {}
         self.token_mask: torch.Tensor | None = None  # this forward's real tokens (attention_mask)
         self.token_batch: int | None = None  # sequences of this unlabelled forward of token ids
         self._token_masks_on: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -110,6 +119,7 @@ class Observation:
             self.pending.clear()
             self.inputs_finite.clear()
             self.broadcast_layers.clear()
+            self.windowed_layers.clear()
             self.saw_labelled_batch = False
             self.row_dtypes.clear()
             self.token_mask = None
@@ -144,8 +154,11 @@ class Observation:
         masked = self.token_mask is not None  # the mask lines each layer's rows up with the sequences
         sequences = self.batch_size if self.batch_size is not None else self.token_batch
         broadcast = not masked and sequences is not None and batch == 1 and sequences > 1
-        if self.batch_size is not None and not masked and batch != self.batch_size and not broadcast:
+        windows = _windows_per_sample(batch, self.batch_size) if not masked else 1
+        if self.batch_size is not None and not masked and batch != self.batch_size and not broadcast and windows == 1:
             raise ValueError(_mismatch(layer.name, self.batch_size, batch))
+        if windows > 1:
+            self.windowed_layers.append((layer.name, batch))
         self.saw_labelled_batch |= self.batch_size is not None and (masked or batch == self.batch_size)
         device = layer.weight.device
         with torch.no_grad():
@@ -161,7 +174,7 @@ class Observation:
                 if self.token_mask is not None:
                     chosen = TokenMask(self._token_mask(position, index, device), layer.name)
                 else:
-                    chosen = None if index is None else self._index(position, index, device)
+                    chosen = None if index is None else self._index(position, index, device, windows)
                 rows = layer.accumulate_(deltas, args, kwargs, output, chosen)
                 self._count(key, rows, inputs_finite, row_dtype)
 
@@ -186,10 +199,14 @@ class Observation:
             if row_dtype is not None:
                 self.row_dtypes.setdefault(slot, set()).add(row_dtype)
 
-    def _index(self, position: int, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        cached = self._indices_on.get((position, device))
+    def _index(self, position: int, index: torch.Tensor, device: torch.device, windows: int = 1) -> torch.Tensor:
+        """Group ``position``'s batch entries on ``device``; with ``windows`` entries per sample,
+        the ``windows`` consecutive ones of each of its samples."""
+        cached = self._indices_on.get((position, device, windows))
         if cached is None:
-            cached = self._indices_on[(position, device)] = index.to(device)
+            if windows > 1:
+                index = (index[:, None] * windows + torch.arange(windows)).flatten()
+            cached = self._indices_on[(position, device, windows)] = index.to(device)
         return cached
 
     def _token_mask(self, position: int, index: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -212,12 +229,20 @@ class Observation:
         pending, self.pending = self.pending, {}
         inputs_finite, self.inputs_finite = self.inputs_finite, {}
         broadcast, self.broadcast_layers = self.broadcast_layers, []
+        windowed, self.windowed_layers = self.windowed_layers, []
         labelled, self.saw_labelled_batch = self.saw_labelled_batch, False
         row_dtypes, self.row_dtypes = self.row_dtypes, {}
         self.token_mask = None
         self._token_masks_on.clear()
         if broadcast and not labelled:  # every layer saw one sample: the labels are not this batch's
             raise ValueError(_mismatch(broadcast[0], self.batch_size, 1) + "; nothing from this batch was kept")
+        if windowed and not labelled:  # no layer saw the n samples: too few labels, not windows
+            raise ValueError(_mismatch(windowed[0][0], self.batch_size, windowed[0][1]) + "; nothing from this batch "
+                             "was kept")
+        for name, batch in windowed:  # layers inside a forward whose batch is the labels': windows of each sample
+            warnings.warn(f"layer {name!r}: its batch of {batch} is {batch // self.batch_size} x the {self.batch_size} "
+                          f"labels; read as {batch // self.batch_size} consecutive entries per sample (window "
+                          "attention's layout)", UserWarning, stacklevel=2)
         if not pending:
             return
         # a NaN/Inf anywhere in the inputs shows up on the diagonal of x^T x
@@ -230,6 +255,13 @@ class Observation:
         for name, dtypes in row_dtypes.items():
             for dtype in dtypes:
                 self.store.note_row_dtype(name, dtype)
+
+
+def _windows_per_sample(batch: int, labels: int | None) -> int:
+    """``k`` where a layer's batch is ``k > 1`` whole multiples of the labels (window attention), else 1."""
+    if labels is None or labels <= 0 or batch <= labels or batch % labels:
+        return 1
+    return batch // labels
 
 
 def _mismatch(layer: str, labels: int, batch: int) -> str:
