@@ -11,6 +11,11 @@ downloaded), briefly trained on random "documents", then asked to forget some of
   tracked Linear moves only in the null space of the remaining tokens' inputs, and the token
   embedding (tracked by its own adapter) only in rows no remaining token used.
 
+This shows the custom-loss API. Gradient ascent for a fixed number of epochs raises the
+remaining documents' loss too (0.20 -> 0.63 here). For the library's default LM unlearning (NPO
+plus the retain NLL, a stop rule on the forget tokens and a guard of remaining sequences),
+call ``unlearn(model, forget, remain)`` with token data: docs/language_models.md.
+
 Run: python examples/unlearn_causal_lm.py
 """
 from __future__ import annotations
