@@ -6,6 +6,8 @@ slot (the position embedding's counts included), through ``observe`` and ``colle
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -164,3 +166,50 @@ def test_swin_window_attention_files_each_sample_s_windows_under_its_label():
         with torch.no_grad(), batched.observe(labels=LABELS[:3]):  # half the labels: no layer saw 3 samples
             model(images)
     assert_same_statistics(batched, reference)  # the refused batches left nothing behind
+
+
+def test_a_sketched_window_attention_layer_is_fed_each_label_s_own_windows(monkeypatch):
+    """The sketch path reads windows the same way: each label's sketch gets exactly the rows of
+    its samples' windows, in the order observing the samples one by one gives them."""
+    from unsc_fast.statistics import sketch as sketch_module
+
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1], num_heads=[2],
+                                     window_size=4, num_labels=3)
+    model = transformers.SwinForImageClassification(config).double().eval()
+    layer = "swin.encoder.layers.0.blocks.0.attention.q_proj"  # runs on the windows
+    images = torch.randn(len(LABELS), 3, 16, 16, dtype=torch.float64)
+    fed = []
+    real = sketch_module.SlotSketch.update
+    monkeypatch.setattr(sketch_module.SlotSketch, "update",
+                        lambda self, group, rows: fed.append(rows.detach().clone()) or real(self, group, rows))
+
+    def rows_by_label(observe):
+        fed.clear()
+        projector = NullSpaceProjector(model, dtype=torch.float64, sketch={layer: 8})
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # untracked bias table; the windows' own warning
+            observe(projector)
+        return fed[:]
+
+    def batched(projector):
+        with projector.observe(labels=LABELS):
+            model(images)
+
+    def one_by_one(projector):
+        for image, label in zip(images, LABELS):
+            with projector.observe(labels=label.view(1)):
+                model(image[None])
+
+    together, alone = rows_by_label(batched), rows_by_label(one_by_one)
+    order = [i for label in sorted(set(LABELS.tolist())) for i in range(len(LABELS)) if LABELS[i] == label]
+    assert len(together) == 3 and len(alone) == len(LABELS)  # one update per label, one per sample
+    expected = torch.cat([alone[i].reshape(-1, alone[i].shape[-1]) for i in order])
+    torch.testing.assert_close(torch.cat([r.reshape(-1, r.shape[-1]) for r in together]), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="labels has 3 entries but the layer's input has batch size"):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            projector = NullSpaceProjector(model, dtype=torch.float64, sketch={layer: 8})
+            with projector.observe(labels=LABELS[:3]):  # half the labels: the input has 6 images, not windows
+                model(images)
+

@@ -14,11 +14,14 @@ whole or not at all, as in ``observation.Observation``: a sketch is copied the f
 forward touches it (a snapshot sharing its rows, which are never modified in place), and a
 forward that fails (non-finite rows, a bad label count, an error in the model) puts them back.
 A forward with an ``attention_mask`` feeds its real tokens only, as the dense path does
-(``adapters.tokens``).
+(``adapters.tokens``). A layer whose batch is ``k`` whole multiples of the labels in a forward
+whose input has one entry per label (window attention) is read as ``k`` consecutive entries per
+sample, as in ``observation.Observation``.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +61,7 @@ class SketchObservation:
         self.calls = 0
         self.thread = threading.get_ident()
         self.token_mask: torch.Tensor | None = None  # this forward's real tokens (attention_mask)
+        self.root_batch: int | None = None  # the leading size of this forward's first input
 
     def __bool__(self) -> bool:
         return bool(self.layers)
@@ -75,6 +79,7 @@ class SketchObservation:
         self.restore()
         if threading.get_ident() == self.thread:
             self.token_mask = padding_mask(kwargs)
+            self.root_batch = _leading_size(args, kwargs)
 
     def _chosen(self, layer, index):
         """What ``input_rows`` selects: the group's samples, or under a mask its real tokens."""
@@ -98,15 +103,24 @@ class SketchObservation:
             return
         self.calls += 1
         masked = self.token_mask is not None  # the mask lines each layer's rows up with the sequences
-        if self.batch_size is not None and not masked and layer.batch_size(args, kwargs) != self.batch_size:
-            raise ValueError(
-                f"layer {layer.name!r}: labels has {self.batch_size} entries but the layer's input has batch "
-                f"size {layer.batch_size(args, kwargs)}; labels need one entry per sample along the batch dimension"
-            )
+        batch, windows = layer.batch_size(args, kwargs), 1
+        if self.batch_size is not None and not masked and batch != self.batch_size:
+            if self.root_batch == self.batch_size and batch > self.batch_size and batch % self.batch_size == 0:
+                windows = batch // self.batch_size
+                warnings.warn(f"layer {layer.name!r}: its batch of {batch} is {windows} x the {self.batch_size} "
+                              f"labels; read as {windows} consecutive entries per sample (window attention's layout)",
+                              UserWarning, stacklevel=2)
+            else:
+                raise ValueError(
+                    f"layer {layer.name!r}: labels has {self.batch_size} entries but the layer's input has batch "
+                    f"size {batch}; labels need one entry per sample along the batch dimension"
+                )
         with torch.no_grad():
             for position, feed in enumerate(self.feeds):
                 for key, index in feed.groups:
                     touched = set()
+                    if windows > 1 and index is not None:
+                        index = (index[:, None] * windows + torch.arange(windows, device=index.device)).flatten()
                     for own, group, rows in layer.input_rows(args, kwargs, output, self._chosen(layer, index)):
                         slot = self.protection.slot(own).name
                         if slot not in feed.slots:
@@ -152,6 +166,16 @@ class SketchObservation:
             handle.remove()
         self.handles.clear()
         self.restore()
+
+
+def _leading_size(args, kwargs) -> int | None:
+    """The leading size of a forward's first tensor input (positional, else ``input_ids`` /
+    ``pixel_values`` / the first keyword tensor): its batch, against which labels are counted."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is None:
+        named = [kwargs.get("input_ids"), kwargs.get("pixel_values"), *kwargs.values()]
+        first = next((v for v in named if isinstance(v, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else None
 
 
 def nbytes(sketches: dict) -> int:
