@@ -238,3 +238,21 @@ def test_a_hugging_face_classifier_unlearns_from_tensors_and_from_dict_loaders()
     tensors = unlearn(copy.deepcopy(trained), (data.ids[forget], data.labels[forget]),
                       (data.ids[remain], data.labels[remain]), forget_classes=[2], progress_bar=False)
     assert tensors.labels.shape == (len(forget), 3) and (tensors.labels[:, 2] == 0).all()  # soft calibration
+
+
+def test_the_causal_lm_example_runs_and_its_ascent_raises_the_forget_loss():
+    """examples/unlearn_causal_lm.py as a user runs it (its figures are quoted in its docstring)."""
+    import importlib.util
+    import warnings
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "unlearn_causal_lm.py"
+    spec = importlib.util.spec_from_file_location("unlearn_causal_lm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = example.main(progress_bar=False)
+    before, after = result["before"], result["after"]
+    assert after["forget"] > 10 * before["forget"]  # 0.05 -> 4.0
+    assert after["remain"] < after["forget"] / 4  # 0.20 -> 0.63: raised too, far less
