@@ -176,18 +176,12 @@ def test_sequence_classification_recipe_builds():
     projector.build(exclude=(2,))
 
 
-def test_example_unlearns_through_a_fresh_adapter():
+def test_example_unlearns_through_a_fresh_adapter(load_example):
     """examples/unlearn_peft_causal_lm.py on its tiny random-init GPT-2: the forget documents'
     loss rises through a B = 0 adapter, the remaining documents' barely moves, and merging
     the adapter gives the same losses. The zero start ran: every lora_B is free (rank 0) and
     every lora_A's rows are in the null space of its remaining inputs."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "examples" / "unlearn_peft_causal_lm.py"
-    spec = importlib.util.spec_from_file_location("unlearn_peft_causal_lm", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("unlearn_peft_causal_lm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = example.main(steps=3, train_epochs=5, progress_bar=False)

@@ -240,16 +240,11 @@ def test_a_hugging_face_classifier_unlearns_from_tensors_and_from_dict_loaders()
     assert tensors.labels.shape == (len(forget), 3) and (tensors.labels[:, 2] == 0).all()  # soft calibration
 
 
-def test_the_causal_lm_example_runs_and_its_ascent_raises_the_forget_loss():
+def test_the_causal_lm_example_runs_and_its_ascent_raises_the_forget_loss(load_example):
     """examples/unlearn_causal_lm.py as a user runs it (its figures are quoted in its docstring)."""
-    import importlib.util
     import warnings
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "unlearn_causal_lm.py"
-    spec = importlib.util.spec_from_file_location("unlearn_causal_lm", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("unlearn_causal_lm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = example.main(progress_bar=False)
