@@ -34,11 +34,6 @@ def disallowed_labels(num_classes: int, y: torch.Tensor, excluded_classes: Itera
     return mask
 
 
-def allowed_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
-    """``model``'s logits with each sample's own label and the excluded classes at -inf."""
-    return allowed(predict_logits(model, x), y, excluded_classes)
-
-
 def allowed(logits: torch.Tensor, y: torch.Tensor, excluded_classes=()) -> torch.Tensor:
     """``logits`` (float, on the CPU) with each sample's own label and the excluded classes at -inf."""
     logits = logits.float().cpu()

@@ -58,7 +58,7 @@ def causal_lm_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts ``targets[:, t + 1]``; ``-100`` is ignored.
 
     ``outputs`` are logits ``(B, T, V)`` or a model output with ``.logits`` (transformers)."""
-    logits = getattr(outputs, "logits", outputs)
+    logits = logits_of(outputs)
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1), ignore_index=-100
     )

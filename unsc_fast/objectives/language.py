@@ -17,17 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from unsc_fast.training import logits_of
+
 IGNORE_INDEX = -100
 REDUCTIONS = ("sum", "mean")
 
 
-def _logits(logits) -> torch.Tensor:
-    """The logits tensor of a model output (``.logits``) or the tensor itself."""
-    return getattr(logits, "logits", logits)
-
-
 def _check(logits, labels: torch.Tensor, where: str) -> torch.Tensor:
-    logits = _logits(logits)
+    logits = logits_of(logits)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not logits.is_floating_point():
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"{where}: logits must be a floating-point (batch, seq, vocab) tensor, got {got}")

@@ -154,7 +154,7 @@ class Observation:
         masked = self.token_mask is not None  # the mask lines each layer's rows up with the sequences
         sequences = self.batch_size if self.batch_size is not None else self.token_batch
         broadcast = not masked and sequences is not None and batch == 1 and sequences > 1
-        windows = _windows_per_sample(batch, self.batch_size) if not masked else 1
+        windows = windows_per_sample(batch, self.batch_size) if not masked else 1
         if self.batch_size is not None and not masked and batch != self.batch_size and not broadcast and windows == 1:
             raise ValueError(_mismatch(layer.name, self.batch_size, batch))
         if windows > 1:
@@ -204,9 +204,7 @@ class Observation:
         the ``windows`` consecutive ones of each of its samples."""
         cached = self._indices_on.get((position, device, windows))
         if cached is None:
-            if windows > 1:
-                index = (index[:, None] * windows + torch.arange(windows)).flatten()
-            cached = self._indices_on[(position, device, windows)] = index.to(device)
+            cached = self._indices_on[(position, device, windows)] = window_entries(index, windows).to(device)
         return cached
 
     def _token_mask(self, position: int, index: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -240,9 +238,7 @@ class Observation:
             raise ValueError(_mismatch(windowed[0][0], self.batch_size, windowed[0][1]) + "; nothing from this batch "
                              "was kept")
         for name, batch in windowed:  # layers inside a forward whose batch is the labels': windows of each sample
-            warnings.warn(f"layer {name!r}: its batch of {batch} is {batch // self.batch_size} x the {self.batch_size} "
-                          f"labels; read as {batch // self.batch_size} consecutive entries per sample (window "
-                          "attention's layout)", UserWarning, stacklevel=2)
+            warn_windows(name, batch, self.batch_size)
         if not pending:
             return
         # a NaN/Inf anywhere in the inputs shows up on the diagonal of x^T x
@@ -257,11 +253,24 @@ class Observation:
                 self.store.note_row_dtype(name, dtype)
 
 
-def _windows_per_sample(batch: int, labels: int | None) -> int:
+def windows_per_sample(batch: int, labels: int | None) -> int:
     """``k`` where a layer's batch is ``k > 1`` whole multiples of the labels (window attention), else 1."""
     if labels is None or labels <= 0 or batch <= labels or batch % labels:
         return 1
     return batch // labels
+
+
+def window_entries(index: torch.Tensor, windows: int) -> torch.Tensor:
+    """The batch entries of samples ``index`` where each sample has ``windows`` consecutive ones."""
+    if windows == 1:
+        return index
+    return (index[:, None] * windows + torch.arange(windows, device=index.device)).flatten()
+
+
+def warn_windows(layer: str, batch: int, labels: int) -> None:
+    warnings.warn(f"layer {layer!r}: its batch of {batch} is {batch // labels} x the {labels} labels; read as "
+                  f"{batch // labels} consecutive entries per sample (window attention's layout)", UserWarning,
+                  stacklevel=3)
 
 
 def _mismatch(layer: str, labels: int, batch: int) -> str:

@@ -21,12 +21,12 @@ sample, as in ``observation.Observation``.
 from __future__ import annotations
 
 import threading
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from unsc_fast.adapters.tokens import TokenMask, padding_mask
+from unsc_fast.statistics.observation import warn_windows, window_entries, windows_per_sample
 from unsc_fast.statistics.sketch import SlotSketch
 
 
@@ -105,11 +105,10 @@ class SketchObservation:
         masked = self.token_mask is not None  # the mask lines each layer's rows up with the sequences
         batch, windows = layer.batch_size(args, kwargs), 1
         if self.batch_size is not None and not masked and batch != self.batch_size:
-            if self.root_batch == self.batch_size and batch > self.batch_size and batch % self.batch_size == 0:
-                windows = batch // self.batch_size
-                warnings.warn(f"layer {layer.name!r}: its batch of {batch} is {windows} x the {self.batch_size} "
-                              f"labels; read as {windows} consecutive entries per sample (window attention's layout)",
-                              UserWarning, stacklevel=2)
+            if self.root_batch == self.batch_size:  # the forward's input has one entry per label
+                windows = windows_per_sample(batch, self.batch_size)
+            if windows > 1:
+                warn_windows(layer.name, batch, self.batch_size)
             else:
                 raise ValueError(
                     f"layer {layer.name!r}: labels has {self.batch_size} entries but the layer's input has batch "
@@ -119,8 +118,8 @@ class SketchObservation:
             for position, feed in enumerate(self.feeds):
                 for key, index in feed.groups:
                     touched = set()
-                    if windows > 1 and index is not None:
-                        index = (index[:, None] * windows + torch.arange(windows, device=index.device)).flatten()
+                    if index is not None:
+                        index = window_entries(index, windows)
                     for own, group, rows in layer.input_rows(args, kwargs, output, self._chosen(layer, index)):
                         slot = self.protection.slot(own).name
                         if slot not in feed.slots:

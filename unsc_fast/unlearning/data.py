@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from unsc_fast.training import batch_parts, eval_mode, model_device
+from unsc_fast.training import batch_logits, batch_parts, eval_mode, logits_of, model_device
 
 
 def is_tensor_pair(data) -> bool:
@@ -131,14 +131,12 @@ def correct_predictions(model: nn.Module, data, batch_size: int = 512) -> torch.
         if is_tensor_pair(data):
             x, y = data
             for start in range(0, len(x), batch_size):
-                logits = model(x[start:start + batch_size].to(device))
-                flags.append(getattr(logits, "logits", logits).argmax(-1).cpu() == y[start:start + batch_size].cpu())
+                logits = logits_of(model(x[start:start + batch_size].to(device)))
+                flags.append(logits.argmax(-1).cpu() == y[start:start + batch_size].cpu())
         else:
             for batch in data:
                 args, kwargs, targets = batch_parts(batch)
-                moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-                logits = model(*moved, **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-                flags.append(getattr(logits, "logits", logits).argmax(-1).cpu() == targets.cpu())
+                flags.append(batch_logits(model, args, kwargs).argmax(-1).cpu() == targets.cpu())
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
@@ -155,7 +153,7 @@ def find_classifier(model: nn.Module, layers: dict, sample_inputs) -> tuple[str,
     finally:
         for handle in handles:
             handle.remove()
-    logits = getattr(logits, "logits", logits)
+    logits = logits_of(logits)
     for name, module, out in reversed(calls):
         if isinstance(out, torch.Tensor) and out.shape == logits.shape:
             return name, module

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from unsc_fast.objectives.causal_lm import token_labels
 from unsc_fast.objectives.language import IGNORE_INDEX
 from unsc_fast.statistics.batches import is_language_model_batch, is_token_ids
-from unsc_fast.training import batch_parts, eval_mode, model_device, to_device
+from unsc_fast.training import batch_parts, eval_mode, logits_of, model_device, to_device
 
 
 def _is_token_dict(data) -> bool:
@@ -183,7 +183,7 @@ def correct_tokens(model: nn.Module, data, batch_size: int = 256, skip: tuple[in
                 raise ValueError("the language-model stop rule needs per-token labels or (batch, seq) integer "
                                  f"tokens; got a batch with targets {None if targets is None else tuple(targets.shape)}")
             outputs = model(*args, **kwargs)
-            logits = getattr(outputs, "logits", outputs)
+            logits = logits_of(outputs)
             scored = labels[:, 1:] != IGNORE_INDEX
             if skip:
                 scored &= ~torch.isin(labels[:, 1:], torch.tensor(skip, device=labels.device))

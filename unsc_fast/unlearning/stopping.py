@@ -119,7 +119,7 @@ class Monitor:
                  forget_correct: Correct | None = None) -> None:
         self.correct, self.forget_sets, self.guard = correct, [s for s in forget_sets if s is not None], guard
         # what counts as still known on the forget data, where it is narrower than the guard's measure
-        # (a language model's forget score leaves out its special tokens: language.fact_tokens)
+        # (a language model's forget score leaves out its special tokens: language.special_token_ids)
         self.forget_correct = forget_correct or correct
         self.guard_before = correct(original, guard) if guard is not None else None
         self.features = features  # model -> share of the forget features' outside energy left (erasure)

@@ -58,9 +58,12 @@ def relabel_rule(model, rule, forget_classes, num_classes, generator) -> BatchRe
         return lambda args, kwargs, y: calibrated(batch_logits(original, args, kwargs), y, forget_classes,
                                                   soft).to(y.device)
 
+    classes = [num_classes]  # read from the model's output on the first batch where not given
+
     def draw(args, kwargs, y):
-        classes = num_classes if num_classes is not None else int(batch_logits(model, args, kwargs).shape[1])
-        return random_labels(y, classes, forget_classes, generator).to(y.device)
+        if classes[0] is None:
+            classes[0] = int(batch_logits(model, args, kwargs).shape[1])
+        return random_labels(y, classes[0], forget_classes, generator).to(y.device)
 
     return draw
 

@@ -24,7 +24,7 @@ from scipy import stats
 from torch import nn
 
 from unsc_fast.evaluation.facts.data import TEMPLATES, FactsTask, Sequences
-from unsc_fast.training import model_device
+from unsc_fast.training import logits_of, model_device
 
 SPLIT_METRICS = ("forget", "retain", "validation", "unseen")
 
@@ -46,7 +46,7 @@ def answer_log_probs(model: nn.Module, sequences: Sequences, candidates: torch.T
             part = sequences.subset(index)
             batch = part.batch()
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            logits = getattr(logits, "logits", logits).float()
+            logits = logits_of(logits).float()
             before = (part.answer_positions - 1).clamp(min=0).to(device)            # (n, A)
             scores = logits.gather(1, before.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).log_softmax(-1)
             answers = part.answers.to(device)
