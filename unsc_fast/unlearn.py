@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -280,6 +281,8 @@ def unlearn(
     if erasure is not None:
         erasure.base = base
     monitor = None
+    # what "still known" means on the forget data (StopRule.confidence); language models count tokens
+    known_forget = functools.partial(correct_predictions, confidence=stop_rule.confidence) if stop_rule is not None else None
     if language_data:
         monitor = language_request.monitor(forget_measured, guard_data, original, model) if stop_rule is not None else None
         retain = language_request.retain_data(base, retain, observed_remain, batch_size, seed)
@@ -290,9 +293,11 @@ def unlearn(
         if holdout_mask is not None and bool(holdout_mask.any()):
             parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
         measure = (lambda m: outside_share(erasure, head, m, parts[0][0])) if erasure is not None else None
-        monitor = Monitor(correct_predictions, parts, guard_data, original, measure, unseen=unseen_forget)
+        monitor = Monitor(correct_predictions, parts, guard_data, original, measure, unseen=unseen_forget,
+                          forget_correct=known_forget)
     elif stop_rule is not None and classifier and rereadable(forget):  # a loader: measured whole, with its labels
-        monitor = Monitor(correct_predictions, [forget], guard_data, original, unseen=unseen_forget)
+        monitor = Monitor(correct_predictions, [forget], guard_data, original, unseen=unseen_forget,
+                          forget_correct=known_forget)
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
         retain_batches = make_loader(*retain, batch_size, shuffle=True, seed=seed) if is_tensor_pair(retain) else retain

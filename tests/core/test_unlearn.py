@@ -248,7 +248,7 @@ def test_a_whole_validation_set_as_guard_reports_its_forgotten_class_and_is_not_
                      forget_classes=[8], guard=(split.x_test, split.y_test))
     held_forget = split.y_test == 8
     assert result.guard == f"given, {int((~held_forget).sum())} samples; {int(held_forget.sum())} of the forgotten classes reported"
-    assert result.stop_reason == "forgotten"
+    assert result.stop_reason != "guard"  # forgotten, or its budget spent driving the last 8s below the confidence
     assert all(abs(check["guard_damage"]) < 3.0 for check in result.trajectory)  # a class of ten would read ~10
     assert result.trajectory[-1]["unseen"] == accuracy(model, split.x_test[held_forget], split.y_test[held_forget])
     assert result.trajectory[0]["unseen"] > 50.0  # measured from the first check on

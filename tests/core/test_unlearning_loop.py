@@ -142,7 +142,7 @@ def test_schedule_ladder():
 
 @pytest.mark.parametrize("field,value", [("holdout", 1.0), ("guard", -0.1), ("tolerance", -1), ("max_epochs", 0),
                                          ("patience", 0), ("check_every", 0), ("max_steps", 0),
-                                         ("max_erasure_checks", -1)])
+                                         ("max_erasure_checks", -1), ("confidence", 0.0), ("confidence", 1.0)])
 def test_stop_rule_settings_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         StopRule(**{field: value})

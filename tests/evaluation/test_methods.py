@@ -73,7 +73,7 @@ def test_methods_are_listed_with_retrain_first_and_found_by_either_spelling():
 
 def test_unknown_setting_is_a_key_error_naming_it_and_the_known_ones(tiny):
     _, model, scenario, _ = tiny
-    with pytest.raises(KeyError, match=r"unsc has no setting epoch; it has adaptive, batch_size, criterion, distill, epochs, erasure_checks, features, guard, labels, lr"):
+    with pytest.raises(KeyError, match=r"unsc has no setting epoch; it has adaptive, batch_size, confidence, criterion, distill, epochs, erasure_checks, features, guard, labels, lr"):
         get_method("unsc")(model, scenario, {"epoch": 3})
 
 

@@ -12,6 +12,7 @@ the remaining loader (``batches_guard``), which are observed too; held-out data 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -122,21 +123,31 @@ def split_guard(guard, forget_classes) -> tuple:
 
 
 @torch.no_grad()
-def correct_predictions(model: nn.Module, data, batch_size: int = 512) -> torch.Tensor:
-    """Per sample: does the model's most likely class equal its label? ``data``: ``(x, y)`` or an
-    iterable of ``(inputs, labels, ...)`` batches. Eval mode, restored afterwards."""
+def correct_predictions(model: nn.Module, data, batch_size: int = 512, confidence: float | None = None) -> torch.Tensor:
+    """Per sample: does the model's most likely class equal its label (or, with ``confidence``,
+    does the label keep at least that probability)? ``data``: ``(x, y)`` or an iterable of
+    ``(inputs, labels, ...)`` batches. Eval mode, restored afterwards."""
     device = model_device(model)
+
+    def known(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(logits.device)
+        flags = logits.argmax(-1) == labels
+        if confidence is not None:
+            own = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            flags |= own >= math.log(confidence)
+        return flags.cpu()
+
     flags = []
     with eval_mode(model):
         if is_tensor_pair(data):
             x, y = data
             for start in range(0, len(x), batch_size):
                 logits = logits_of(model(x[start:start + batch_size].to(device)))
-                flags.append(logits.argmax(-1).cpu() == y[start:start + batch_size].cpu())
+                flags.append(known(logits, y[start:start + batch_size]))
         else:
             for batch in data:
                 args, kwargs, targets = batch_parts(batch)
-                flags.append(batch_logits(model, args, kwargs).argmax(-1).cpu() == targets.cpu())
+                flags.append(known(batch_logits(model, args, kwargs), targets))
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 

@@ -5,10 +5,13 @@ after 10 epochs) or goes on long after it is, paying in the remaining classes (d
 forgotten after 1-3 epochs at 0.97, 13 points of remaining accuracy lost after 10). So every
 ``check_every`` steps (default: every pass over the forget data) two things are measured:
 
-* **forget**: the share of the forget data the model still gets right, on the samples it trains
+* **forget**: the share of the forget data the model still knows, on the samples it trains
   on and on a held-out slice of them (``holdout``) that it never trains on: the larger of the two,
   so "forgotten" means the forgetting carried over to samples of the request it did not see.
-  Reaching ``forget_target`` stops the run.
+  A classifier still knows a sample while its label is the most likely class *or* keeps at least
+  ``confidence`` of the probability: a label that has only just lost the argmax comes back on
+  similar samples the run never saw (measured on the validation split: docs/fidelity.md, "How
+  sure"). Reaching ``forget_target`` stops the run.
 * **guard**: a held-out slice of the remaining data (``guard``), never observed and never trained
   on, compared sample by sample with the original model: ``damage`` is the share of it the
   original got right and the model now gets wrong, less the share it now gets right and the
@@ -45,7 +48,10 @@ class StopRule:
     """The stop rule's settings (module docstring). Shares and tolerances in percent points
     where they say "points", fractions of the data where they say "share"."""
 
-    forget_target: float = 0.0  # points of the forget data still right at which unlearning stops
+    forget_target: float = 0.0  # points of the forget data still known at which unlearning stops
+    # a classifier's forget sample is still known while its label is the argmax or keeps this much
+    # probability (None: the argmax alone; language models: the argmax per token)
+    confidence: float | None = 0.02
     holdout: float = 0.2  # share of a class-wise request's forget samples held out of training
     guard: float = 0.1  # share of the remaining samples held out as the guard
     tolerance: float = 0.5  # points of the guard the run may lose before it backs off
@@ -72,6 +78,8 @@ class StopRule:
             raise ValueError("StopRule: patience must be >= 1 and max_backoffs >= 0")
         if self.max_erasure_checks is not None and self.max_erasure_checks < 0:
             raise ValueError(f"StopRule.max_erasure_checks must be >= 0 or None, got {self.max_erasure_checks}")
+        if self.confidence is not None and not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"StopRule.confidence is a probability in (0, 1) or None, got {self.confidence}")
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"StopRule.check_every must be >= 1 or None, got {self.check_every}")
 

@@ -38,6 +38,7 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
                          "distill")},
             "stop": "rule", "tolerance": 0.5,  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
             "erasure_checks": StopRule.max_erasure_checks,  # the stop rule's cap on erasure checks once forgotten (None: none)
+            "confidence": StopRule.confidence,  # a forget sample is still known while its label keeps this probability (None: argmax only)
             # the stop rule's guard: "validation" takes the split's validation part where it has one
             # (data the original never trained on), "train" a slice of the remaining training data
             "guard": "validation",
@@ -65,6 +66,7 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
             settings["stop"] = STOPS[settings["stop"]]
         tolerance = settings.pop("tolerance", None)
         erasure_checks = settings.pop("erasure_checks", StopRule.max_erasure_checks)
+        confidence = settings.pop("confidence", StopRule.confidence)
         guard = settings.pop("guard", "train")
         if guard not in GUARDS:
             raise ValueError(f"unsc: guard must be one of {GUARDS}, got {guard!r}")
@@ -72,7 +74,7 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
             settings["guard"] = scenario.guard
         if tolerance is not None and settings.get("stop", "preset") == "preset":
             settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50),
-                                        max_erasure_checks=erasure_checks)
+                                        max_erasure_checks=erasure_checks, confidence=confidence)
         forget_classes = scenario.forget_classes if scenario.kind == "full_class" else None
         remain, projector = scenario.remain, None
         if project and scenario.carry is not None:  # a later request of a sequence: no pass over the data
