@@ -42,14 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast.objectives import CrossEntropy, FeatureErasure, as_objective
-from unsc_fast.objectives.classification import RetainDistillation, outside_share
+from unsc_fast.objectives.classification import RetainDistillation, head_inputs, outside_share
 from unsc_fast.projector import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
-from unsc_fast.training import Loss, Objective, Progress, make_loader, model_device, predict_logits
+from unsc_fast.training import (Loss, Objective, Progress, batch_logits, batch_parts, make_loader, model_device,
+                                predict_logits, to_device)
 from unsc_fast.unlearning import language as lm
 from unsc_fast.unlearning import language_request, loop
-from unsc_fast.unlearning.data import (batches_guard, correct_predictions, find_classifier, guard_size, is_tensor_pair,
-                                      request_slices, rereadable, split_guard)
+from unsc_fast.unlearning.data import (batches_guard, correct_predictions, endless, find_classifier, guard_size,
+                                      is_tensor_pair, request_slices, rereadable, split_guard)
 from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
@@ -163,8 +164,9 @@ def unlearn(
     ``features``: weight of the feature-erasure term (``unsc_fast.objectives.FeatureErasure``),
     which pulls the forget samples' classifier inputs out of the directions only they use.
     ``distill``: weight of retain distillation (``unsc_fast.objectives.RetainDistillation``): the
-    original model's logits on tensor ``remain`` are kept on a batch of remaining samples per step
-    (skipped when ``remain`` is a loader or ``retain`` is given).
+    original model's logits on ``remain`` are kept on a batch of remaining samples per step (tensors:
+    computed once; a loader: batch by batch, read again each pass; skipped when ``retain`` is given).
+    Both apply to tensors and to re-readable loaders (a ``DataLoader`` or a list of batches).
 
     ``labels``: ``"soft"`` (the default preset's: the original's distribution over the allowed
     classes, ``calibration.calibrated_distribution``), ``"calibrate"`` (its argmax, UNSC's rule and
@@ -262,7 +264,7 @@ def unlearn(
             exclude = forget_classes if projector.statistics == "total" else \
                 [c for c in forget_classes if c in set(projector.groups)]
             schedule = ProtectionSchedule(rebuilder(projector, exclude, criterion, generator, method), levels, threshold)
-        if features and is_tensor_pair(forget) and classifier:
+        if features and classifier and (is_tensor_pair(forget) or rereadable(forget)):
             erasure, head = _feature_erasure(model, projector, forget, features)
 
         def make_optimizer(step_size: float) -> torch.optim.Optimizer:
@@ -274,9 +276,9 @@ def unlearn(
 
     if base is None:
         base = CrossEntropy() if (objective is None and loss is F.cross_entropy) else as_objective(loss, objective)
-    if distill and classifier and is_tensor_pair(observed_remain) and retain is None:
+    if distill and classifier and retain is None and (is_tensor_pair(observed_remain) or rereadable(observed_remain)):
         base = RetainDistillation(base, distill)
-        retain = (observed_remain[0], predict_logits(model, observed_remain[0]).to(observed_remain[0].device))
+        retain = _distillation_data(model, observed_remain, original)
     chosen = erasure if erasure is not None else base
     if erasure is not None:
         erasure.base = base
@@ -292,11 +294,12 @@ def unlearn(
         parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask]) if holdout_mask is not None else forget]
         if holdout_mask is not None and bool(holdout_mask.any()):
             parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
-        measure = (lambda m: outside_share(erasure, head, m, parts[0][0])) if erasure is not None else None
+        measure = (lambda m: outside_share(erasure, head, m, parts[0])) if erasure is not None else None
         monitor = Monitor(correct_predictions, parts, guard_data, original, measure, unseen=unseen_forget,
                           forget_correct=known_forget)
     elif stop_rule is not None and classifier and rereadable(forget):  # a loader: measured whole, with its labels
-        monitor = Monitor(correct_predictions, [forget], guard_data, original, unseen=unseen_forget,
+        measure = (lambda m: outside_share(erasure, head, m, forget)) if erasure is not None else None
+        monitor = Monitor(correct_predictions, [forget], guard_data, original, measure, unseen=unseen_forget,
                           forget_correct=known_forget)
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
@@ -364,24 +367,30 @@ def _inner(model: nn.Module, name: str, lr: float, momentum: float, weight_decay
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def _distillation_data(model, remain, original):
+    """Retain distillation's batches: the remaining inputs with the original model's logits as their
+    targets; for tensors computed once, for a loader batch by batch as it is read (never held whole)."""
+    if is_tensor_pair(remain):
+        return remain[0], predict_logits(model, remain[0]).to(remain[0].device)
+    reference = original if original is not None else copy.deepcopy(model).requires_grad_(False)
+    return endless(Relabelled(remain, lambda args, kwargs, _y: batch_logits(reference, args, kwargs)))
+
+
 def _feature_erasure(model, projector, forget, weight: float):
     """The feature-erasure objective for the classifier layer, or ``(None, None)`` with a warning
-    when no tracked dense layer produces the logits."""
-    found = find_classifier(model, projector.layers, ((forget[0][:2].to(model_device(model)),), {}, None))
+    when no tracked dense layer produces the logits. ``forget``: tensors or a re-readable loader."""
+    args, kwargs, _ = (((forget[0][:2],), {}, None) if is_tensor_pair(forget) else batch_parts(next(iter(forget))))
+    device = model_device(model)
+    found = find_classifier(model, projector.layers, (to_device(tuple(args), device), to_device(dict(kwargs), device),
+                                                      None))
     slot = projector.protection.slot(projector.layers[found[0]].slot_name()) if found is not None else None
     if found is None or slot.kind != "dense":
         warnings.warn("unlearn(features=...): no tracked dense layer produces the model's output; the "
                       "feature-erasure term is off", UserWarning, stacklevel=3)
         return None, None
     name, module = found
-    recorded = []
-    handle = module.register_forward_hook(lambda _m, args, _o: recorded.append(args[0].detach().flatten(1)))
-    try:
-        predict_logits(model, forget[0])
-    finally:
-        handle.remove()
     erasure = FeatureErasure(None, weight)
-    erasure.layer, erasure.start = name, torch.cat(recorded)
+    erasure.layer, erasure.start = name, head_inputs(module, model, forget)
     erasure.calibrate(projector.basis(name), erasure.start)
     return erasure, module
 

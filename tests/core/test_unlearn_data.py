@@ -10,8 +10,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import unsc_fast.unlearning.targets as unlearn_targets
 
 from unsc_fast import NullSpaceProjector
+from unsc_fast.objectives.classification import RetainDistillation
 from unsc_fast.training import causal_lm_loss
 from unsc_fast.unlearn import unlearn
+from unsc_fast.unlearning.stopping import StopRule
 
 transformers = pytest.importorskip("transformers")
 
@@ -135,7 +137,8 @@ def test_a_forget_loader_is_measured_and_the_run_stops_when_forgotten():
     model, x, y = _separable()
     forget = y == 1
     result = unlearn(model, DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8, shuffle=True),
-                     DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16), forget_classes=[1])
+                     DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16), forget_classes=[1],
+                     stop=StopRule(confidence=0.1))  # what this toy reaches (its floor is ~0.03)
     assert all(check["forget"] is not None for check in result.trajectory)  # measured at every check
     assert result.stop_reason == "forgotten" and result.steps < 50 * 5  # before the 50-pass budget
     assert result.guard == "remain batches (the first 1, observed too), 16 samples"
@@ -251,3 +254,56 @@ def test_the_causal_lm_example_runs_and_its_ascent_raises_the_forget_loss(load_e
     before, after = result["before"], result["after"]
     assert after["forget"] > 10 * before["forget"]  # 0.05 -> 4.0
     assert after["remain"] < after["forget"] / 4  # 0.20 -> 0.63: raised too, far less
+
+
+def test_a_loader_request_erases_features_and_distils_like_a_tensor_one():
+    """The default's feature erasure and retain distillation run on loaders too: the objective
+    says so, the erasure is measured at every check and goes down, and the retain batches are read
+    from the remaining loader with the original model's logits as targets."""
+    model, x, y = _separable()
+    forget = y == 1
+    original = copy.deepcopy(model)
+    read = []
+
+    class Counting(DataLoader):  # counts the passes over the remaining loader
+        def __iter__(self):
+            read.append(1)
+            return super().__iter__()
+
+    remain = Counting(TensorDataset(x[~forget], y[~forget]), batch_size=16, shuffle=True,
+                      generator=torch.Generator().manual_seed(0))
+    result = unlearn(model, DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8, shuffle=True), remain,
+                     forget_classes=[1], stop=StopRule(max_erasure_checks=3))
+    assert result.objective == "FeatureErasure(RetainDistillation(CrossEntropy(), weight=1), weight=1)"
+    shares = [check["features"] for check in result.trajectory]
+    assert all(share is not None for share in shares) and shares[-1] < 0.5 * shares[0]
+    # one retain batch per step, the loader read again each pass (not one pass cached and cycled: 4 reads)
+    assert len(read) >= result.steps // len(remain)
+    with torch.no_grad():
+        assert not model(x[forget]).argmax(1).eq(1).any()
+        kept = (model(x[~forget]).argmax(1) == original(x[~forget]).argmax(1)).float().mean()
+    assert kept > 0.97
+
+
+def test_retain_distillation_on_a_loader_targets_the_original_logits(monkeypatch):
+    model, x, y = _separable()
+    forget = y == 1
+    original = copy.deepcopy(model)
+    seen = []
+    real = RetainDistillation.__call__
+
+    def spy(self, step):
+        outputs, targets = step.retain()
+        seen.append((outputs.detach(), targets))
+        return real(self, step)
+
+    monkeypatch.setattr(RetainDistillation, "__call__", spy)
+    remain = DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16)
+    unlearn(model, DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8), remain, forget_classes=[1],
+            epochs=2)
+    assert seen
+    logits = original(x[~forget]).detach()
+    for _, targets in seen:  # every target is a row block of the original's logits on remaining inputs
+        assert targets.shape[1] == 4
+        assert any(torch.allclose(targets, logits[start:start + len(targets)], atol=1e-5)
+                   for start in range(0, len(logits), 16))

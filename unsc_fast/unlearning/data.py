@@ -36,6 +36,18 @@ def rereadable(data) -> bool:
     return isinstance(data, DataLoader) or (isinstance(data, list) and len(data) > 0)
 
 
+def endless(batches):
+    """A re-readable loader's batches, pass after pass, read again each time (a DataLoader
+    reshuffles; nothing is held in memory, where ``itertools.cycle`` would keep a whole pass)."""
+    while True:
+        seen = False
+        for batch in batches:
+            seen = True
+            yield batch
+        if not seen:
+            raise ValueError("the retain data is empty")
+
+
 def _samples_in(batch) -> int:
     """Samples in one batch: the length of its first tensor (its ``input_ids`` for a dict)."""
     if isinstance(batch, torch.Tensor):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -68,7 +68,8 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
     every = rule.check_every or per_pass
     budget = rule.max_steps if rule.max_steps is not None else (rule.max_epochs * per_pass if per_pass else None)
     recorder = FeatureRecorder(head) if getattr(objective, "needs_features", False) and head is not None else None
-    retain_batches = itertools.cycle(retain) if retain is not None else None
+    # an iterator (``data.endless``: a loader read again each pass) as it is; in-memory batches cycled
+    retain_batches = None if retain is None else retain if isinstance(retain, Iterator) else itertools.cycle(retain)
     optimizer = make_optimizer(lr)
     result = LoopResult()
     saved = _snapshot(model)
