@@ -47,6 +47,16 @@ def batch_parts(batch) -> tuple[tuple, dict, torch.Tensor | None]:
     return (batch,), {}, None
 
 
+def leading_size(args: tuple, kwargs: dict) -> int | None:
+    """The leading size of a batch's first tensor input (positional, else ``input_ids`` /
+    ``pixel_values`` / the first keyword tensor): its number of samples. None if it has none."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is None:
+        named = [kwargs.get("input_ids"), kwargs.get("pixel_values"), *kwargs.values()]
+        first = next((v for v in named if isinstance(v, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else None
+
+
 def progress_bar(iterable, description: str, enabled: bool | None = None, **kwargs):
     """A tqdm bar over ``iterable``: ``enabled=None`` shows it only on a terminal and only once
     the pass has taken 2 s (so short passes and test runs print nothing); False never."""

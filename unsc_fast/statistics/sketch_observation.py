@@ -28,6 +28,7 @@ import torch
 from unsc_fast.adapters.tokens import TokenMask, padding_mask
 from unsc_fast.statistics.observation import warn_windows, window_entries, windows_per_sample
 from unsc_fast.statistics.sketch import SlotSketch
+from unsc_fast.training import leading_size
 
 
 @dataclass
@@ -79,7 +80,7 @@ class SketchObservation:
         self.restore()
         if threading.get_ident() == self.thread:
             self.token_mask = padding_mask(kwargs)
-            self.root_batch = _leading_size(args, kwargs)
+            self.root_batch = leading_size(args, kwargs)
 
     def _chosen(self, layer, index):
         """What ``input_rows`` selects: the group's samples, or under a mask its real tokens."""
@@ -165,16 +166,6 @@ class SketchObservation:
             handle.remove()
         self.handles.clear()
         self.restore()
-
-
-def _leading_size(args, kwargs) -> int | None:
-    """The leading size of a forward's first tensor input (positional, else ``input_ids`` /
-    ``pixel_values`` / the first keyword tensor): its batch, against which labels are counted."""
-    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if first is None:
-        named = [kwargs.get("input_ids"), kwargs.get("pixel_values"), *kwargs.values()]
-        first = next((v for v in named if isinstance(v, torch.Tensor)), None)
-    return int(first.shape[0]) if first is not None and first.dim() else None
 
 
 def nbytes(sketches: dict) -> int:

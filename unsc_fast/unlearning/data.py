@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from unsc_fast.training import batch_logits, batch_parts, eval_mode, logits_of, model_device
+from unsc_fast.training import batch_logits, batch_parts, eval_mode, leading_size, logits_of, model_device
 
 
 def is_tensor_pair(data) -> bool:
@@ -49,12 +49,12 @@ def endless(batches):
 
 
 def _samples_in(batch) -> int:
-    """Samples in one batch: the length of its first tensor (its ``input_ids`` for a dict)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    parts = ([batch["input_ids"]] if "input_ids" in batch else list(batch.values())) if isinstance(batch, Mapping) \
-        else list(batch) if isinstance(batch, (tuple, list)) else []
-    return next((int(t.shape[0]) for t in parts if isinstance(t, torch.Tensor) and t.dim()), 1)
+    """Samples in one batch: ``training.leading_size`` of its inputs, else its targets' length, else 1."""
+    args, kwargs, targets = batch_parts(batch)
+    size = leading_size(args, kwargs)
+    if size is None and isinstance(targets, torch.Tensor) and targets.dim():
+        size = int(targets.shape[0])
+    return size or 1
 
 
 def batches_guard(data, share: float, limit: int = GUARD_SAMPLES) -> list | None:
