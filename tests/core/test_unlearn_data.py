@@ -162,6 +162,9 @@ def test_the_guard_of_batches_is_their_first_ones_read_without_touching_the_glob
     assert batches_guard(iter(listed), 0.5) is None  # a generator would be used up
     assert batches_guard(loader, 0.0) is None
     assert guard_size([{"input_ids": torch.zeros(5, 7, dtype=torch.long)}]) == 5
+    assert guard_size([{"pixel_values": torch.zeros(3, 3, 8, 8), "labels": torch.zeros(3)}]) == 3
+    assert guard_size([({"x": [1, 2]}, torch.zeros(6))]) == 6  # inputs without a tensor: counted by their targets
+    assert guard_size([torch.zeros(4, 2), torch.zeros(())]) == 5  # a bare batch; a 0-d one counts 1
 
 
 def test_a_language_model_s_loader_guard_comes_from_remain_else_retain():
