@@ -32,6 +32,8 @@ def test_a_label_that_keeps_its_confidence_is_still_known_on_tensors_and_loaders
     assert correct_predictions(model, (x, y), confidence=0.5).tolist() == [True, False, False, True]  # or argmax
     loader = DataLoader(TensorDataset(x, y), batch_size=3)
     assert correct_predictions(model, loader, confidence=0.05).tolist() == [True, True, False, True]
+    ignored = torch.full((4,), -100)  # an ignored label is never known, and never indexes the logits
+    assert correct_predictions(model, (x, ignored), confidence=0.05).tolist() == [False] * 4
 
 
 def _separable(seed: int = 0):

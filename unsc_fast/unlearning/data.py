@@ -144,9 +144,9 @@ def correct_predictions(model: nn.Module, data, batch_size: int = 512, confidenc
     def known(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(logits.device)
         flags = logits.argmax(-1) == labels
-        if confidence is not None:
-            own = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            flags |= own >= math.log(confidence)
+        if confidence is not None:  # (a negative label, an ignored position, is never known)
+            own = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            flags |= (own >= math.log(confidence)) & (labels >= 0)
         return flags.cpu()
 
     flags = []
