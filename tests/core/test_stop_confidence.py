@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from toy_classifier import separable_mlp
 from unsc_fast.unlearn import unlearn
 from unsc_fast.unlearning.data import correct_predictions
 from unsc_fast.unlearning.stopping import StopRule
@@ -36,23 +37,9 @@ def test_a_label_that_keeps_its_confidence_is_still_known_on_tensors_and_loaders
     assert correct_predictions(model, (x, ignored), confidence=0.05).tolist() == [False] * 4
 
 
-def _separable(seed: int = 0):
-    """A small MLP trained on four well separated classes (the forget class has room to leave)."""
-    torch.manual_seed(seed)
-    y = torch.arange(160) % 4
-    x = torch.randn(160, 6) + 4.0 * nn.functional.one_hot(y, 6).float()
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model, x, y
-
-
 @pytest.mark.parametrize("confidence", [0.3, 0.1])
 def test_a_run_stopped_forgotten_leaves_every_forget_sample_below_the_confidence(confidence):
-    model, x, y = _separable()
+    model, x, y = separable_mlp()
     forget = y == 1
     rule = StopRule(confidence=confidence, max_erasure_checks=0)  # stop at the first check that finds it forgotten
     result = unlearn(model, (x[forget], y[forget]), (x[~forget], y[~forget]), forget_classes=[1], stop=rule,
@@ -68,7 +55,7 @@ def test_the_argmax_alone_stops_sooner_than_a_confidence():
     class a fair share of the probability."""
     steps, left = {}, {}
     for confidence in (None, 0.1):
-        model, x, y = _separable()
+        model, x, y = separable_mlp()
         forget = y == 1
         result = unlearn(model, (x[forget], y[forget]), (x[~forget], y[~forget]), forget_classes=[1],
                          stop=StopRule(confidence=confidence, max_erasure_checks=0), features=0.0)
@@ -79,7 +66,7 @@ def test_the_argmax_alone_stops_sooner_than_a_confidence():
 
 
 def test_the_confidence_reaches_the_forget_loader_measure():
-    model, x, y = _separable()
+    model, x, y = separable_mlp()
     forget = y == 1
     result = unlearn(model, DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8, shuffle=True),
                      DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16), forget_classes=[1],

@@ -12,6 +12,7 @@ import unsc_fast.unlearning.targets as unlearn_targets
 from unsc_fast import NullSpaceProjector
 from unsc_fast.objectives.classification import RetainDistillation
 from unsc_fast.training import causal_lm_loss
+from toy_classifier import separable_mlp
 from unsc_fast.unlearn import unlearn
 from unsc_fast.unlearning.stopping import StopRule
 
@@ -119,22 +120,10 @@ def test_soft_labels_train_toward_the_distribution_under_the_stop_rule_for_tenso
 
 
 # ---------------------------------------------------------------------------- the stop rule on loaders
-def _separable(seed: int = 0):
-    """A small MLP trained on four well separated classes (the forget class has room to leave)."""
-    torch.manual_seed(seed)
-    y = torch.arange(160) % 4
-    x = torch.randn(160, 6) + 4.0 * nn.functional.one_hot(y, 6).float()
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model, x, y
 
 
 def test_a_forget_loader_is_measured_and_the_run_stops_when_forgotten():
-    model, x, y = _separable()
+    model, x, y = separable_mlp()
     forget = y == 1
     result = unlearn(model, DataLoader(TensorDataset(x[forget], y[forget]), batch_size=8, shuffle=True),
                      DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16), forget_classes=[1],
@@ -263,7 +252,7 @@ def test_a_loader_request_erases_features_and_distils_like_a_tensor_one():
     """The default's feature erasure and retain distillation run on loaders too: the objective
     says so, the erasure is measured at every check and goes down, and the retain batches are read
     from the remaining loader with the original model's logits as targets."""
-    model, x, y = _separable()
+    model, x, y = separable_mlp()
     forget = y == 1
     original = copy.deepcopy(model)
     read = []
@@ -289,7 +278,7 @@ def test_a_loader_request_erases_features_and_distils_like_a_tensor_one():
 
 
 def test_retain_distillation_on_a_loader_targets_the_original_logits(monkeypatch):
-    model, x, y = _separable()
+    model, x, y = separable_mlp()
     forget = y == 1
     original = copy.deepcopy(model)
     seen = []
