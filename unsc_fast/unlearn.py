@@ -87,7 +87,7 @@ class UnlearnResult:
     losses: list[float] = field(default_factory=list)  # mean objective per pass over the forget data
     steps: int = 0
     epochs: float = 0.0  # passes over the (trained part of the) forget data
-    stop_reason: str = "budget"  # "forgotten", "guard", "budget", "callback"
+    stop_reason: str = "budget"  # "forgotten", "guard", "budget", "stalled", "callback"
     trajectory: list[dict] = field(default_factory=list)  # every check: step, threshold, lr, forget, guard damage
     protection: dict = field(default_factory=dict)  # criterion, thresholds used, final ranks
     holdout: torch.Tensor | None = None  # bool per forget sample: held out of training, measured only

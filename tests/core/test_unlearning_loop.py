@@ -115,6 +115,18 @@ def test_stalled_forgetting_lowers_the_protection_and_damage_raises_its_floor():
     assert result.reason == "budget" and result.steps == 14
 
 
+@pytest.mark.parametrize("stop_when_stalled", [False, True])
+def test_forgetting_stalled_at_the_floor_stops_only_when_asked(stop_when_stalled):
+    # levels 0.99 -> 0.9 -> 0.8 after two stalls each; then two more stalls at the floor
+    script = [(60.0, 0.0, False)] + [(59.0, 0.0, False)] * 9
+    result, built, *_ = setup(script, StopRule(max_epochs=10, stop_when_stalled=stop_when_stalled))
+    assert built == [0.9, 0.8]
+    if stop_when_stalled:
+        assert result.reason == "stalled" and result.trajectory[-1].event == "stalled" and result.steps == 14
+    else:
+        assert result.reason == "budget" and result.steps == 20
+
+
 def test_too_many_backoffs_stop_on_the_guard():
     result, *_ = setup([(50.0, 5.0, True)] * 10, StopRule(max_backoffs=2))
     assert result.reason == "guard" and [c.event for c in result.trajectory] == ["backoff"] * 2 + ["guard"]

@@ -132,6 +132,9 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
                     on_protection()
                 optimizer = make_optimizer(lr)
                 best, stalled = forget, 0
+            elif stalled >= rule.patience and rule.stop_when_stalled:  # no level left to lower
+                entry.event = "stalled"
+                return "stalled"
         return None
 
     try:

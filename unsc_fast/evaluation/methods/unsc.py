@@ -39,6 +39,7 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
             "stop": "rule", "tolerance": 0.5,  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
             "erasure_checks": StopRule.max_erasure_checks,  # the stop rule's cap on erasure checks once forgotten (None: none)
             "confidence": StopRule.confidence,  # a forget sample is still known while its label keeps this probability (None: argmax only)
+            "stop_when_stalled": StopRule.stop_when_stalled,  # stop when forgetting stalls at the ladder's floor
             # the stop rule's guard: "validation" takes the split's validation part where it has one
             # (data the original never trained on), "train" a slice of the remaining training data
             "guard": "validation",
@@ -67,6 +68,7 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
         tolerance = settings.pop("tolerance", None)
         erasure_checks = settings.pop("erasure_checks", StopRule.max_erasure_checks)
         confidence = settings.pop("confidence", StopRule.confidence)
+        stop_when_stalled = settings.pop("stop_when_stalled", StopRule.stop_when_stalled)
         guard = settings.pop("guard", "train")
         if guard not in GUARDS:
             raise ValueError(f"unsc: guard must be one of {GUARDS}, got {guard!r}")
@@ -74,7 +76,8 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
             settings["guard"] = scenario.guard
         if tolerance is not None and settings.get("stop", "preset") == "preset":
             settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50),
-                                        max_erasure_checks=erasure_checks, confidence=confidence)
+                                        max_erasure_checks=erasure_checks, confidence=confidence,
+                                        stop_when_stalled=stop_when_stalled)
         forget_classes = scenario.forget_classes if scenario.kind == "full_class" else None
         remain, projector = scenario.remain, None
         if project and scenario.carry is not None:  # a later request of a sequence: no pass over the data
