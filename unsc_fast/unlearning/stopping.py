@@ -27,7 +27,7 @@ forgotten after 1-3 epochs at 0.97, 13 points of remaining accuracy lost after 1
 Backing off restores the last state that passed the guard, halves the learning rate and raises
 the protection's floor (``schedule``); after ``max_backoffs`` the run stops there. Progress is
 ``min_progress`` points of forget accuracy; ``patience`` checks without it lower the protection
-one level. ``max_epochs`` / ``max_steps`` bound the run whatever happens; with feature erasure,
+one level (at the floor, ``stop_when_stalled`` ends the run there). ``max_epochs`` / ``max_steps`` bound the run whatever happens; with feature erasure,
 ``max_erasure_checks`` bounds the checks spent erasing once the forget data is forgotten.
 """
 from __future__ import annotations
