@@ -42,15 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsc_fast.objectives import CrossEntropy, FeatureErasure, as_objective
-from unsc_fast.objectives.classification import RetainDistillation, head_inputs, outside_share
+from unsc_fast.objectives.classification import RetainDistillation
 from unsc_fast.projector import NullSpaceOptimizer, NullSpaceProjector
 from unsc_fast.room import NoRoomError  # noqa: F401 - where users catch it
-from unsc_fast.training import (Loss, Objective, Progress, batch_logits, batch_parts, make_loader, model_device,
-                                predict_logits, to_device)
+from unsc_fast.training import Loss, Objective, Progress, batch_logits, make_loader, predict_logits
 from unsc_fast.unlearning import language as lm
 from unsc_fast.unlearning import language_request, loop
 from unsc_fast.unlearning.data import (batches_guard, correct_predictions, endless, find_classifier, guard_size,
-                                      is_tensor_pair, request_slices, rereadable, split_guard)
+                                      head_inputs, is_tensor_pair, request_slices, rereadable, split_guard)
 from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
@@ -290,16 +289,14 @@ def unlearn(
         retain = language_request.retain_data(base, retain, observed_remain, batch_size, seed)
         if needs_reference:
             original.eval()
-    elif stop_rule is not None and classifier and is_tensor_pair(forget):
-        parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask]) if holdout_mask is not None else forget]
-        if holdout_mask is not None and bool(holdout_mask.any()):
-            parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
-        measure = (lambda m: outside_share(erasure, head, m, parts[0])) if erasure is not None else None
+    elif stop_rule is not None and classifier and (is_tensor_pair(forget) or rereadable(forget)):
+        parts = [forget]  # a loader: measured whole, with its labels
+        if is_tensor_pair(forget) and holdout_mask is not None:  # tensors: the trained part, then the held-out one
+            parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask])]
+            if bool(holdout_mask.any()):
+                parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
+        measure = (lambda m: erasure.outside_share(head_inputs(head, m, parts[0]))) if erasure is not None else None
         monitor = Monitor(correct_predictions, parts, guard_data, original, measure, unseen=unseen_forget,
-                          forget_correct=known_forget)
-    elif stop_rule is not None and classifier and rereadable(forget):  # a loader: measured whole, with its labels
-        measure = (lambda m: outside_share(erasure, head, m, forget)) if erasure is not None else None
-        monitor = Monitor(correct_predictions, [forget], guard_data, original, measure, unseen=unseen_forget,
                           forget_correct=known_forget)
     rule = stop_rule if stop_rule is not None else StopRule(max_epochs=epochs, holdout=0.0, guard=0.0)
     try:
@@ -379,10 +376,7 @@ def _distillation_data(model, remain, original):
 def _feature_erasure(model, projector, forget, weight: float):
     """The feature-erasure objective for the classifier layer, or ``(None, None)`` with a warning
     when no tracked dense layer produces the logits. ``forget``: tensors or a re-readable loader."""
-    args, kwargs, _ = (((forget[0][:2],), {}, None) if is_tensor_pair(forget) else batch_parts(next(iter(forget))))
-    device = model_device(model)
-    found = find_classifier(model, projector.layers, (to_device(tuple(args), device), to_device(dict(kwargs), device),
-                                                      None))
+    found = find_classifier(model, projector.layers, forget)
     slot = projector.protection.slot(projector.layers[found[0]].slot_name()) if found is not None else None
     if found is None or slot.kind != "dense":
         warnings.warn("unlearn(features=...): no tracked dense layer produces the model's output; the "

@@ -60,37 +60,15 @@ class FeatureErasure:
         basis = self.basis.to(features.dtype)
         return (features - (features @ basis) @ basis.T).square().sum(1)
 
+    def outside_share(self, features: torch.Tensor) -> float:
+        """The mean outside energy of ``features`` (the forget data's now), as a share of the start's."""
+        return float(self.outside_energy(features).mean()) / self.scale
+
     def __call__(self, step) -> torch.Tensor:
         loss = self.base(step)
         if self.weight == 0.0 or self.basis is None:
             return loss
         return loss + self.weight * self.outside_energy(step.features).mean() / self.scale
-
-
-@torch.no_grad()
-def head_inputs(module: torch.nn.Module, model: torch.nn.Module, data, batch_size: int = 512) -> torch.Tensor:
-    """The inputs of ``module`` (the classifier), flattened to (N, d), over ``data``: an ``(x, y)``
-    pair of tensors or a re-readable iterable of batches (``training.batch_parts``), in eval mode."""
-    from unsc_fast.training import batch_logits, batch_parts
-
-    recorded = []
-    handle = module.register_forward_hook(lambda _m, args, _o: recorded.append(args[0].detach().flatten(1)))
-    try:
-        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-            for start in range(0, len(data[0]), batch_size):
-                batch_logits(model, (data[0][start:start + batch_size],), {})
-        else:
-            for batch in data:
-                args, kwargs, _ = batch_parts(batch)
-                batch_logits(model, args, kwargs)
-    finally:
-        handle.remove()
-    return torch.cat(recorded)
-
-
-def outside_share(erasure: FeatureErasure, module: torch.nn.Module, model: torch.nn.Module, data) -> float:
-    """The forget features' mean outside energy now, as a share of ``erasure``'s starting scale."""
-    return float(erasure.outside_energy(head_inputs(module, model, data)).mean()) / erasure.scale
 
 
 class RetainDistillation:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from unsc_fast.training import batch_logits, batch_parts, eval_mode, leading_size, logits_of, model_device
+from unsc_fast.training import batch_logits, batch_parts, leading_size
 
 
 def is_tensor_pair(data) -> bool:
@@ -134,12 +134,23 @@ def split_guard(guard, forget_classes) -> tuple:
     return parts[0], parts[1]
 
 
+def input_batches(data, batch_size: int):
+    """``(args, kwargs, targets)`` of ``data`` batch by batch: an ``(x, y)`` pair in chunks of
+    ``batch_size``, or an iterable's batches as they come (``training.batch_parts``)."""
+    if is_tensor_pair(data):
+        x, y = data
+        for start in range(0, len(x), batch_size):
+            yield (x[start:start + batch_size],), {}, y[start:start + batch_size]
+    else:
+        for batch in data:
+            yield batch_parts(batch)
+
+
 @torch.no_grad()
 def correct_predictions(model: nn.Module, data, batch_size: int = 512, confidence: float | None = None) -> torch.Tensor:
     """Per sample: does the model's most likely class equal its label (or, with ``confidence``,
     does the label keep at least that probability)? ``data``: ``(x, y)`` or an iterable of
     ``(inputs, labels, ...)`` batches. Eval mode, restored afterwards."""
-    device = model_device(model)
 
     def known(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(logits.device)
@@ -149,34 +160,38 @@ def correct_predictions(model: nn.Module, data, batch_size: int = 512, confidenc
             flags |= (own >= math.log(confidence)) & (labels >= 0)
         return flags.cpu()
 
-    flags = []
-    with eval_mode(model):
-        if is_tensor_pair(data):
-            x, y = data
-            for start in range(0, len(x), batch_size):
-                logits = logits_of(model(x[start:start + batch_size].to(device)))
-                flags.append(known(logits, y[start:start + batch_size]))
-        else:
-            for batch in data:
-                args, kwargs, targets = batch_parts(batch)
-                flags.append(known(batch_logits(model, args, kwargs), targets))
+    flags = [known(batch_logits(model, args, kwargs), targets) for args, kwargs, targets in input_batches(data, batch_size)]
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
-def find_classifier(model: nn.Module, layers: dict, sample_inputs) -> tuple[str, nn.Module] | None:
+@torch.no_grad()
+def head_inputs(module: nn.Module, model: nn.Module, data, batch_size: int = 512) -> torch.Tensor:
+    """The inputs of ``module`` (the classifier), flattened to (N, d), over ``data`` (as
+    ``correct_predictions`` reads it), in eval mode."""
+    recorded = []
+    handle = module.register_forward_hook(lambda _m, args, _o: recorded.append(args[0].detach().flatten(1)))
+    try:
+        for args, kwargs, _ in input_batches(data, batch_size):
+            batch_logits(model, args, kwargs)
+    finally:
+        handle.remove()
+    return torch.cat(recorded)
+
+
+def find_classifier(model: nn.Module, layers: dict, data) -> tuple[str, nn.Module] | None:
     """The tracked layer whose output is the model's output (its logits): the last tracked
-    module called in one forward whose output has the logits' shape. None if there is none."""
+    module called in a forward of ``data``'s first two samples (first batch, for an iterable)
+    whose output has the logits' shape. None if there is none."""
     calls = []
     handles = [module.register_forward_hook(lambda m, _a, out, name=name: calls.append((name, m, out)))
                for name, module in ((n, a.module) for n, a in layers.items())]
     try:
-        with torch.no_grad(), eval_mode(model):
-            args, kwargs, _ = sample_inputs
-            logits = model(*args, **kwargs)
+        with torch.no_grad():
+            args, kwargs, _ = next(input_batches(data, 2))
+            logits = batch_logits(model, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    logits = logits_of(logits)
     for name, module, out in reversed(calls):
         if isinstance(out, torch.Tensor) and out.shape == logits.shape:
             return name, module
