@@ -77,6 +77,31 @@ def test_unknown_setting_is_a_key_error_naming_it_and_the_known_ones(tiny):
         get_method("unsc")(model, scenario, {"epoch": 3})
 
 
+def test_unsc_settings_reach_the_stop_rule(tiny, monkeypatch):
+    """compare's --set unsc.tolerance / erasure_checks / confidence / stop_when_stalled build the
+    StopRule the run gets; the official pipeline, which has none of them, keeps its fixed epochs."""
+    import unsc_fast.evaluation.methods.unsc as unsc_method
+
+    _, model, scenario, _ = tiny
+    seen = {}
+
+    def record(*_args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(unsc_method, "unlearn", record)
+    with pytest.raises(KeyboardInterrupt):
+        get_method("unsc")(model, scenario, {"tolerance": 1.5, "erasure_checks": None, "confidence": 0.3,
+                                             "stop_when_stalled": True, "epochs": 7})
+    rule = seen["stop"]
+    assert (rule.tolerance, rule.max_erasure_checks, rule.confidence, rule.stop_when_stalled, rule.max_epochs) == \
+        (1.5, None, 0.3, True, 7)
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        get_method("unsc_official")(model, scenario, {})
+    assert "stop" not in seen
+
+
 def test_unsupported_scenario_raises_with_a_clear_message(tiny):
     _, model, _, random_sample = tiny
     assert not get_method("boundary").supports("random_sample")

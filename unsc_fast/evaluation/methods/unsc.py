@@ -47,6 +47,9 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
             # default; random for unsc_random_labels), or an unlearn() rule such as "calibrate"
             "labels": None}
 GUARDS = ("validation", "train")
+# the settings that make the stop rule (a tolerance builds it): setting -> StopRule field
+RULE_SETTINGS = {"tolerance": "tolerance", "erasure_checks": "max_erasure_checks", "confidence": "confidence",
+                 "stop_when_stalled": "stop_when_stalled"}
 STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
 SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the same layer inputs, so the "
@@ -65,19 +68,14 @@ def _runner(calibrate: bool, project: bool, preset: str = "default"):
             if settings["stop"] not in STOPS:
                 raise ValueError(f"unsc: stop must be one of {sorted(STOPS)}, got {settings['stop']!r}")
             settings["stop"] = STOPS[settings["stop"]]
-        tolerance = settings.pop("tolerance", None)
-        erasure_checks = settings.pop("erasure_checks", StopRule.max_erasure_checks)
-        confidence = settings.pop("confidence", StopRule.confidence)
-        stop_when_stalled = settings.pop("stop_when_stalled", StopRule.stop_when_stalled)
+        rule = {field: settings.pop(name) for name, field in RULE_SETTINGS.items() if name in settings}
         guard = settings.pop("guard", "train")
         if guard not in GUARDS:
             raise ValueError(f"unsc: guard must be one of {GUARDS}, got {guard!r}")
         if guard == "validation" and scenario.guard is not None:
             settings["guard"] = scenario.guard
-        if tolerance is not None and settings.get("stop", "preset") == "preset":
-            settings["stop"] = StopRule(tolerance=tolerance, max_epochs=settings.get("epochs", 50),
-                                        max_erasure_checks=erasure_checks, confidence=confidence,
-                                        stop_when_stalled=stop_when_stalled)
+        if rule.get("tolerance") is not None and settings.get("stop", "preset") == "preset":
+            settings["stop"] = StopRule(max_epochs=settings.get("epochs", 50), **rule)
         forget_classes = scenario.forget_classes if scenario.kind == "full_class" else None
         remain, projector = scenario.remain, None
         if project and scenario.carry is not None:  # a later request of a sequence: no pass over the data
