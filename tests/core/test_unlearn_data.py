@@ -136,6 +136,14 @@ def test_a_forget_loader_is_measured_and_the_run_stops_when_forgotten():
         assert not model(x[forget]).argmax(1).eq(1).any()
 
 
+def test_an_empty_forget_loader_is_a_clear_error():
+    model, x, y = separable_mlp()
+    forget = y == 1
+    with pytest.raises(ValueError, match="the forget set is empty"):
+        unlearn(model, DataLoader(TensorDataset(x[:0], y[:0]), batch_size=8),
+                DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16), forget_classes=[1])
+
+
 def test_the_guard_of_batches_is_their_first_ones_read_without_touching_the_global_rng():
     from unsc_fast.unlearning.data import batches_guard, guard_size
 

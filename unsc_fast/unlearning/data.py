@@ -186,9 +186,11 @@ def find_classifier(model: nn.Module, layers: dict, data) -> tuple[str, nn.Modul
     handles = [module.register_forward_hook(lambda m, _a, out, name=name: calls.append((name, m, out)))
                for name, module in ((n, a.module) for n, a in layers.items())]
     try:
+        first = next(input_batches(data, 2), None)
+        if first is None:
+            raise ValueError("the forget set is empty")
         with torch.no_grad():
-            args, kwargs, _ = next(input_batches(data, 2))
-            logits = batch_logits(model, args, kwargs)
+            logits = batch_logits(model, *first[:2])
     finally:
         for handle in handles:
             handle.remove()
