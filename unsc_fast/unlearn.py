@@ -49,7 +49,7 @@ from unsc_fast.training import Loss, Objective, Progress, batch_logits, make_loa
 from unsc_fast.unlearning import language as lm
 from unsc_fast.unlearning import language_request, loop
 from unsc_fast.unlearning.data import (batches_guard, correct_predictions, endless, find_classifier, guard_size,
-                                      head_inputs, is_tensor_pair, request_slices, rereadable, split_guard)
+                                      head_inputs, held_out_loader, is_tensor_pair, request_slices, rereadable, split_guard)
 from unsc_fast.unlearning.protection import batches_of, ready_projector, rebuilder, refuse_without_room, warn_frozen_forget_rows
 from unsc_fast.unlearning.schedule import LEVELS, ProtectionSchedule
 from unsc_fast.unlearning.stopping import Monitor, StopRule
@@ -89,7 +89,7 @@ class UnlearnResult:
     stop_reason: str = "budget"  # "forgotten", "guard", "budget", "stalled", "callback"
     trajectory: list[dict] = field(default_factory=list)  # every check: step, threshold, lr, forget, guard damage
     protection: dict = field(default_factory=dict)  # criterion, thresholds used, final ranks
-    holdout: torch.Tensor | None = None  # bool per forget sample: held out of training, measured only
+    holdout: torch.Tensor | None = None  # bool per forget sample (a loader: per sample of its dataset): held out of training, measured only
     objective: str = ""  # what was minimised (repr of the objective), e.g. "GradDiff(forget=NPO(beta=0.1), ...)"
     # what the stop rule's guard measured: "given" (``guard=``), "remain slice" (held out of
     # ``remain``: data the original trained on) or "none"; with its number of samples
@@ -155,7 +155,8 @@ def unlearn(
     ``remain``, which the original trained on: held-out data it never saw reads real damage, not
     lost memorisation, and forgets more where the original over-fits; docs/fidelity.md; or the
     first batches of a ``remain`` loader, which are observed too: ``unlearning.data.batches_guard``;
-    a ``forget`` loader is measured whole, with no held-out part). A whole
+    a ``forget`` DataLoader over a map-style dataset loses a held-out ``StopRule.holdout`` share, as
+    tensors do: ``unlearning.data.held_out_loader``; other forget data is measured whole). A whole
     validation set may be given: its samples of the forgotten classes are left out of the guard
     and reported at every check (the trajectory's ``unseen``: points of them still right).
     ``evaluate(model, check)`` runs at every check and may return True to stop.
@@ -219,6 +220,7 @@ def unlearn(
     generator = torch.Generator().manual_seed(seed) if generator is None else generator
 
     observed_remain = remain
+    trained_forget, held_forget = forget, None  # a forget loader's parts (``held_out_loader``)
     guard_data, unseen_forget = split_guard(guard, forget_classes) if not language_data else (guard, None)
     measured = stop_rule is not None and classifier
     holdout_mask, guard_mask = request_slices(
@@ -236,8 +238,11 @@ def unlearn(
         batches = make_loader(forget[0][trained], new_labels[trained], batch_size, shuffle=True, seed=seed)
     else:
         new_labels = None
-        batches = Relabelled(forget, relabel_rule(model, rule_labels, forget_classes, num_classes,
-                                                    torch.Generator().manual_seed(seed)))
+        cut = held_out_loader(forget, stop_rule.holdout, seed) if measured and forget_classes else None
+        if cut is not None:  # a map-style loader: the run trains on one part and also measures the other
+            trained_forget, held_forget, holdout_mask = cut
+        batches = Relabelled(trained_forget, relabel_rule(model, rule_labels, forget_classes, num_classes,
+                                                            torch.Generator().manual_seed(seed)))
     if guard_mask is not None:
         guard_data = (remain[0][guard_mask], remain[1][guard_mask])
         observed_remain = (remain[0][~guard_mask], remain[1][~guard_mask])
@@ -290,7 +295,7 @@ def unlearn(
         if needs_reference:
             original.eval()
     elif stop_rule is not None and classifier and (is_tensor_pair(forget) or rereadable(forget)):
-        parts = [forget]  # a loader: measured whole, with its labels
+        parts = [trained_forget] + ([held_forget] if held_forget is not None else [])  # a loader, with its labels
         if is_tensor_pair(forget) and holdout_mask is not None:  # tensors: the trained part, then the held-out one
             parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask])]
             if bool(holdout_mask.any()):

@@ -136,6 +136,78 @@ def test_a_forget_loader_is_measured_and_the_run_stops_when_forgotten():
         assert not model(x[forget]).argmax(1).eq(1).any()
 
 
+class Recording(TensorDataset):
+    """Remembers every index read inside the unlearning loop and whether autograd was on: the loop
+    trains with it on and measures under ``no_grad`` (reads before the loop only peek)."""
+
+    def __init__(self, *tensors):
+        super().__init__(*tensors)
+        self.reads, self.in_loop = [], False
+
+    def __getitem__(self, index):
+        if self.in_loop:
+            self.reads.append((index, torch.is_grad_enabled()))
+        return super().__getitem__(index)
+
+
+def test_a_map_style_forget_loader_holds_out_a_share_it_measures_and_never_trains_on(monkeypatch):
+    import unsc_fast.unlearn as unlearn_module
+    model, x, y = separable_mlp()
+    forget = y == 1
+    data = Recording(x[forget], y[forget])
+    real_run = unlearn_module.loop.run
+
+    def run(*args, **kwargs):
+        data.in_loop = True
+        try:
+            return real_run(*args, **kwargs)
+        finally:
+            data.in_loop = False
+    monkeypatch.setattr(unlearn_module.loop, "run", run)
+    result = unlearn(model, DataLoader(data, batch_size=8, shuffle=True),
+                     DataLoader(TensorDataset(x[~forget], y[~forget]), batch_size=16), forget_classes=[1],
+                     stop=StopRule(confidence=0.1))
+    held = result.holdout
+    assert held is not None and held.shape == (len(data),) and int(held.sum()) == round(0.2 * len(data))
+    trained_on = {i for i, grad in data.reads if grad}
+    measured = {i for i, grad in data.reads if not grad}
+    assert trained_on and not trained_on & set(held.nonzero().flatten().tolist())
+    assert set(held.nonzero().flatten().tolist()) <= measured
+    assert result.stop_reason == "forgotten"
+    with torch.no_grad():  # the held-out samples too
+        assert (model(x[forget]).softmax(1)[:, 1] < 0.1).all()
+
+
+def test_held_out_loader_keeps_the_loader_s_settings_and_refuses_what_it_cannot_cut():
+    from torch.utils.data import IterableDataset, RandomSampler
+    from unsc_fast.unlearning.data import held_out_loader
+    data = TensorDataset(torch.arange(23.0).unsqueeze(1), torch.zeros(23, dtype=torch.long))
+    collate = lambda batch: torch.utils.data.default_collate(batch)  # noqa: E731
+    trained, held, mask = held_out_loader(DataLoader(data, batch_size=4, shuffle=True, drop_last=True,
+                                                     collate_fn=collate), 0.2, seed=3)
+    assert int(mask.sum()) == 5 and trained.batch_size == held.batch_size == 4
+    assert isinstance(trained.sampler, RandomSampler) and trained.drop_last and not held.drop_last
+    assert trained.collate_fn is collate
+    seen_held = torch.cat([batch[0] for batch in held]).flatten().long().sort().values
+    assert seen_held.tolist() == mask.nonzero().flatten().tolist()  # every held-out sample, nothing else
+    seen_trained = torch.cat([batch[0] for batch in trained]).flatten().long()
+    assert len(seen_trained) == 16 and not mask[seen_trained].any()  # 18 trained, drop_last: 4 batches
+    again = held_out_loader(DataLoader(data, batch_size=4), 0.2, seed=3)
+    assert torch.equal(again[2], mask) and not isinstance(again[0].sampler, RandomSampler)  # seeded, order kept
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+
+    assert held_out_loader(DataLoader(Stream(), batch_size=2), 0.2, seed=0) is None
+    assert held_out_loader(DataLoader(data, batch_size=4, sampler=RandomSampler(data, replacement=True)), 0.2,
+                           seed=0) is None
+    assert held_out_loader(DataLoader(data, batch_sampler=[[0, 1], [2]]), 0.2, seed=0) is None
+    assert held_out_loader([(torch.zeros(2, 1), torch.zeros(2))], 0.2, seed=0) is None
+    assert held_out_loader(DataLoader(data, batch_size=4), 0.0, seed=0) is None
+    assert held_out_loader(DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=4), 0.2, seed=0) is None
+
+
 def test_an_empty_forget_loader_is_a_clear_error():
     model, x, y = separable_mlp()
     forget = y == 1

@@ -5,10 +5,12 @@ For in-memory ``(x, y)`` tensors: a class-wise request's forget samples lose a h
 samples of the class the run did not see; the remaining samples lose a guard slice
 (``StopRule.guard``) that is never observed and never trained on, the honest check of the
 remaining classes. Both slices are drawn per class with the run's seed, at least one sample
-per class where a class has two or more. Loaders are used whole (no slice is cut from a
-stream): the stop rule measures the whole forget loader, and the guard is the first batches of
-the remaining loader (``batches_guard``), which are observed too; held-out data passed as
-``guard=`` is the honest check there.
+per class where a class has two or more. A forget ``DataLoader`` over a map-style dataset loses
+the same share of its samples (``held_out_loader``: drawn over the whole request, not per class,
+since a loader's labels are not known before it is read); other forget data (an iterable-style
+dataset, a custom batch sampler, a list of batches) is trained on and measured whole. The guard
+of a remaining loader is its first batches (``batches_guard``), which are observed too (no slice
+is cut from a stream); held-out data passed as ``guard=`` is the honest check there.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
 
 from unsc_fast.training import batch_logits, batch_parts, leading_size
 
@@ -104,6 +106,42 @@ def held_out(y: torch.Tensor, share: float, generator: torch.Generator) -> torch
         chosen = members[torch.randperm(len(members), generator=generator)[:count]]
         mask[chosen] = True
     return mask
+
+
+def held_out_loader(loader, share: float, seed: int) -> tuple[DataLoader, DataLoader, torch.Tensor] | None:
+    """``(trained, held out, mask)``: a forget ``DataLoader`` over a map-style dataset cut into a
+    loader of the samples the run trains on and one of a random ``share`` it only measures (at
+    least one each where there are two or more), both with the loader's batch size, collation,
+    workers and shuffling; ``mask`` marks the held-out indices of its dataset. None where nothing
+    can be cut without changing what the loader means: ``share`` 0, not a DataLoader, an
+    iterable-style dataset, a custom batch sampler or a sampler other than sequential or random
+    without replacement."""
+    if share <= 0 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    sampler = loader.sampler
+    if loader.batch_size is None or not isinstance(sampler, (RandomSampler, SequentialSampler)):
+        return None
+    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler._num_samples is not None):
+        return None
+    size = len(loader.dataset)
+    if size < 2:
+        return None
+    count = min(max(int(round(share * size)), 1), size - 1)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[order[:count]] = True
+    shuffle = isinstance(sampler, RandomSampler)
+
+    def rebuilt(indices: torch.Tensor, drop_last: bool) -> DataLoader:
+        workers = loader.num_workers
+        return DataLoader(Subset(loader.dataset, indices.tolist()), batch_size=loader.batch_size, shuffle=shuffle,
+                          num_workers=workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                          drop_last=drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                          multiprocessing_context=loader.multiprocessing_context if workers else None,
+                          generator=loader.generator, prefetch_factor=loader.prefetch_factor if workers else None,
+                          persistent_workers=loader.persistent_workers if workers else False)
+    # the held-out part is measured, never trained on: every one of its samples is read
+    return rebuilt((~mask).nonzero().flatten(), loader.drop_last), rebuilt(mask.nonzero().flatten(), False), mask
 
 
 def request_slices(forget_labels: torch.Tensor | None, remain_labels: torch.Tensor | None, rule,
