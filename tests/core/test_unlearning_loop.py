@@ -74,6 +74,34 @@ def test_feature_erasure_goes_on_after_forgetting_until_its_cap(cap, checks):
     assert result.reason == ("budget" if cap is None else "forgotten")
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_strict_erasure_ends_at_the_first_guard_sample_it_costs_with_the_state_before(strict):
+    """Forgotten at the first check with the guard at 0.5 points; erasure then costs nothing for two
+    checks and one more sample at the fourth: a strict erasure stops there, returning the third
+    check's state; otherwise the loss is noise the guard tolerates and the erasure goes on."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+    states = []
+
+    class Costly(Erasing):
+        def guard_damage(self, m, tolerance=0.0):
+            states.append(m.weight.detach().clone())
+            self.calls += 1
+            return (0.5 if self.calls < 4 else 1.0), False
+
+    rule = StopRule(max_epochs=20, feature_target=0.01, max_erasure_checks=None, strict_erasure=strict)
+    result = loop.run(model, batches, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.1,
+                      lambda step: nn.functional.cross_entropy(step.outputs, step.targets), rule,
+                      ProtectionSchedule(lambda threshold: None, (0.99,), 0.99), Costly())
+    if strict:
+        assert len(result.trajectory) == 4 and result.reason == "forgotten"
+        assert result.trajectory[-1].event == "forgotten (erasure cost the guard)"
+        assert torch.equal(model.weight, states[2])  # the third check's state, not the fourth's
+    else:
+        assert len(result.trajectory) == 20 and result.reason == "budget"
+
+
 def test_significant_damage_backs_off_restores_and_halves_the_rate():
     result, built, rates, schedule, model = setup([(50.0, 0.0, False), (40.0, 2.0, True), (0.0, 0.0, False)])
     assert [c.event for c in result.trajectory] == ["", "backoff", "forgotten"]

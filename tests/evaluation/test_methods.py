@@ -78,7 +78,7 @@ def test_unknown_setting_is_a_key_error_naming_it_and_the_known_ones(tiny):
 
 
 def test_unsc_settings_reach_the_stop_rule(tiny, monkeypatch):
-    """compare's --set unsc.tolerance / erasure_checks / confidence / stop_when_stalled build the
+    """compare's --set unsc.tolerance / erasure_checks / confidence / stop_when_stalled / strict_erasure build the
     StopRule the run gets; the official pipeline, which has none of them, keeps its fixed epochs."""
     import unsc_fast.evaluation.methods.unsc as unsc_method
 
@@ -92,10 +92,10 @@ def test_unsc_settings_reach_the_stop_rule(tiny, monkeypatch):
     monkeypatch.setattr(unsc_method, "unlearn", record)
     with pytest.raises(KeyboardInterrupt):
         get_method("unsc")(model, scenario, {"tolerance": 1.5, "erasure_checks": None, "confidence": 0.3,
-                                             "stop_when_stalled": True, "epochs": 7})
+                                             "stop_when_stalled": True, "strict_erasure": True, "epochs": 7})
     rule = seen["stop"]
-    assert (rule.tolerance, rule.max_erasure_checks, rule.confidence, rule.stop_when_stalled, rule.max_epochs) == \
-        (1.5, None, 0.3, True, 7)
+    assert (rule.tolerance, rule.max_erasure_checks, rule.confidence, rule.stop_when_stalled, rule.strict_erasure,
+            rule.max_epochs) == (1.5, None, 0.3, True, True, 7)
     seen.clear()
     with pytest.raises(KeyboardInterrupt):
         get_method("unsc_official")(model, scenario, {})

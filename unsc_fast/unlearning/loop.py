@@ -75,11 +75,13 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
     saved = _snapshot(model)
     best, stalled, backoffs = float("inf"), 0, 0
     best_erased, erase_stalled, erasing = float("inf"), 0, 0
+    damage_when_forgotten = None  # the guard's reading at the first check that found the data forgotten
     pass_total = pass_count = 0.0
 
     def check(event_if_continue: str = "") -> str | None:
         """Measure; return why the run stops, or None to go on."""
         nonlocal saved, best, stalled, backoffs, optimizer, lr, best_erased, erase_stalled, erasing
+        nonlocal damage_when_forgotten
         forget = monitor.forget(model) if monitor is not None else None
         damage, significant = monitor.guard_damage(model, rule.tolerance) if monitor is not None else (None, False)
         erased = monitor.features(model) if monitor is not None and monitor.features is not None else None
@@ -101,7 +103,7 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
             optimizer = make_optimizer(lr)
             best, stalled = float("inf"), 0
             return None
-        saved = _snapshot(model)
+        before, saved = saved, _snapshot(model)
         if evaluate is not None and evaluate(model, entry):
             entry.event = "callback"
             return "callback"
@@ -110,6 +112,13 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
             # it for the features) until they are erased or their erasure stops progressing
             if erased is None or erased <= rule.feature_target:
                 entry.event = "forgotten"
+                return "forgotten"
+            if damage_when_forgotten is None:
+                damage_when_forgotten = damage
+            elif rule.strict_erasure and damage is not None and damage > damage_when_forgotten:
+                _restore(model, before)  # erasing is polish: it may not cost the remaining data a sample
+                saved = before
+                entry.event = "forgotten (erasure cost the guard)"
                 return "forgotten"
             if erased < best_erased * (1.0 - rule.min_feature_progress):
                 best_erased, erase_stalled = erased, 0

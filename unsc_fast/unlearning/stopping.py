@@ -64,6 +64,9 @@ class StopRule:
     feature_target: float = 0.1  # with feature erasure: share of the forget features' outside energy left
     min_feature_progress: float = 0.05  # relative fall of that share that counts as progress
     max_erasure_checks: int | None = 5  # checks spent erasing features once forgotten (None: no cap; docs/fidelity.md)
+    # end the erasure at the first guard sample it costs (more lost than when the class was forgotten),
+    # returning the state of the check before (docs/fidelity.md, "A strict guard while erasing")
+    strict_erasure: bool = False
     # stop ("stalled") when forgetting stalls with no protection level left to lower, instead of
     # spending the rest of the budget there (off by default; measured in docs/fidelity.md, "How sure")
     stop_when_stalled: bool = False

@@ -40,6 +40,7 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
             "erasure_checks": StopRule.max_erasure_checks,  # the stop rule's cap on erasure checks once forgotten (None: none)
             "confidence": StopRule.confidence,  # a forget sample is still known while its label keeps this probability (None: argmax only)
             "stop_when_stalled": StopRule.stop_when_stalled,  # stop when forgetting stalls at the ladder's floor
+            "strict_erasure": StopRule.strict_erasure,  # end the erasure at the first guard sample it costs
             # the stop rule's guard: "validation" takes the split's validation part where it has one
             # (data the original never trained on), "train" a slice of the remaining training data
             "guard": "validation",
@@ -49,7 +50,7 @@ DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
 GUARDS = ("validation", "train")
 # the settings that make the stop rule (a tolerance builds it): setting -> StopRule field
 RULE_SETTINGS = {"tolerance": "tolerance", "erasure_checks": "max_erasure_checks", "confidence": "confidence",
-                 "stop_when_stalled": "stop_when_stalled"}
+                 "stop_when_stalled": "stop_when_stalled", "strict_erasure": "strict_erasure"}
 STOPS = {"rule": "preset", "epochs": None}
 OFFICIAL = {k: v for k, v in PRESETS["official"].items() if k in ("epochs", "lr", "momentum", "batch_size")}
 SAMPLE_WISE = ("the remaining samples of the forgotten samples' classes span the same layer inputs, so the "
