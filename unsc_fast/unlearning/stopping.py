@@ -28,7 +28,8 @@ Backing off restores the last state that passed the guard, halves the learning r
 the protection's floor (``schedule``); after ``max_backoffs`` the run stops there. Progress is
 ``min_progress`` points of forget accuracy; ``patience`` checks without it lower the protection
 one level (at the floor, ``stop_when_stalled`` ends the run there). ``max_epochs`` / ``max_steps`` bound the run whatever happens; with feature erasure,
-``max_erasure_checks`` bounds the checks spent erasing once the forget data is forgotten.
+``max_erasure_checks`` bounds the checks spent erasing once the forget data is forgotten, and
+``strict_erasure`` (opt-in) ends the erasure at the first guard sample it costs.
 """
 from __future__ import annotations
 
