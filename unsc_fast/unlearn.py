@@ -220,7 +220,7 @@ def unlearn(
     generator = torch.Generator().manual_seed(seed) if generator is None else generator
 
     observed_remain = remain
-    trained_forget, held_forget = forget, None  # a forget loader's parts (``held_out_loader``)
+    trained_forget, held_forget = forget, None  # the forget data's parts: trained on, held out (measured only)
     guard_data, unseen_forget = split_guard(guard, forget_classes) if not language_data else (guard, None)
     measured = stop_rule is not None and classifier
     holdout_mask, guard_mask = request_slices(
@@ -234,8 +234,12 @@ def unlearn(
     elif is_tensor_pair(forget):
         new_labels = tensor_targets(model, forget, rule_labels, forget_classes, num_classes,
                                      torch.Generator().manual_seed(seed))
-        trained = ~holdout_mask if holdout_mask is not None else torch.ones(len(forget[0]), dtype=torch.bool)
-        batches = make_loader(forget[0][trained], new_labels[trained], batch_size, shuffle=True, seed=seed)
+        trained_labels = new_labels
+        if holdout_mask is not None:
+            trained_forget = (forget[0][~holdout_mask], forget[1][~holdout_mask])
+            held_forget = (forget[0][holdout_mask], forget[1][holdout_mask]) if bool(holdout_mask.any()) else None
+            trained_labels = new_labels[~holdout_mask]
+        batches = make_loader(trained_forget[0], trained_labels, batch_size, shuffle=True, seed=seed)
     else:
         new_labels = None
         cut = held_out_loader(forget, stop_rule.holdout, seed) if measured and forget_classes else None
@@ -295,11 +299,7 @@ def unlearn(
         if needs_reference:
             original.eval()
     elif stop_rule is not None and classifier and (is_tensor_pair(forget) or rereadable(forget)):
-        parts = [trained_forget] + ([held_forget] if held_forget is not None else [])  # a loader, with its labels
-        if is_tensor_pair(forget) and holdout_mask is not None:  # tensors: the trained part, then the held-out one
-            parts = [(forget[0][~holdout_mask], forget[1][~holdout_mask])]
-            if bool(holdout_mask.any()):
-                parts.append((forget[0][holdout_mask], forget[1][holdout_mask]))
+        parts = [trained_forget] + ([held_forget] if held_forget is not None else [])  # with their own labels
         measure = (lambda m: erasure.outside_share(head_inputs(head, m, parts[0]))) if erasure is not None else None
         monitor = Monitor(correct_predictions, parts, guard_data, original, measure, unseen=unseen_forget,
                           forget_correct=known_forget)
