@@ -102,6 +102,27 @@ def test_a_strict_erasure_ends_at_the_first_guard_sample_it_costs_with_the_state
         assert len(result.trajectory) == 20 and result.reason == "budget"
 
 
+def test_a_strict_erasure_reads_its_reference_afresh_after_a_backoff():
+    """Forgotten at the first check (guard 0.0); the second check backs off; the restored state
+    reads 0.5 when next found forgotten: that is its reference, so the erasure goes on until the
+    guard reads more than 0.5 (the fifth check), not at the third check against the stale 0.0."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+    readings = [(0.0, False), (2.0, True), (0.5, False), (0.5, False), (1.0, False)]
+
+    class BackingOff(Erasing):
+        def guard_damage(self, m, tolerance=0.0):
+            self.calls += 1
+            return readings[min(self.calls, len(readings)) - 1]
+
+    rule = StopRule(max_epochs=20, feature_target=0.01, max_erasure_checks=None, strict_erasure=True)
+    result = loop.run(model, batches, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.1,
+                      lambda step: nn.functional.cross_entropy(step.outputs, step.targets), rule,
+                      ProtectionSchedule(lambda threshold: None, (0.99,), 0.99), BackingOff())
+    assert [c.event for c in result.trajectory] == ["", "backoff", "", "", "forgotten (erasure cost the guard)"]
+
+
 def test_significant_damage_backs_off_restores_and_halves_the_rate():
     result, built, rates, schedule, model = setup([(50.0, 0.0, False), (40.0, 2.0, True), (0.0, 0.0, False)])
     assert [c.event for c in result.trajectory] == ["", "backoff", "forgotten"]

@@ -102,6 +102,7 @@ def run(model: nn.Module, batches: Iterable, make_optimizer: Callable[[float], t
             lr *= 0.5
             optimizer = make_optimizer(lr)
             best, stalled = float("inf"), 0
+            damage_when_forgotten = None  # the restored state is read afresh at its next forgotten check
             return None
         before, saved = saved, _snapshot(model)
         if evaluate is not None and evaluate(model, entry):
