@@ -202,6 +202,10 @@ def test_held_out_loader_keeps_the_loader_s_settings_and_refuses_what_it_cannot_
     assert held_out_loader(DataLoader(Stream(), batch_size=2), 0.2, seed=0) is None
     assert held_out_loader(DataLoader(data, batch_size=4, sampler=RandomSampler(data, replacement=True)), 0.2,
                            seed=0) is None
+    assert held_out_loader(DataLoader(data, batch_size=4, sampler=RandomSampler(data, num_samples=5)), 0.2,
+                           seed=0) is None  # draws a subset each pass: a cut would change what it reads
+    assert held_out_loader(DataLoader(data, batch_size=4, sampler=RandomSampler(data, num_samples=len(data))), 0.2,
+                           seed=0) is not None
     assert held_out_loader(DataLoader(data, batch_sampler=[[0, 1], [2]]), 0.2, seed=0) is None
     assert held_out_loader([(torch.zeros(2, 1), torch.zeros(2))], 0.2, seed=0) is None
     assert held_out_loader(DataLoader(data, batch_size=4), 0.0, seed=0) is None

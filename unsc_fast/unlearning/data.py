@@ -115,15 +115,15 @@ def held_out_loader(loader, share: float, seed: int) -> tuple[DataLoader, DataLo
     workers and shuffling; ``mask`` marks the held-out indices of its dataset. None where nothing
     can be cut without changing what the loader means: ``share`` 0, not a DataLoader, an
     iterable-style dataset, a custom batch sampler or a sampler other than sequential or random
-    without replacement."""
+    without replacement over the whole dataset (one that draws a subset each pass)."""
     if share <= 0 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None
     sampler = loader.sampler
     if loader.batch_size is None or not isinstance(sampler, (RandomSampler, SequentialSampler)):
         return None
-    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler._num_samples is not None):
-        return None
     size = len(loader.dataset)
+    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != size):
+        return None
     if size < 2:
         return None
     count = min(max(int(round(share * size)), 1), size - 1)
