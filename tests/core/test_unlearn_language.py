@@ -19,6 +19,7 @@ from unsc_fast.objectives import NPO, Custom, GradDiff, GradientAscent, npo_loss
 from unsc_fast.unlearn import unlearn
 from unsc_fast.unlearning import language
 from unsc_fast.unlearning.stopping import StopRule
+from unsc_fast.unlearning.language_request import LANGUAGE_DEFAULTS
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,6 +102,12 @@ def test_default_request_forgets_and_keeps_the_rest():
     assert result.trajectory[-1]["guard_damage"] is not None  # a guard of held-out sequences was measured
     assert token_accuracy(model, remain) >= 95.0
     assert result.protection["criterion"] == "per_label"
+
+
+def test_the_lm_stop_rule_keeps_the_guard_tolerance_its_defaults_were_chosen_with():
+    """The classifiers' tolerance moved to 1 point on classifier evidence; the LM defaults (retain
+    weight, threshold) were chosen with 0.5 on the facts benchmark and must not inherit the move."""
+    assert LANGUAGE_DEFAULTS["stop"].tolerance == 0.5 != StopRule().tolerance
 
 
 def test_default_objective_is_npo_plus_the_weighted_retain_nll_when_there_is_retain_data():
