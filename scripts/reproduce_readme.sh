@@ -53,11 +53,7 @@ privacy)
     for dataset in digits mnist1d; do
         echo "[reproduce] 5 unsc-fast compare --dataset $dataset --scenario random-sample --ulira-shadows 8"
         rm -rf "$OUT/privacy_$dataset"
-        # the README's random-sample table predates the soft default and the stop rule's
-        # confidence: its no-projection row keeps the hard calibrated labels and the argmax
-        # stop it was measured with
         compare --dataset "$dataset" --scenario random-sample --ulira-shadows 8 \
-            --set unsc_no_projection.labels=calibrate --set unsc_no_projection.confidence=None \
             --output "$OUT/privacy_$dataset" > "$OUT/privacy_$dataset.log"
     done
     echo "[reproduce] $OUT/privacy_{digits,mnist1d}/comparison.md -> README.md and docs/compare.md, the per-example attack"
