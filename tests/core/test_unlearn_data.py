@@ -212,6 +212,36 @@ def test_held_out_loader_keeps_the_loader_s_settings_and_refuses_what_it_cannot_
     assert held_out_loader(DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=4), 0.2, seed=0) is None
 
 
+def test_held_out_loader_draws_per_class_where_the_dataset_states_its_labels():
+    """As for tensors: each class of a two-class request loses its own fifth (30 -> 6, 5 -> 1),
+    so the small class is measured on unseen samples too; a dataset that would have to be read
+    for its labels gets the draw over the whole request."""
+    from unsc_fast.unlearning.data import held_out, held_out_loader
+    y = torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(5, dtype=torch.long)])[torch.randperm(35)]
+    x = torch.arange(35.0).unsqueeze(1)
+    _, _, mask = held_out_loader(DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), 0.2, seed=1)
+    assert (int(mask[y == 0].sum()), int(mask[y == 1].sum())) == (6, 1)
+    assert torch.equal(mask, held_out(y, 0.2, torch.Generator().manual_seed(1)))  # the tensor path's draw
+
+    class Targets(torch.utils.data.Dataset):  # torchvision's convention: labels as a list attribute
+        targets = y.tolist()
+
+        def __len__(self):
+            return 35
+
+        def __getitem__(self, i):
+            return x[i], self.targets[i]
+
+    _, _, by_attribute = held_out_loader(DataLoader(Targets(), batch_size=4), 0.2, seed=1)
+    assert torch.equal(by_attribute, mask)
+
+    class Unlabelled(Targets):
+        targets = None
+
+    _, _, over_request = held_out_loader(DataLoader(Unlabelled(), batch_size=4), 0.2, seed=1)
+    assert int(over_request.sum()) == 7
+
+
 def test_an_empty_forget_loader_is_a_clear_error():
     model, x, y = separable_mlp()
     forget = y == 1

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset, TensorDataset
 
 from unsc_fast.training import batch_logits, batch_parts, leading_size
 
@@ -108,11 +108,31 @@ def held_out(y: torch.Tensor, share: float, generator: torch.Generator) -> torch
     return mask
 
 
+def dataset_labels(dataset) -> torch.Tensor | None:
+    """A map-style dataset's integer labels, one per sample, where it holds them without reading a
+    sample: a ``TensorDataset``'s second tensor or a ``targets`` attribute (torchvision's
+    convention); None otherwise (reading every sample could decode every image)."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+    elif hasattr(dataset, "targets"):
+        try:
+            labels = torch.as_tensor(dataset.targets)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    else:
+        return None
+    if labels.dim() != 1 or len(labels) != len(dataset) or labels.is_floating_point() or labels.is_complex():
+        return None
+    return labels
+
+
 def held_out_loader(loader, share: float, seed: int) -> tuple[DataLoader, DataLoader, torch.Tensor] | None:
     """``(trained, held out, mask)``: a forget ``DataLoader`` over a map-style dataset cut into a
     loader of the samples the run trains on and one of a random ``share`` it only measures (at
     least one each where there are two or more), both with the loader's batch size, collation,
-    workers and shuffling; ``mask`` marks the held-out indices of its dataset. None where nothing
+    workers and shuffling; ``mask`` marks the held-out indices of its dataset. The share is drawn
+    per class, as for tensors (``held_out``), where the dataset states its labels without being
+    read (``dataset_labels``), else over the whole request. None where nothing
     can be cut without changing what the loader means: ``share`` 0, not a DataLoader, an
     iterable-style dataset, a custom batch sampler or a sampler other than sequential or random
     without replacement over the whole dataset (one that draws a subset each pass)."""
@@ -126,10 +146,13 @@ def held_out_loader(loader, share: float, seed: int) -> tuple[DataLoader, DataLo
         return None
     if size < 2:
         return None
-    count = min(max(int(round(share * size)), 1), size - 1)
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(size, dtype=torch.bool)
-    mask[order[:count]] = True
+    labels = dataset_labels(loader.dataset)
+    mask = held_out(labels, share, torch.Generator().manual_seed(seed)) if labels is not None else None
+    if mask is None or not mask.any():  # no labels, or no class with two samples: over the request
+        count = min(max(int(round(share * size)), 1), size - 1)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[order[:count]] = True
     shuffle = isinstance(sampler, RandomSampler)
 
     def rebuilt(indices: torch.Tensor, drop_last: bool) -> DataLoader:
