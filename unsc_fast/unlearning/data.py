@@ -6,9 +6,10 @@ samples of the class the run did not see; the remaining samples lose a guard sli
 (``StopRule.guard``) that is never observed and never trained on, the honest check of the
 remaining classes. Both slices are drawn per class with the run's seed, at least one sample
 per class where a class has two or more. A forget ``DataLoader`` over a map-style dataset loses
-the same share of its samples (``held_out_loader``: drawn over the whole request, not per class,
-since a loader's labels are not known before it is read); other forget data (an iterable-style
-dataset, a custom batch sampler, a list of batches) is trained on and measured whole. The guard
+the same share of its samples (``held_out_loader``: per class where the dataset holds its labels,
+else over the whole request, whose labels are not known before it is read); other forget data
+(an iterable-style dataset, a custom batch sampler, a list of batches) is trained on and measured
+whole. The guard
 of a remaining loader is its first batches (``batches_guard``), which are observed too (no slice
 is cut from a stream); held-out data passed as ``guard=`` is the honest check there.
 """
@@ -148,11 +149,8 @@ def held_out_loader(loader, share: float, seed: int) -> tuple[DataLoader, DataLo
         return None
     labels = dataset_labels(loader.dataset)
     mask = held_out(labels, share, torch.Generator().manual_seed(seed)) if labels is not None else None
-    if mask is None or not mask.any():  # no labels, or no class with two samples: over the request
-        count = min(max(int(round(share * size)), 1), size - 1)
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
-        mask = torch.zeros(size, dtype=torch.bool)
-        mask[order[:count]] = True
+    if mask is None or not mask.any():  # no labels, or no class with two samples: the request as one class
+        mask = held_out(torch.zeros(size, dtype=torch.long), share, torch.Generator().manual_seed(seed))
     shuffle = isinstance(sampler, RandomSampler)
 
     def rebuilt(indices: torch.Tensor, drop_last: bool) -> DataLoader:

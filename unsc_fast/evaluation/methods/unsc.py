@@ -36,7 +36,7 @@ from unsc_fast.unlearning.stopping import StopRule
 DEFAULTS = {**{k: v for k, v in PRESETS["default"].items()
                 if k in ("threshold", "epochs", "lr", "momentum", "batch_size", "features", "criterion", "adaptive",
                          "distill")},
-            "stop": "rule", "tolerance": 1.0,  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
+            "stop": "rule", "tolerance": StopRule.tolerance,  # "rule": the stop rule (epochs is its budget); "epochs": exactly that many (ablations)
             "erasure_checks": StopRule.max_erasure_checks,  # the stop rule's cap on erasure checks once forgotten (None: none)
             "confidence": StopRule.confidence,  # a forget sample is still known while its label keeps this probability (None: argmax only)
             "stop_when_stalled": StopRule.stop_when_stalled,  # stop when forgetting stalls at the ladder's floor
